@@ -1,0 +1,132 @@
+"""Top-k token router with the Switch/GShard load-balance loss and the router z-loss.
+
+Shape legend: T tokens (batch and sequence flattened), D model width, E experts,
+K experts per token (top-k).
+
+Both auxiliary losses and the routing statistics are *returned* (a
+`RouterOutput`), never stored on the module, so the caller decides what to sum
+and log, and nothing leaks between forward passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Per-layer routing statistics over the real tokens of a batch.
+
+    Held as detached tensors so the forward pass never synchronises with the
+    device; the float views are computed when someone reads them (logging).
+    """
+
+    tokens_per_expert_E: torch.Tensor
+    """Token-slots sent to each expert (int64)."""
+    entropy_mean: torch.Tensor
+    """Mean entropy (nats) of the router's softmax; log(E) for a uniform router (0-d)."""
+
+    @property
+    def max_over_mean_load(self) -> float:
+        """max_i tokens_i / mean_i tokens_i: 1.0 is perfect balance, E is total collapse."""
+        counts = self.tokens_per_expert_E.float()
+        mean = counts.mean().item()
+        return counts.max().item() / mean if mean > 0 else float("nan")
+
+    @property
+    def entropy(self) -> float:
+        return float(self.entropy_mean.item())
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    expert_idx_TK: torch.Tensor
+    """Chosen experts per token, int64 [T, K], best first."""
+    weight_TK: torch.Tensor
+    """Combine weight of each chosen expert [T, K] (fp32)."""
+    lb_loss: torch.Tensor
+    """Switch/GShard load-balance loss E * sum_i f_i P_i (scalar; 1.0 when uniform)."""
+    z_loss: torch.Tensor
+    """Router z-loss: mean over tokens of logsumexp(logits)^2 (scalar)."""
+    stats: RoutingStats
+
+
+def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
+                      mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer (Fedus et al. 2021) / GShard load-balance loss.
+
+    `E * sum_i f_i * P_i` where f_i is the fraction of the routed token-slots
+    (T*K of them) that go to expert i and P_i the mean router probability of
+    expert i, both over the real tokens (`mask_T`). f is a count, so the
+    gradient flows through P only, pushing probability away from overloaded
+    experts. Perfectly uniform routing gives exactly 1.0.
+    """
+    n_experts = probs_TE.shape[-1]
+    if mask_T is not None:
+        probs_TE = probs_TE[mask_T]
+        expert_idx_TK = expert_idx_TK[mask_T]
+    n_slots = expert_idx_TK.numel()
+    if n_slots == 0:
+        return probs_TE.sum() * 0.0
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=n_experts)
+    f_E = counts_E.to(probs_TE.dtype) / n_slots
+    p_E = probs_TE.mean(dim=0)
+    return n_experts * torch.sum(f_E * p_E)
+
+
+def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE): mean_t logsumexp(logits_t)^2.
+
+    Keeps router logits small, which keeps the softmax numerically stable.
+    """
+    if mask_T is not None:
+        logits_TE = logits_TE[mask_T]
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+
+
+class TopKRouter(nn.Module):
+    """Linear D -> E (no bias), softmax over experts, top-k.
+
+    `normalize=True` renormalises the k weights to sum to 1 (Mixtral);
+    `normalize=False` keeps the raw softmax probabilities (OLMoE). The router
+    runs in fp32 even under autocast: small logit differences decide routing.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, *, normalize: bool = True):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.normalize = normalize
+        self.weight_ED = nn.Parameter(torch.empty(n_experts, d_model))
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> RouterOutput:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            weight_TK, expert_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+            if self.normalize:
+                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+            lb = load_balance_loss(probs_TE, expert_idx_TK, mask_T)
+            zl = z_loss(logits_TE, mask_T)
+        stats = routing_stats(probs_TE.detach(), expert_idx_TK, mask_T)
+        return RouterOutput(expert_idx_TK=expert_idx_TK, weight_TK=weight_TK, lb_loss=lb,
+                            z_loss=zl, stats=stats)
+
+
+def routing_stats(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
+                  mask_T: torch.Tensor | None = None) -> RoutingStats:
+    if mask_T is not None:
+        probs_TE = probs_TE[mask_T]
+        expert_idx_TK = expert_idx_TK[mask_T]
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[-1])
+    entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1)
+    entropy = entropy_T.mean() if entropy_T.numel() else probs_TE.new_tensor(float("nan"))
+    return RoutingStats(tokens_per_expert_E=counts_E.detach(), entropy_mean=entropy.detach())

@@ -1,0 +1,408 @@
+"""The training job of one run: budget, schedule, loop, checkpoints, resume, result.
+
+`train_run(cfg, run_dir)` is what `moe train` and every sweep job call. It is
+safe to call again on the same directory: it resumes from the newest valid
+checkpoint, and a finished run (result.json present) returns its result at
+once. On CPU a resumed run ends bit-identical to an uninterrupted one, because
+everything a step depends on is in the checkpoint or is a pure function of the
+step (data sampling, learning rate).
+
+Token budget: `train.tokens`, or `train.tpp` x *total* parameters (the paper's
+convention: sparse models get more tokens than dense ones of equal active size).
+Optimizer steps = ceil(tokens / (batch_size * seq_len)).
+
+Loss = CE + aux_loss_coef * load-balance + z_loss_coef * router z-loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from moe.config import RunConfig, TrainConfig, config_hash, load_config
+from moe.data.shards import TokenData, load_data
+from moe.io import append_line, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from moe.model import MoELM, ModelOutput
+from moe.params import count_params, train_flops_per_token
+from moe.rundir import CONFIG, METRICS, RESULT, is_done, update_status
+
+
+class TrainingFailed(RuntimeError):
+    """The run diverged (NaN/inf loss); status.json says where and why."""
+
+
+def resolve_tokens(cfg: RunConfig) -> int:
+    """Training tokens: train.tokens, or round(train.tpp * total parameters)."""
+    if cfg.train.tokens is not None:
+        return int(cfg.train.tokens)
+    return int(round(cfg.train.tpp * count_params(cfg.model).total))
+
+
+def total_steps(cfg: RunConfig) -> int:
+    return max(1, math.ceil(resolve_tokens(cfg) / (cfg.train.batch_size * cfg.model.seq_len)))
+
+
+def lr_at(step: int, tcfg: TrainConfig, n_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `n_steps`.
+
+    Linear warmup to `lr` over warmup_steps, then: cosine to min_lr (cosine);
+    flat, with a linear decay to min_lr over the last decay_frac of steps (wsd);
+    or flat (constant).
+    """
+    if step < tcfg.warmup_steps:
+        return tcfg.lr * (step + 1) / tcfg.warmup_steps
+    if tcfg.schedule == "constant":
+        return tcfg.lr
+    if tcfg.schedule == "wsd":
+        decay_steps = max(1, round(tcfg.decay_frac * n_steps))
+        decay_start = n_steps - decay_steps
+        if step < decay_start:
+            return tcfg.lr
+        frac = (step - decay_start + 1) / decay_steps
+        return tcfg.lr + (tcfg.min_lr - tcfg.lr) * min(1.0, frac)
+    span = max(1, n_steps - tcfg.warmup_steps)
+    progress = min(1.0, (step - tcfg.warmup_steps + 1) / span)
+    return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms and biases (1-d tensors) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                             foreach=True)
+
+
+def pick_device(tcfg: TrainConfig) -> torch.device:
+    if tcfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but CUDA is not available; use train.device=cpu")
+    if tcfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(tcfg.device)
+
+
+def autocast_for(tcfg: TrainConfig, device: torch.device):
+    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class Dist:
+    """This process's place in a data-parallel group (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Dist:
+        if dist.is_available() and dist.is_initialized():
+            return cls(rank=dist.get_rank(), world=dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+
+@dataclass
+class StepStats:
+    loss: float
+    ce: float
+    lb: float
+    z: float
+    grad_norm: float
+    load: list[float]
+
+
+def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float,
+               device: torch.device, ddp: Dist) -> StepStats:
+    """One optimizer step over grad_accum micro-batches of this rank's share of the batch."""
+    tcfg = cfg.train
+    for group in opt.param_groups:
+        group["lr"] = lr
+    micro_bs = tcfg.batch_size // tcfg.grad_accum
+    per_rank = micro_bs // ddp.world
+    totals = torch.zeros(4, device=device)  # loss, ce, lb, z
+    load: list[float] = []
+    for micro in range(tcfg.grad_accum):
+        x, y = data.train.batch(tcfg.seed, step * tcfg.grad_accum + micro, micro_bs)
+        rows = slice(ddp.rank * per_rank, (ddp.rank + 1) * per_rank)
+        x, y = x[rows].to(device), y[rows].to(device)
+        sync = micro == tcfg.grad_accum - 1 or ddp.world == 1
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with autocast_for(tcfg, device):
+                out: ModelOutput = model(x, y)
+            loss = out.ce_loss + tcfg.aux_loss_coef * out.lb_loss + tcfg.z_loss_coef * out.z_loss
+            (loss / tcfg.grad_accum).backward()
+        parts = torch.stack([loss.detach(), out.ce_loss.detach(), out.lb_loss.detach(),
+                             out.z_loss.detach()]).float()
+        totals += parts / tcfg.grad_accum
+        load = [s.max_over_mean_load for s in out.routing]
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+    totals = ddp.mean(totals)
+    loss_v, ce_v, lb_v, z_v = totals.tolist()
+    if math.isfinite(loss_v) and math.isfinite(float(grad_norm)):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return StepStats(loss=loss_v, ce=ce_v, lb=lb_v, z=z_v, grad_norm=float(grad_norm), load=load)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, data: TokenData, cfg: RunConfig,
+                    device: torch.device) -> float:
+    """Mean CE (nats/token) over data.val_batches fixed batches of the held-out split."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(cfg.data.val_batches):
+        x, y = data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size)
+        with autocast_for(cfg.train, device):
+            losses.append(float(model(x.to(device), y.to(device)).ce_loss))
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Write config.toml, or check that an existing one describes the same run."""
+    path = run_dir / CONFIG
+    if path.is_file():
+        existing = load_config(path)
+        if config_hash(existing) != config_hash(cfg):
+            raise ValueError(f"{run_dir} already holds a different run (its config.toml differs); "
+                             "use a new --out directory or the same config")
+        return
+    atomic_write_text(path, cfg.to_toml())
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines logged after `step` by a run that died before its next checkpoint."""
+    path = run_dir / METRICS
+    rows = read_jsonl(path)
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    if len(keep) != len(rows):
+        atomic_write_text(path, "".join(_json(r) + "\n" for r in keep))
+
+
+def _progress_bar(n_steps: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_steps, initial=start, unit="step", dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+def _metrics_row(step: int, n_steps: int, cfg: RunConfig, s: StepStats, lr: float,
+                 tokens_per_s: float) -> dict[str, Any]:
+    return {"step": step, "tokens": step * cfg.train.batch_size * cfg.model.seq_len,
+            "loss": s.loss, "ce": s.ce, "lb": s.lb, "z": s.z, "lr": lr,
+            "grad_norm": s.grad_norm, "tokens_per_s": tokens_per_s,
+            "max_over_mean_load": s.load, "steps_total": n_steps, "time": time.time()}
+
+
+def _fail(run_dir: Path, ddp: Dist, step: int, reason: str) -> TrainingFailed:
+    if ddp.is_main:
+        update_status(run_dir, state="failed", step=step, reason=reason)
+    return TrainingFailed(f"run {run_dir} failed at step {step}: {reason}")
+
+
+def _resume(run_dir: Path, model, opt, device, ddp: Dist) -> int:
+    """Load the newest valid checkpoint into model/optimizer; returns its step (0 if none)."""
+    state = load_latest_checkpoint(run_dir, map_location=device)
+    if state is None:
+        if ddp.is_main and list_checkpoints(run_dir):
+            update_status(run_dir, reason="no loadable checkpoint; restarted from step 0")
+        return 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    return int(state["step"])
+
+
+def _checkpoint(run_dir: Path, step: int, model, opt, cfg: RunConfig, ddp: Dist) -> None:
+    if ddp.is_main:
+        state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                 "step": step, "rng_cpu": torch.get_rng_state(), "run_id": config_hash(cfg)}
+        save_checkpoint(run_dir, step, state, keep=cfg.train.keep_checkpoints)
+    if ddp.world > 1:
+        dist.barrier()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    per_micro = cfg.train.batch_size // cfg.train.grad_accum
+    if per_micro % ddp.world:
+        raise ValueError(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
+                         f"divisible by the {ddp.world} data-parallel ranks")
+    torch.manual_seed(cfg.train.seed)
+    model = MoELM(cfg.model).to(device)
+    opt = build_optimizer(model, cfg.train)
+    return model, opt
+
+
+def train_run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
+    """Train (or resume, or return the finished result of) the run in `run_dir`."""
+    run_dir = Path(run_dir)
+    ddp = Dist.current()
+    if is_done(run_dir):
+        return read_json(run_dir / RESULT)
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(cfg, run_dir)
+    device = pick_device(cfg.train)
+    model, opt = _setup(cfg, device, ddp)
+    data = load_data(cfg.data, cfg.model.seq_len)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                         f"tokenizer's {data.tokenizer.vocab_size} ids")
+    start = _resume(run_dir, model, opt, device, ddp)
+    n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
+    if ddp.is_main:
+        _truncate_metrics(run_dir, start)
+        update_status(run_dir, state="running", step=start, steps_total=n_steps,
+                      tokens_total=tokens_total, reason=None)
+    if ddp.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+    model.train()
+    t0, wall0, t_last, last_step = time.time(), time.time(), time.time(), start
+    recent_ce: list[float] = []
+    bar = _progress_bar(n_steps, start, progress and ddp.is_main)
+    for step in range(start, n_steps):
+        lr = lr_at(step, cfg.train, n_steps)
+        stats = train_step(model, opt, data, cfg, step, lr, device, ddp)
+        if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
+            raise _fail(run_dir, ddp, step + 1, f"non-finite loss {stats.loss} / grad norm "
+                        f"{stats.grad_norm} at step {step + 1} (lr {lr:.3g})")
+        recent_ce = (recent_ce + [stats.ce])[-20:]
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", refresh=False)
+        if ddp.is_main and (done % cfg.train.log_every == 0 or done == n_steps or done == 1):
+            now = time.time()
+            tps = (done - last_step) * cfg.train.batch_size * cfg.model.seq_len / (now - t_last)
+            t_last, last_step = now, done
+            append_line(run_dir / METRICS, _json(_metrics_row(done, n_steps, cfg, stats, lr, tps)))
+            update_status(run_dir, step=done, tokens_done=min(tokens_total, done *
+                          cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
+        if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
+            _periodic_eval(model, data, cfg, device, run_dir, done, ddp)
+        if done % cfg.train.checkpoint_every == 0 or done == n_steps:
+            _checkpoint(run_dir, done, model, opt, cfg, ddp)
+    if bar is not None:
+        bar.close()
+    return _finish(run_dir, cfg, _unwrap(model), data, device, ddp, recent_ce,
+                   time.time() - wall0, n_steps - start, time.time() - t0)
+
+
+def _json(row: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(row, allow_nan=True)
+
+
+def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device) -> dict:
+    from moe.evaluate import evaluate_tasks  # evaluation is imported only when asked for
+
+    return evaluate_tasks(model, data.tokenizer, cfg, list(cfg.eval.tasks), device=device)
+
+
+def _periodic_eval(model, data, cfg, device, run_dir: Path, step: int, ddp: Dist) -> None:
+    if ddp.is_main:
+        results = _run_tasks(_unwrap(model), data, cfg, device)
+        append_line(run_dir / METRICS, _json({"step": step, "eval": results}))
+    if ddp.world > 1:
+        dist.barrier()
+
+
+def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
+    """The flat result record: headline columns, every config key, counts, metrics."""
+    counts = count_params(cfg.model)
+    tokens = resolve_tokens(cfg)
+    record: dict[str, Any] = {
+        "run_id": config_hash(cfg), "d_model": cfg.model.d_model,
+        "n_layers": cfg.model.n_layers, "n_experts": cfg.model.n_experts,
+        "top_k": cfg.model.top_k, "sparsity": cfg.model.sparsity,
+        "n_params_total": counts.total, "n_params_active": counts.active,
+        "n_params_embedding": counts.embedding, "tokens": tokens,
+        "tpp": tokens / counts.total,
+        "flops": train_flops_per_token(cfg.model) * tokens,
+    }
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            record[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+    record.update(metrics)
+    return record
+
+
+def _finish(run_dir: Path, cfg: RunConfig, model, data: TokenData, device, ddp: Dist,
+            recent_ce: list[float], wall_s: float, steps_run: int, train_s: float) -> dict:
+    result: dict[str, Any] = {}
+    if ddp.is_main:
+        val = validation_loss(model, data, cfg, device)
+        rows = [r for r in read_jsonl(run_dir / METRICS) if "ce" in r]
+        train_loss = (sum(recent_ce) / len(recent_ce)) if recent_ce else (
+            rows[-1]["ce"] if rows else float("nan"))
+        tps = steps_run * cfg.train.batch_size * cfg.model.seq_len / train_s if steps_run else None
+        result = build_result(cfg, train_loss=train_loss, val_loss=val, steps=total_steps(cfg),
+                              tokens_per_s=tps, train_wall_s=wall_s,
+                              device=str(device), world_size=ddp.world)
+        if cfg.eval.tasks:
+            update_status(run_dir, state="running", reason="evaluating tasks")
+            from moe.evaluate import write_eval
+
+            tasks = _run_tasks(model, data, cfg, device)
+            write_eval(run_dir, tasks)  # eval.json; result.json does not exist yet
+            result.update({f"task/{name}/{key}": value for name, metrics in tasks.items()
+                           for key, value in metrics.items()})
+        atomic_write_json(run_dir / RESULT, result)
+        update_status(run_dir, state="done", reason=None, step=total_steps(cfg),
+                      tokens_done=resolve_tokens(cfg))
+    if ddp.world > 1:
+        dist.barrier()
+    return result
+
+
+def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu"
+                   ) -> tuple[MoELM, RunConfig, int]:
+    """The model of a run directory at its newest valid checkpoint: (model, cfg, step)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
+    cfg = load_config(run_dir / CONFIG)
+    state = load_latest_checkpoint(run_dir, map_location=device)
+    if state is None:
+        raise ValueError(f"{run_dir} has no loadable checkpoint; train it first with "
+                         f"`moe train {run_dir / CONFIG} --out {run_dir}`")
+    model = MoELM(cfg.model).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, int(state["step"])
