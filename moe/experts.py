@@ -79,17 +79,27 @@ def _combine(y_SD: torch.Tensor, plan: DispatchPlan, n_tokens: int) -> torch.Ten
     return out_TD.index_add(0, plan.token_idx_S, y_SD)
 
 
+def _gate_up(w1_EDH: torch.Tensor, w3_EDH: torch.Tensor) -> torch.Tensor:
+    """[E, D, 2H]: gate and up side by side, so one matmul computes both."""
+    return torch.cat([w1_EDH, w3_EDH], dim=-1)
+
+
+def _swiglu(gate_up_S2H: torch.Tensor) -> torch.Tensor:
+    gate_SH, up_SH = gate_up_S2H.chunk(2, dim=-1)
+    return F.silu(gate_SH) * up_SH
+
+
 def loop_experts(x_TD: torch.Tensor, plan: DispatchPlan, w1_EDH: torch.Tensor,
                  w3_EDH: torch.Tensor, w2_EHD: torch.Tensor) -> torch.Tensor:
     """Reference backend: gather the sorted rows, one SwiGLU per expert, combine."""
     x_SD = x_TD[plan.token_idx_S]
     counts = plan.counts_E.tolist()
+    w13_ED2H = _gate_up(w1_EDH, w3_EDH)
     outs = []
     for e, rows_SD in enumerate(torch.split(x_SD, counts)):
         if counts[e] == 0:
             continue
-        h_SH = F.silu(rows_SD @ w1_EDH[e]) * (rows_SD @ w3_EDH[e])
-        outs.append(h_SH @ w2_EHD[e])
+        outs.append(_swiglu(rows_SD @ w13_ED2H[e]) @ w2_EHD[e])
     y_SD = torch.cat(outs) if outs else x_SD.new_zeros(0, w2_EHD.shape[-1])
     return _combine(y_SD, plan, x_TD.shape[0])
 
@@ -113,10 +123,10 @@ def torch_experts(x_TD: torch.Tensor, plan: DispatchPlan, w1_EDH: torch.Tensor,
     x_SD = x_TD[plan.token_idx_S]
     if gmm is None or not _grouped_mm_ok(x_SD, w1_EDH, w2_EHD):
         return loop_experts(x_TD, plan, w1_EDH, w3_EDH, w2_EHD)
-    dtype = x_SD.dtype
-    w1, w3, w2 = (w.to(dtype) for w in (w1_EDH, w3_EDH, w2_EHD))  # autocast does not cover it
-    h_SH = F.silu(gmm(x_SD, w1, offs=plan.offs_E)) * gmm(x_SD, w3, offs=plan.offs_E)
-    y_SD = gmm(h_SH, w2, offs=plan.offs_E)
+    dtype = x_SD.dtype  # autocast does not cover grouped_mm: cast the weights ourselves
+    w13_ED2H = _gate_up(w1_EDH, w3_EDH).to(dtype)
+    h_SH = _swiglu(gmm(x_SD, w13_ED2H, offs=plan.offs_E))
+    y_SD = gmm(h_SH, w2_EHD.to(dtype), offs=plan.offs_E)
     return _combine(y_SD, plan, x_TD.shape[0])
 
 
@@ -188,8 +198,8 @@ class SwiGLUExperts(nn.Module):
 
     def dense_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """The single expert applied to every token with weight 1 (a dense SwiGLU FFN)."""
-        w1, w3, w2 = (w[0].to(x_TD.dtype) for w in (self.w1_EDH, self.w3_EDH, self.w2_EHD))
-        return (F.silu(x_TD @ w1) * (x_TD @ w3)) @ w2
+        w13_D2H = _gate_up(self.w1_EDH[0], self.w3_EDH[0]).to(x_TD.dtype)
+        return _swiglu(x_TD @ w13_D2H) @ self.w2_EHD[0].to(x_TD.dtype)
 
 
 def init_std_for_output(init_std: float, n_layers: int) -> float:

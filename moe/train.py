@@ -299,8 +299,9 @@ def train_run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = False) ->
         lr = lr_at(step, cfg.train, n_steps)
         stats = train_step(model, opt, data, cfg, step, lr, device, ddp)
         if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
-            raise _fail(run_dir, ddp, step + 1, f"non-finite loss {stats.loss} / grad norm "
-                        f"{stats.grad_norm} at step {step + 1} (lr {lr:.3g})")
+            raise _fail(run_dir, ddp, step + 1, f"diverged: non-finite loss or gradient at step "
+                        f"{step + 1} (loss {stats.loss:.4g}, grad norm {stats.grad_norm:.4g}, "
+                        f"lr {lr:.3g})")
         recent_ce = (recent_ce + [stats.ce])[-20:]
         done = step + 1
         if bar is not None:

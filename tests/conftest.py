@@ -1,0 +1,28 @@
+"""Shared test setup. Runs before any test module imports a kernel."""
+
+import os
+
+import pytest
+
+# Triton kernels run on CPU only under the interpreter, which must be chosen
+# before any @triton.jit function is defined (DESIGN.md, measured facts).
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Two cores are shared by everything a CI run does; one thread per test process
+# is both faster and reproducible.
+if not _has_cuda:
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not _has_cuda:
+            item.add_marker(skip_gpu)

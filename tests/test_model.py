@@ -1,0 +1,132 @@
+"""The MoE model's semantics: shapes, dense equivalence, backends, auxiliary losses."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe.config import ModelConfig
+from moe.experts import SwiGLUExperts, loop_experts, make_dispatch_plan, torch_experts
+from moe.model import MoELM
+from moe.router import TopKRouter, load_balance_loss, z_loss
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+def test_forward_shapes_and_losses():
+    cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_experts=4, top_k=2, seq_len=16,
+                      vocab_size=50)
+    model = MoELM(cfg)
+    idx = torch.randint(0, 50, (3, 16))
+    out = model(idx, idx)
+    assert out.logits_BTV.shape == (3, 16, 50)
+    assert out.ce_loss.ndim == 0 and math.isfinite(out.ce_loss.item())
+    assert len(out.routing) == 3
+    assert int(out.routing[0].tokens_per_expert_E.sum()) == 3 * 16 * 2  # dropless: T*k slots
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_single_expert_equals_dense_swiglu():
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_experts=1, top_k=1, seq_len=8,
+                      vocab_size=30)
+    ffn = MoELM(cfg).blocks[0].ffn
+    assert ffn.router is None  # a dense FFN has no router parameters
+    x = torch.randn(2, 8, 16)
+    w1, w3, w2 = ffn.experts.w1_EDH[0], ffn.experts.w3_EDH[0], ffn.experts.w2_EHD[0]
+    dense = (F.silu(x @ w1) * (x @ w3)) @ w2
+    y, routed = ffn(x, None)
+    assert routed is None
+    torch.testing.assert_close(y, dense, **TOL[torch.float32])
+    # and the routed path with E=1, k=1 (weight 1 for every token) agrees too
+    idx = torch.zeros(16, 1, dtype=torch.long)
+    y_routed = ffn.experts(x.reshape(16, 16), idx, torch.ones(16, 1))
+    torch.testing.assert_close(y_routed.view(2, 8, 16), dense, **TOL[torch.float32])
+
+
+def _ragged_routing(T, E, k, seed=0):
+    """Routing where expert E-1 gets no token and expert 0 gets exactly one slot."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E - 2, generator=g)[:k] + 1 for _ in range(T)])
+    idx[0, 0] = 0
+    w = torch.rand(T, k, generator=g)
+    return idx, w
+
+
+@pytest.mark.parametrize("T,D,H,E,k", [(37, 16, 24, 6, 3), (1, 8, 16, 4, 1), (64, 32, 64, 8, 2)])
+def test_backends_agree_on_outputs_and_all_gradients(T, D, H, E, k):
+    if T == 1:
+        idx, w = torch.tensor([[2]]), torch.rand(1, 1)
+    else:
+        idx, w = _ragged_routing(T, E, k)
+    experts = SwiGLUExperts(D, H, E)
+    experts.reset_parameters(0.2, 0.2)
+    x = torch.randn(T, D)
+    grads = {}
+    for fn in (loop_experts, torch_experts):
+        xs = x.clone().requires_grad_(True)
+        ws = w.clone().requires_grad_(True)
+        experts.zero_grad()
+        plan = make_dispatch_plan(idx, ws, E)
+        y = fn(xs, plan, experts.w1_EDH, experts.w3_EDH, experts.w2_EHD)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads[fn.__name__] = [y.detach(), xs.grad, ws.grad] + [
+            p.grad.clone() for p in (experts.w1_EDH, experts.w3_EDH, experts.w2_EHD)]
+    for a, b in zip(grads["loop_experts"], grads["torch_experts"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    if T > 1:
+        assert grads["loop_experts"][3][E - 1].abs().sum() == 0  # the empty expert gets no grad
+
+
+def test_load_balance_loss_hand_value_and_uniform():
+    # 4 tokens, E=2, k=1: tokens 0,1,2 -> expert 0, token 3 -> expert 1
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    idx = torch.tensor([[0], [0], [0], [1]])
+    f = torch.tensor([0.75, 0.25])
+    p = probs.mean(0)
+    expected = 2 * (f * p).sum()
+    torch.testing.assert_close(load_balance_loss(probs, idx), expected)
+    # a padding token is left out
+    mask = torch.tensor([True, True, True, False])
+    f3, p3 = torch.tensor([1.0, 0.0]), probs[:3].mean(0)
+    torch.testing.assert_close(load_balance_loss(probs, idx, mask), 2 * (f3 * p3).sum())
+    # perfectly uniform routing gives exactly 1
+    E, k = 8, 2
+    uniform = torch.full((E, E), 1.0 / E)
+    idx_u = torch.stack([torch.tensor([i, (i + 1) % E]) for i in range(E)])
+    assert load_balance_loss(uniform, idx_u).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_z_loss_formula_and_router_gradient():
+    router = TopKRouter(8, 4, 2)
+    torch.nn.init.normal_(router.weight_ED, std=0.5)
+    x = torch.randn(10, 8)
+    out = router(x)
+    logits = x @ router.weight_ED.T
+    torch.testing.assert_close(out.z_loss, torch.logsumexp(logits, -1).pow(2).mean())
+    torch.testing.assert_close(z_loss(logits), out.z_loss)
+    out.lb_loss.backward()
+    assert router.weight_ED.grad is not None and router.weight_ED.grad.abs().sum() > 0
+    assert torch.allclose(out.weight_TK.sum(-1), torch.ones(10))  # Mixtral renormalisation
+    raw = TopKRouter(8, 4, 2, normalize=False)
+    raw.weight_ED.data.copy_(router.weight_ED.data)
+    assert (raw(x).weight_TK.sum(-1) < 1).all()  # OLMoE keeps raw probabilities
+
+
+def test_routing_stats_balance():
+    router = TopKRouter(4, 4, 1)
+    with torch.no_grad():
+        router.weight_ED.copy_(torch.eye(4) * 10)
+    out = router(torch.eye(4))
+    assert out.stats.max_over_mean_load == pytest.approx(1.0)
+    assert out.stats.tokens_per_expert_E.tolist() == [1, 1, 1, 1]
+
+
+def test_untied_and_tied_embeddings():
+    base = dict(d_model=16, n_layers=1, n_heads=2, n_experts=2, top_k=1, seq_len=8,
+                vocab_size=20)
+    tied = MoELM(ModelConfig(**base, tie_embeddings=True))
+    untied = MoELM(ModelConfig(**base))
+    assert tied.head.weight is tied.embed.weight
+    assert untied.head.weight is not untied.embed.weight
