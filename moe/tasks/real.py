@@ -5,13 +5,14 @@ Each task reads `$MOE_TASK_DATA/<task>/<split>.jsonl` (or `.parquet`), with
 the `datasets` library is installed, it is asked (its cache, or the network);
 otherwise loading fails with one line naming the file to download.
 
-| task      | kind          | eval split | shots from        | default shots | HF dataset |
-|-----------|---------------|------------|-------------------|---------------|------------|
-| gsm8k     | reasoning     | test       | train             | 4 (the paper) | openai/gsm8k main |
-| gsm-plus  | reasoning     | test       | train, else test  | 4             | qintongli/GSM-Plus |
-| math500   | reasoning     | test       | train, else test  | 4             | HuggingFaceH4/MATH-500 |
-| triviaqa  | memorization  | validation | train             | 4             | mandarjoshi/trivia_qa rc.nocontext |
-| hellaswag | memorization  | validation | train             | 0             | Rowan/hellaswag |
+| task      | kind         | eval split | shots from       | shots | HuggingFace dataset     |
+|-----------|--------------|------------|------------------|-------|-------------------------|
+| gsm8k     | reasoning    | test       | train            | 4     | openai/gsm8k, main      |
+| gsm-plus  | reasoning    | test       | train, else test | 4     | qintongli/GSM-Plus      |
+| math500   | reasoning    | test       | train, else test | 4     | HuggingFaceH4/MATH-500  |
+| triviaqa  | memorization | validation | train            | 4     | mandarjoshi/trivia_qa,  |
+|           |              |            |                  |       | rc.nocontext            |
+| hellaswag | memorization | validation | train            | 0     | Rowan/hellaswag         |
 
 Only GSM8K's 4 shots come from the paper; the others are this toolkit's choice.
 Where a task has no train split, shots come from its other items, never from
@@ -36,8 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from moe.config import DataConfig
-from moe.tasks.answers import (extract_boxed, extract_number, matches_any, math_equal,
-                               numbers_equal, parse_number)
+from moe.tasks.answers import (
+    extract_boxed,
+    extract_number,
+    matches_any,
+    math_equal,
+    numbers_equal,
+    parse_number,
+)
 from moe.tasks.base import Task, TaskData, TaskDataError, TaskItem
 
 DEFAULT_DATA_DIR = "~/.cache/moe-tasks"
@@ -123,7 +130,7 @@ def load_source(src: Source, data_cfg: DataConfig | None = None) -> TaskData:
             f"task {src.task} has no data: save the {src.eval_split} split of "
             f"https://huggingface.co/datasets/{src.hf_path}{config} as "
             f"{task_data_dir() / src.task / (src.eval_split + '.jsonl')} "
-            "(or set MOE_TASK_DATA to the directory above it)")
+            f"(or point MOE_TASK_DATA at a directory holding {src.task}/{src.eval_split}.jsonl)")
     items = _items(src, rows, src.eval_split)
     shot_rows = read_rows(src, src.shot_split) if src.shot_split else None
     pool = items if shot_rows is None else _items(src, shot_rows, src.shot_split)
