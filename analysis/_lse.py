@@ -1,0 +1,200 @@
+"""Numerical core of the Approach-3 fitter: the log-space LSE model with K power-law terms.
+
+Model (Hoffmann et al. 2022, Approach 3, in the parameterisation of Besiroglu et al. 2024,
+arXiv 2404.10102), for K input columns X_1..X_K (K=2: N and D; K=1: N only):
+
+    log L_hat = LSE(c_1 - g_1 log X_1, ..., c_K - g_K log X_K, e)
+    L_hat     = E + sum_j A_j X_j^-g_j,   A_j = exp(c_j), E = exp(e)
+
+theta = (c_1..c_K, e, g_1..g_K). Objective: sum_i w_i Huber_delta(log L_i - log L_hat_i) with
+Huber_delta(r) = r^2/2 for |r| <= delta, delta (|r| - delta/2) otherwise (scipy.special.huber).
+
+Global search (see :func:`global_fit`): (1) every start of the Epoch grid is evaluated in one
+vectorised pass; (2) variable projection over the exponents: on a dense exponent grid the
+linear coefficients (E, A_j) are solved in closed form by batched iteratively-reweighted least
+squares on relative residuals (which approximate log residuals); (3) the best distinct
+candidates of both are refined with L-BFGS-B using the analytic gradient.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy.optimize import minimize
+
+HUBER_DELTA = 1e-3
+_TINY = 1e-12
+# Epoch's grid (Besiroglu et al. 2024): exponents {0, .5, .., 2}, e {-1, -.5, .., 1},
+# log-coefficients {0, 5, .., 25}: 5 * 5 * 5 * 6 * 6 = 4,500 starts for K = 2.
+EPOCH_EXPONENTS = np.arange(0.0, 2.01, 0.5)
+EPOCH_E = np.arange(-1.0, 1.01, 0.5)
+EPOCH_LOGCOEF = np.arange(0.0, 25.1, 5.0)
+
+
+def huber(r: np.ndarray, delta: float) -> np.ndarray:
+    """Huber loss, elementwise."""
+    absr = np.abs(r)
+    return np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta))
+
+
+def objective_and_grad(theta, log_x, log_y, weights, delta=HUBER_DELTA):
+    """Weighted Huber objective on log residuals and its analytic gradient w.r.t. theta.
+
+    log_x: (n, K) logs of the inputs; log_y: (n,) log losses; weights: (n,) (bootstrap counts).
+    d LSE / d c_j = p_j, d LSE / d e = p_0, d LSE / d g_j = -p_j log X_j with p the softmax.
+    """
+    k = log_x.shape[1]
+    z = np.empty((log_x.shape[0], k + 1))
+    z[:, :k] = theta[:k] - log_x * theta[k + 1:]
+    z[:, k] = theta[k]
+    zmax = z.max(axis=1)
+    p = np.exp(z - zmax[:, None])
+    total = p.sum(axis=1)
+    p /= total[:, None]
+    r = log_y - (zmax + np.log(total))
+    wpsi = weights * np.clip(r, -delta, delta)
+    grad = np.empty_like(theta)
+    grad[:k + 1] = -(wpsi @ p)
+    grad[k + 1:] = wpsi @ (p[:, :k] * log_x)
+    return float(weights @ huber(r, delta)), grad
+
+
+def batch_objective(thetas, log_x, log_y, weights, delta=HUBER_DELTA, chunk=512):
+    """Objective for many parameter vectors at once; thetas (G, 2K+1) -> (G,)."""
+    k = log_x.shape[1]
+    out = np.empty(len(thetas))
+    for s in range(0, len(thetas), chunk):
+        th = thetas[s:s + chunk]
+        z = np.empty((len(th), log_x.shape[0], k + 1))
+        z[:, :, :k] = th[:, None, :k] - log_x[None] * th[:, None, k + 1:]
+        z[:, :, k] = th[:, k, None]
+        zmax = z.max(axis=2)
+        lse = zmax + np.log(np.exp(z - zmax[:, :, None]).sum(axis=2))
+        out[s:s + chunk] = huber(log_y[None] - lse, delta) @ weights
+    return out
+
+
+def epoch_grid(k: int) -> np.ndarray:
+    """Epoch's grid of starting points for K terms, as thetas (G, 2K+1)."""
+    rows = itertools.product(*([EPOCH_LOGCOEF] * k), EPOCH_E, *([EPOCH_EXPONENTS] * k))
+    return np.array(list(rows), dtype=float)
+
+
+def varpro_candidates(exponents, log_x, log_y, weights, delta=HUBER_DELTA, n_irls=4):
+    """Variable projection: for each exponent vector g (G, K) solve the coefficients.
+
+    With g fixed, L_hat = E + sum_j A_j X_j^-g_j is linear in (E, A); the relative residual
+    1 - L_hat/L ~ log L - log L_hat, so a Huber-weighted least-squares fit (IRLS with weights
+    min(1, delta/|r|)) approximates the inner problem. Coefficients are floored at a tiny
+    positive value (the LSE parameterisation needs them > 0). Returns thetas (G, 2K+1).
+    """
+    k = log_x.shape[1]
+    y = np.exp(log_y)
+    basis = np.empty((len(exponents), k + 1, log_x.shape[0]))  # (G, K+1, n)
+    basis[:, 0, :] = 1.0
+    basis[:, 1:, :] = np.exp(-exponents[:, :, None] * log_x.T[None])
+    basis /= y
+    omega = np.broadcast_to(weights, (len(exponents), len(weights))).copy()
+    ridge = 1e-12 * np.eye(k + 1)
+    for _ in range(n_irls):
+        bw = basis * omega[:, None, :]
+        gram = np.matmul(bw, basis.transpose(0, 2, 1)) + ridge
+        coef = np.linalg.solve(gram, bw.sum(axis=2)[:, :, None])  # (G, K+1, 1)
+        resid = 1.0 - np.matmul(coef.transpose(0, 2, 1), basis)[:, 0, :]
+        omega = weights * np.minimum(1.0, delta / np.maximum(np.abs(resid), _TINY))
+    coef = coef[:, :, 0]
+    coef = np.maximum(coef, _TINY * y.min())
+    thetas = np.empty((len(exponents), 2 * k + 1))
+    thetas[:, :k] = np.log(coef[:, 1:])
+    thetas[:, k] = np.log(coef[:, 0])
+    thetas[:, k + 1:] = exponents
+    return thetas
+
+
+def exponent_grid(k: int, lo=0.02, hi=2.5, n_per_axis=None) -> np.ndarray:
+    """A dense grid of exponent vectors (G, K): 400 points for K = 1, 64 per axis for K = 2."""
+    n = n_per_axis or (400 if k == 1 else 64 if k == 2 else 16)
+    axis = np.linspace(lo, hi, n)
+    return np.array(list(itertools.product(*([axis] * k))), dtype=float)
+
+
+def refine(theta0, log_x, log_y, weights, delta=HUBER_DELTA, max_iter=1000):
+    """L-BFGS-B from theta0 with the analytic gradient; exponents kept in [0, 10].
+
+    The objective is scaled by 1/delta so scipy's ftol (relative to max(|f|, 1)) bites.
+    """
+    k = log_x.shape[1]
+    scale = 1.0 / delta
+
+    def fun(theta):
+        f, g = objective_and_grad(theta, log_x, log_y, weights, delta)
+        return f * scale, g * scale
+
+    bounds = [(None, None)] * (k + 1) + [(0.0, 10.0)] * k
+    res = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": max_iter, "maxfun": 2 * max_iter, "ftol": 1e-15,
+                            "gtol": 1e-11})
+    return res.x, res.fun / scale
+
+
+def pick_distinct(thetas, values, n_pick, min_sep=0.05):
+    """Indices of the n_pick best thetas whose exponents differ by >= min_sep from each other."""
+    k = (thetas.shape[1] - 1) // 2
+    chosen: list[int] = []
+    for i in np.argsort(values):
+        if not np.isfinite(values[i]):
+            break
+        g = thetas[i, k + 1:]
+        if all(np.max(np.abs(g - thetas[j, k + 1:])) >= min_sep for j in chosen):
+            chosen.append(int(i))
+            if len(chosen) == n_pick:
+                break
+    return chosen
+
+
+def global_fit(log_x, log_y, weights=None, delta=HUBER_DELTA, *, n_refine=12, patience=6,
+               use_epoch_grid=True, exponents=None, extra_starts=None, basin_tol=0.05):
+    """Global minimum of the Huber objective: vectorised screening, then L-BFGS-B refinement.
+
+    Up to ``n_refine`` distinct screened candidates are refined, best first, stopping once
+    ``patience`` refinements in a row have not lowered the best objective by more than 1e-9
+    (relative). Returns (theta, objective). ``extra_starts`` (thetas) are refined first (the
+    bootstrap passes the full-data optimum); screened candidates whose exponents lie within
+    ``basin_tol`` of the best refined solution are then skipped as the same basin.
+    """
+    k = log_x.shape[1]
+    w = np.ones(len(log_y)) if weights is None else np.asarray(weights, dtype=float)
+    grid = exponent_grid(k) if exponents is None else exponents
+    pool = [varpro_candidates(grid, log_x, log_y, w, delta)]
+    if use_epoch_grid:
+        pool.append(epoch_grid(k))
+    thetas = np.concatenate(pool)
+    values = batch_objective(thetas, log_x, log_y, w, delta)
+    given = [] if extra_starts is None else list(np.atleast_2d(extra_starts))
+    screened = [thetas[i] for i in pick_distinct(thetas, values, n_refine)]
+    best_theta, best_f, stale = None, np.inf, 0
+    for j, theta0 in enumerate(given + screened):
+        if given and j >= len(given) and best_theta is not None and np.max(
+                np.abs(theta0[k + 1:] - best_theta[k + 1:])) <= basin_tol:
+            continue  # same basin as the refined given start: refining adds nothing
+        theta, f = refine(theta0, log_x, log_y, w, delta)
+        stale = 0 if f < best_f * (1 - 1e-9) else stale + 1
+        if f < best_f:
+            best_theta, best_f = theta, f
+        if stale >= patience:
+            break
+    if best_theta is None:
+        raise ValueError("the fit found no finite objective; check the data for extreme values")
+    return best_theta, best_f
+
+
+def epoch_baseline(log_x, log_y, delta=HUBER_DELTA):
+    """The naive Epoch procedure: L-BFGS-B from every one of the grid's starts (slow)."""
+    w = np.ones(len(log_y))
+    best_theta, best_f = None, np.inf
+    for theta0 in epoch_grid(log_x.shape[1]):
+        theta, f = refine(theta0, log_x, log_y, w, delta)
+        if f < best_f:
+            best_theta, best_f = theta, f
+    return best_theta, best_f

@@ -1,0 +1,88 @@
+"""Benchmark the Approach-3 fitter on the Chinchilla Figure 4 extraction (240 points).
+
+Goals (2 CPU cores): the whole fit, global search included, <= 2 s; 1,000 bootstrap
+resamples <= 20 s. ``--epoch-baseline`` also times the naive Epoch procedure (L-BFGS-B with
+analytic gradients from each of the 4,500 grid starts; about two minutes).
+
+    python benchmarks/bench_fit.py [--resamples 1000] [--repeats 3] [--epoch-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import _lse, fit
+from analysis._threads import single_thread_blas
+from analysis.bootstrap import bootstrap_fit
+
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / \
+    "chinchilla_fig4_epoch_extraction.csv"
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process plus its finished (joined) worker processes."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(func):
+    """(result, wall seconds, CPU seconds of this process and its workers)."""
+    wall, cpu = time.perf_counter(), _cpu_s()
+    out = func()
+    return out, time.perf_counter() - wall, _cpu_s() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the single fit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epoch-baseline", action="store_true")
+    args = parser.parse_args()
+    load_1min = os.getloadavg()[0]  # other work on the machine slows every timing below
+
+    data = fit.prepare(pd.read_csv(DATA), n_col="Model Size", c_col="Training FLOP",
+                       loss_col="loss", drop_highest=5)
+    rows = []
+    fits = [timed(lambda: fit.fit_data(data)) for _ in range(args.repeats)]
+    result = fits[-1][0]
+    rows.append(("Approach-3 fit, global search (median)", statistics.median(f[1] for f in fits),
+                 statistics.median(f[2] for f in fits), 2.0, result.objective))
+    boot, wall, cpu = timed(lambda: bootstrap_fit(result, data, n_resamples=args.resamples,
+                                                  seed=args.seed))
+    rows.append((f"bootstrap, {args.resamples} resamples, {boot.n_workers} workers", wall, cpu,
+                 20.0 * args.resamples / 1000, float("nan")))
+    if args.epoch_baseline:
+        log_x, log_y = data.log_x(), np.log(data.loss)
+        with single_thread_blas():
+            (theta, obj), wall, cpu = timed(lambda: _lse.epoch_baseline(log_x, log_y))
+        rows.append(("Epoch baseline, 4500 L-BFGS-B starts", wall, cpu, float("nan"), obj))
+
+    print(f"CPU cores: {os.cpu_count()}; points: {result.n_points}; "
+          f"alpha={result.params['alpha']:.4f} beta={result.params['beta']:.4f} "
+          f"E={result.params['E']:.4f} A={result.params['A']:.1f} B={result.params['B']:.1f}")
+    print(f"bootstrap SE: alpha {boot.se['alpha']:.4f}, beta {boot.se['beta']:.4f}, "
+          f"E {boot.se['E']:.4f}, A {boot.se['A']:.0f}, B {boot.se['B']:.0f}; "
+          f"failed resamples: {boot.n_failed}")
+    print(f"load average (1 min) before the run: {load_1min:.2f}")
+    print(f"{'task':<46} {'wall s':>8} {'cpu s*':>8} {'goal s':>7} {'objective':>11}  ok")
+    for name, wall, cpu, goal, obj in rows:
+        ok = "-" if np.isnan(goal) else ("yes" if wall <= goal else "NO")
+        goal_s = "-" if np.isnan(goal) else f"{goal:.0f}"
+        obj_s = "-" if np.isnan(obj) else f"{obj:.7f}"
+        print(f"{name:<46} {wall:8.2f} {cpu:8.2f} {goal_s:>7} {obj_s:>11}  {ok}")
+    print("* CPU seconds of this process and its bootstrap workers (wall on idle cores is about "
+          "cpu / cores)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Figures, `moe plot` and `moe report` on small tables, including tables lacking columns."""
+
+import argparse
+
+import matplotlib
+import pytest
+
+from analysis import cli, plots, synthetic
+from analysis.report import make_report
+
+matplotlib.use("Agg")
+TRUTH = {"E": 1.8, "A": 450.0, "B": 2000.0, "alpha": 0.34, "beta": 0.37}
+
+
+@pytest.fixture(scope="module")
+def pocket():
+    return synthetic.pocket_table(seed=0)
+
+
+def labels(fig):
+    return [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes if ax.get_visible()]
+
+
+def test_fig1_axes(pocket):
+    fig = plots.fig_loss_vs_params(pocket)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert "parameters" in ax.get_xlabel() and "nats/token" in ax.get_ylabel()
+    assert any("sparsity" in a.get_ylabel() for a in fig.axes[1:])  # the colour bar
+
+
+def test_fig2_panels(pocket):
+    fig = plots.fig_task_vs_pretrain(pocket)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "Memorization" in titles and "Reasoning" in titles
+    assert all("pre-training loss" in x for x, _ in labels(fig)[:2])
+
+
+def test_fig3_and_fig4(pocket):
+    fig3 = plots.fig_task_vs_sparsity(pocket)
+    assert [x for x, _ in labels(fig3)] == ["sparsity s = 1 - k/E"] * 2
+    assert len(fig3.axes[0].get_lines()) == 3  # one line per width
+    fig4 = plots.fig_task_vs_tpp(pocket)
+    assert fig4.axes[0].get_xscale() == "log"
+    assert "accuracy" in fig4.axes[0].get_ylabel()
+
+
+def test_fig5_and_fig6_on_isoflop_table():
+    df = synthetic.isoflop_table(TRUTH)
+    fig5 = plots.fig_isoflop(df)
+    assert len(fig5.axes[0].collections) == 3  # one scatter per budget
+    assert "biased" in fig5.axes[0].get_title()
+    fig6 = plots.fig_law_contours(df)
+    ax = fig6.axes[0]
+    assert ax.get_xlabel() == "parameters N" and ax.get_ylabel() == "training tokens D"
+    assert any("frontier" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_skips_with_reasons(pocket):
+    with pytest.raises(plots.FigureSkipped, match="compute budget"):
+        plots.fig_isoflop(pocket)  # fixed TPP: one run per budget
+    no_tasks = pocket[[c for c in pocket if not c.startswith("task/")]]
+    with pytest.raises(plots.FigureSkipped, match="task/<name>/loss"):
+        plots.fig_task_vs_pretrain(no_tasks)
+    with pytest.raises(plots.FigureSkipped, match="no column"):
+        plots.fig_loss_vs_params(no_tasks.drop(columns=["n_params_total"]))
+
+
+def test_save_all_figures_writes_png_and_pdf(pocket, tmp_path):
+    paths = plots.save_all_figures(pocket, tmp_path)
+    names = {p.name for p in paths}
+    assert "fig1_loss_vs_params.png" in names and "fig1_loss_vs_params.pdf" in names
+    assert len(paths) == 10  # five figures; the IsoFLOP one is skipped for a fixed-TPP sweep
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_cli_plot_all_six_from_sweep_dir(tmp_path, capsys):
+    df = synthetic.isoflop_table(TRUTH)
+    pocket = synthetic.pocket_table()
+    tasks = [c for c in pocket if c.startswith("task/")]
+    for col in tasks + ["sparsity", "d_model", "top_k", "n_experts"]:
+        df[col] = pocket[col].iloc[: len(df)].to_numpy()
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    df.to_parquet(sweep / "results.parquet")
+    parser = argparse.ArgumentParser(prog="moe")
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["plot", str(sweep), "-o", str(tmp_path / "figs")])
+    assert args.func(args) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert len(list((tmp_path / "figs").glob("fig*.png"))) == 6
+
+
+def test_report_on_pocket_sweep_notes_fixed_tpp(pocket, tmp_path):
+    out = make_report(pocket, tmp_path / "report.md", n_boot=10)
+    text = out.read_text()
+    assert "same tokens per parameter" in text
+    assert "Fixed-TPP law L(N)" in text
+    assert "arith (reasoning)" in text
+    assert "fig5_isoflop skipped" in text
+    assert (tmp_path / "figures" / "fig1_loss_vs_params.png").exists()
+
+
+def test_report_cli_on_grid_table(tmp_path):
+    path = tmp_path / "t.csv"
+    synthetic.isoflop_table(TRUTH).to_csv(path, index=False)
+    parser = argparse.ArgumentParser(prog="moe")
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["report", str(path), "-o", str(tmp_path / "r.md"),
+                              "--bootstrap", "8"])
+    assert args.func(args) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Compute-optimal allocation" in text and "Approach 2" in text
+    assert "Leave-out validation" in text and "Skipped: the table has no task" in text
