@@ -272,15 +272,19 @@ def train_run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = False) ->
     ddp = Dist.current()
     if is_done(run_dir):
         return read_json(run_dir / RESULT)
-    if ddp.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        prepare_run_dir(cfg, run_dir)
-    device = pick_device(cfg.train)
-    model, opt = _setup(cfg, device, ddp)
     data = load_data(cfg.data, cfg.model.seq_len)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {data.tokenizer.vocab_size} ids")
+    if cfg.eval.tasks:  # a missing task file or a typo fails now, not after training
+        from moe.evaluate import load_tasks
+
+        load_tasks(cfg)
+    device = pick_device(cfg.train)
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(cfg, run_dir)
+    model, opt = _setup(cfg, device, ddp)
     start = _resume(run_dir, model, opt, device, ddp)
     n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
     if ddp.is_main:
@@ -378,12 +382,11 @@ def _finish(run_dir: Path, cfg: RunConfig, model, data: TokenData, device, ddp: 
                               device=str(device), world_size=ddp.world)
         if cfg.eval.tasks:
             update_status(run_dir, state="running", reason="evaluating tasks")
-            from moe.evaluate import write_eval
+            from moe.evaluate import flat_results, write_eval
 
             tasks = _run_tasks(model, data, cfg, device)
             write_eval(run_dir, tasks)  # eval.json; result.json does not exist yet
-            result.update({f"task/{name}/{key}": value for name, metrics in tasks.items()
-                           for key, value in metrics.items()})
+            result.update(flat_results(tasks))
         atomic_write_json(run_dir / RESULT, result)
         update_status(run_dir, state="done", reason=None, step=total_steps(cfg),
                       tokens_done=resolve_tokens(cfg))

@@ -125,3 +125,11 @@ def test_schedules(schedule):
         assert lrs[-1] == pytest.approx(0.1)
     if schedule == "wsd":
         assert lrs[79] == 1.0 and lrs[81] < 1.0
+
+
+def test_bad_task_or_data_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="unknown task|no-such-task"):
+        train_run(tiny_config('eval.tasks=["no-such-task"]'), tmp_path / "a")
+    with pytest.raises(ValueError, match="shard directory"):
+        train_run(tiny_config(f"data.source={tmp_path / 'nowhere'}"), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
