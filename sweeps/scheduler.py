@@ -1,0 +1,115 @@
+"""Ask the scheduler what became of the job ids recorded in status.json files.
+
+SLURM ids (`123` or array tasks `123_4`) are looked up with one `squeue` call
+(jobs still queued or running) and one `sacct` call (finished jobs; needs
+slurmdbd, and is skipped when it fails). Local-executor ids look like
+`local:<host>:<pid>` and are alive while that process is.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shutil
+import socket
+import subprocess
+
+ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                    "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING",
+                    "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED"})
+"""Scheduler states of a job that may still run (PREEMPTED precedes a requeue)."""
+LOCAL_ALIVE, LOCAL_GONE = "RUNNING", "GONE"
+_SLURM_ID = re.compile(r"^\d+(_\d+)?$")
+TIMEOUT_S = 30
+EXECUTOR_ENV = "MOE_SWEEP_EXECUTOR"
+"""Set to "local" in the environment of local-executor workers."""
+
+
+class SchedulerError(RuntimeError):
+    """The scheduler could not be asked about jobs that may still be running."""
+
+
+def local_job_id(pid: int) -> str:
+    return f"local:{socket.gethostname()}:{pid}"
+
+
+def is_slurm_id(job_id: str) -> bool:
+    return bool(_SLURM_ID.match(job_id))
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """Map each known job id to its scheduler state (ids the scheduler forgot are absent)."""
+    states = {j: _local_state(j) for j in job_ids if j.startswith("local:")}
+    slurm_ids = sorted({j for j in job_ids if is_slurm_id(j)})
+    if slurm_ids:
+        states.update(_sacct(slurm_ids))
+        states.update(_squeue(slurm_ids))  # the live queue wins over accounting
+    return states
+
+
+def _local_state(job_id: str) -> str:
+    _, host, pid = job_id.split(":", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return LOCAL_GONE
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return LOCAL_GONE
+    except PermissionError:
+        return LOCAL_ALIVE
+    return LOCAL_ALIVE if not _is_zombie(int(pid)) else LOCAL_GONE
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _squeue(job_ids: list[str]) -> dict[str, str]:
+    """States of this user's queued and running jobs (array tasks expanded with -r)."""
+    if shutil.which("squeue") is None:
+        raise SchedulerError("squeue not found: cannot check whether jobs "
+                             f"{', '.join(job_ids[:5])} are still queued")
+    cmd = ["squeue", "-h", "-r", "-o", "%i|%T", "-u", getpass.getuser()]
+    out = _run(cmd, required=True)
+    wanted = {j.split("_")[0] for j in job_ids}
+    states = {}
+    for line in out.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job.split("_")[0] in wanted:
+            states[job] = state.strip().upper()
+    return states
+
+
+def _sacct(job_ids: list[str]) -> dict[str, str]:
+    """Final states from accounting ({} when sacct is missing or fails)."""
+    if shutil.which("sacct") is None:
+        return {}
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(bases)],
+               required=False)
+    states = {}
+    for line in out.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job and "[" not in job:  # "123_[4-7]" are pending tasks, which squeue reports
+            states[job] = state.split()[0].upper() if state.strip() else "UNKNOWN"
+    return states
+
+
+def _run(cmd: list[str], *, required: bool) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        if required:
+            raise SchedulerError(f"{cmd[0]} failed: {exc}") from None
+        return ""
+    if proc.returncode != 0:
+        if required:
+            raise SchedulerError(f"{' '.join(cmd[:2])} exited {proc.returncode}: "
+                                 f"{proc.stderr.strip()[:200]}")
+        return ""
+    return proc.stdout
