@@ -82,8 +82,11 @@ def compute_optimal_allocation(flops, A, B, alpha, beta):
     """
     c6 = np.asarray(flops, dtype=float) / 6.0
     a, b = compute_optimal_exponents(alpha, beta)
-    g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
-    return g * c6 ** a, c6 ** b / g
+    # Bootstrap resamples of a poorly identified fit can drive B to 0 (G = inf):
+    # that resample's allocation is inf, which the percentile summary reports as such.
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+        return g * c6 ** a, c6 ** b / g
 
 
 def isoflop_loss(n, flops, E, A, B, alpha, beta):
