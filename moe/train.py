@@ -31,7 +31,7 @@ from moe.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkp
 from moe.config import RunConfig, TrainConfig, config_hash, load_config
 from moe.data.shards import TokenData, load_data
 from moe.io import append_line, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from moe.model import MoELM, ModelOutput
+from moe.model import ModelOutput, MoELM
 from moe.params import count_params, train_flops_per_token
 from moe.rundir import CONFIG, METRICS, RESULT, is_done, update_status
 

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from moe.config import (ConfigError, RunConfig, apply_overrides, config_from_dict, config_hash,
-                        load_config)
+from moe.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_hash,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -73,7 +73,7 @@ def test_backends_agree_on_outputs_and_all_gradients(T, D, H, E, k):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         grads[fn.__name__] = [y.detach(), xs.grad, ws.grad] + [
             p.grad.clone() for p in (experts.w1_EDH, experts.w3_EDH, experts.w2_EHD)]
-    for a, b in zip(grads["loop_experts"], grads["torch_experts"]):
+    for a, b in zip(grads["loop_experts"], grads["torch_experts"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     if T > 1:
         assert grads["loop_experts"][3][E - 1].abs().sum() == 0  # the empty expert gets no grad
@@ -92,7 +92,7 @@ def test_load_balance_loss_hand_value_and_uniform():
     f3, p3 = torch.tensor([1.0, 0.0]), probs[:3].mean(0)
     torch.testing.assert_close(load_balance_loss(probs, idx, mask), 2 * (f3 * p3).sum())
     # perfectly uniform routing gives exactly 1
-    E, k = 8, 2
+    E = 8  # two experts per token: each token picks i and i+1
     uniform = torch.full((E, E), 1.0 / E)
     idx_u = torch.stack([torch.tensor([i, (i + 1) % E]) for i in range(E)])
     assert load_balance_loss(uniform, idx_u).item() == pytest.approx(1.0, abs=1e-6)

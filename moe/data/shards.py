@@ -147,7 +147,8 @@ class TokenSplit:
         flat = rng.integers(0, self.cum[-1], size=n_seqs)
         which = np.searchsorted(self.cum, flat, side="right")
         offsets = flat - np.concatenate([[0], self.cum[:-1]])[which]
-        rows = np.stack([self.arrays[w][o: o + self.seq_len + 1] for w, o in zip(which, offsets)])
+        rows = np.stack([self.arrays[w][o: o + self.seq_len + 1]
+                         for w, o in zip(which, offsets, strict=True)])
         rows_t = torch.from_numpy(rows.astype(np.int64))
         return rows_t[:, :-1], rows_t[:, 1:]
 
