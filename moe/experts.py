@@ -17,9 +17,10 @@ replaces one function:
 - `triton`: Triton grouped GEMM that gathers and scatters rows in the kernel
   (`kernels.moe_experts`), CUDA only.
 - `megablocks`: MegaBlocks' grouped GEMM (optional, GPU only, lazily imported).
-- `auto`: `triton` on CUDA when Triton imports, else `torch` on CUDA, else
-  `loop` on CPU (torch's CPU grouped_mm is slower than a loop of matmuls there:
-  see benchmarks/bench_train.py).
+- `auto`: `triton` on CUDA when Triton imports, else `torch` (which itself
+  falls back to `loop` where grouped_mm is missing or the shapes do not suit
+  it). On CPU, `torch` and `loop` train pocket-tiny at the same speed within
+  2% (benchmarks/bench_train.py).
 
 Routing is dropless: every token reaches all of its K experts.
 """
@@ -110,7 +111,9 @@ def _grouped_mm_fn() -> Callable | None:
 
 
 def _grouped_mm_ok(x_SD: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """torch's grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    """torch's grouped_mm needs 16-byte-aligned row strides, and bf16 on CUDA (SM >= 80)."""
+    if x_SD.is_cuda and x_SD.dtype != torch.bfloat16:
+        return False
     size = x_SD.element_size()
     dims = [x_SD.shape[-1]] + [w.shape[-1] for w in weights]
     return all((d * size) % 16 == 0 for d in dims) and x_SD.shape[0] > 0
@@ -159,7 +162,7 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> ExpertFn:
 def auto_backend(device: torch.device | str) -> str:
     """Fastest backend that runs on `device` (see the module docstring)."""
     if torch.device(device).type != "cuda":
-        return "loop"
+        return "torch"
     try:
         importlib.import_module("triton")
         importlib.import_module(_LAZY_BACKENDS["triton"].split(":")[0])
