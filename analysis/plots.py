@@ -122,19 +122,22 @@ def _task_grid(n_tasks: int, width: float = 4.2):
 
 
 def fig_task_vs_sparsity(df: pd.DataFrame, *, metric: str = "loss") -> Figure:
-    """(3) Task metric vs sparsity, one line per width (d_model), one panel per task."""
+    """(3) Task metric vs sparsity, one line per width (and token budget, when the table
+    has several), one panel per task."""
     long = _long_or_skip(df, metric, "task vs sparsity")
     for col in ("sparsity", "d_model"):
         if col not in long:
             raise FigureSkipped(f"task vs sparsity: the table has no {col!r} column")
-    table = sparsity.loss_vs_sparsity(long, by="d_model")
+    grouped, by = sparsity.width_groups(long)
+    table = sparsity.loss_vs_sparsity(grouped, by=by)
     tasks = list(table["task"].unique())
     fig, axes = _task_grid(len(tasks))
     for ax, task in zip(axes, tasks, strict=False):  # spare axes are hidden
         part = table[table["task"] == task]
-        for j, (width, wp) in enumerate(part.groupby("d_model")):
+        for j, (group, wp) in enumerate(part.groupby(by)):
+            label = f"d_model={group:g}" if by == "d_model" else f"d_model={group}"
             ax.plot(wp["sparsity"], wp["mean"], marker=MARKERS[j % len(MARKERS)],
-                    color=OKABE_ITO[j % len(OKABE_ITO)], label=f"d_model={width:g}")
+                    color=OKABE_ITO[j % len(OKABE_ITO)], label=label)
         ax.set(xlabel="sparsity s = 1 - k/E", ylabel=_metric_label(metric),
                title=f"{task} ({part['kind'].iloc[0]})")
         ax.legend(fontsize=8)

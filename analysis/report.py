@@ -143,15 +143,17 @@ def _sparsity_section(df: pd.DataFrame, n_boot: int, seed: int) -> list[str]:
         return out + ["Skipped: the table has no task/<name>/loss columns.", ""]
     kinds = long.groupby("task")["kind"].first()
     out += ["Tasks: " + ", ".join(f"{t} ({k})" for t, k in kinds.items()) + ".", ""]
-    rows, skipped = sparsity.ushape_by_group(long, by="d_model", n_boot=n_boot, seed=seed)
+    grouped, by = sparsity.width_groups(long)
+    rows, skipped = sparsity.ushape_by_group(grouped, by=by, n_boot=n_boot, seed=seed)
     if rows:
-        out += ["U-shape fit of task loss in sparsity at fixed width (quadratic; optimum "
+        out += ["U-shape fit of task loss in sparsity at fixed width"
+                + (" and token budget" if by != "d_model" else "") + " (quadratic; optimum "
                 f"s* = -c1/(2 c2); {n_boot} bootstrap resamples):", "",
-                "| task | kind | d_model | s* | 95% interval | convex share | interior |",
+                f"| task | kind | {by} | s* | 95% interval | convex share | interior |",
                 "|---|---|---|---|---|---|---|"]
         for r in rows:
             f = r["fit"]
-            out.append(f"| {r['task']} | {r['kind']} | {r['d_model']:g} | {_g(f.optimum, 3)} |"
+            out.append(f"| {r['task']} | {r['kind']} | {r[by]} | {_g(f.optimum, 3)} |"
                        f" [{_g(f.interval[0], 3)}, {_g(f.interval[1], 3)}] | "
                        f"{f.convex_fraction:.2f} | {'yes' if f.interior else 'no'} |")
         out.append("")

@@ -48,7 +48,7 @@ def tasks_with(df: pd.DataFrame, metric: str = "loss") -> list[str]:
 def long_table(df: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:
     """One row per (run, task): run columns plus task, kind and ``value`` (the metric)."""
     df = with_pretrain_loss(df)
-    keep = [c for c in ("run_id", "d_model", "n_experts", "top_k", "sparsity", "tpp",
+    keep = [c for c in ("run_id", "d_model", "n_experts", "top_k", "sparsity", "tpp", "tokens",
                         "n_params_total", "n_params_active", PRETRAIN_LOSS) if c in df]
     frames = []
     for task in tasks_with(df, metric):
@@ -92,6 +92,25 @@ def fit_ushape(x, y, *, x_name: str = "sparsity", n_boot: int = 500, seed: int =
                      interval=interval, convex_fraction=convex / max(n_boot, 1), n_boot=n_boot)
 
 
+def width_groups(long: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The column that holds "fixed width": d_model, or d_model at each token budget.
+
+    A sweep with several fixed token budgets per width (e.g. the demo's 250k and 1M)
+    must not pool them: runs trained on four times the data would dominate the sparsity
+    trend. A budget is "fixed" when several runs of a width share it; at fixed tokens
+    per parameter every run has its own token count, and width alone is the group.
+    Returns the table (with a `width_budget` label column when needed) and the column.
+    """
+    if "tokens" not in long or long["tokens"].nunique() <= 1:
+        return long, "d_model"
+    runs_per_budget = long.groupby(["task", "d_model", "tokens"]).size()
+    if (runs_per_budget < 2).any():
+        return long, "d_model"
+    labels = [f"{d:g} @ {t:.3g} tokens" for d, t in zip(long["d_model"], long["tokens"],
+                                                         strict=True)]
+    return long.assign(width_budget=labels), "width_budget"
+
+
 def loss_vs_sparsity(long: pd.DataFrame, *, by: str = "d_model") -> pd.DataFrame:
     """Mean task metric per (task, kind, group, sparsity); ``by`` is d_model (fixed width) or
     n_params_active (fixed active parameters, grouped to 2 significant digits)."""
@@ -119,7 +138,7 @@ def ushape_by_group(long: pd.DataFrame, *, by: str | None = "d_model", x: str = 
         try:
             fit = fit_ushape(part[x], part["value"], x_name=x, n_boot=n_boot, seed=seed)
         except ValueError as exc:
-            skipped.append(f"{task}, {by}={group:g}: {exc}")
+            skipped.append(f"{task}, {by}={group}: {exc}")
             continue
         rows.append({"task": task, "kind": part["kind"].iloc[0], by: group, "fit": fit})
     return rows, skipped

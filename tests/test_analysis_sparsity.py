@@ -1,6 +1,7 @@
 """Sparsity analysis on a pocket-shaped synthetic table with known structure."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis import sparsity, synthetic
@@ -77,3 +78,13 @@ def test_ushape_in_log_tpp_per_task():
     arith = next(r["fit"] for r in rows if r["task"] == "arith")
     assert np.exp(arith.optimum) == pytest.approx(20.0, rel=1e-6)
     assert arith.x_name == "log_tpp" and not skipped
+
+
+def test_width_groups_split_fixed_token_budgets_only():
+    base = dict(task="t", kind="reasoning", value=1.0)
+    fixed_tokens = pd.DataFrame([{**base, "d_model": d, "tokens": t, "sparsity": s}
+                                 for d in (32, 64) for t in (1e5, 4e5) for s in (0.0, 0.5)])
+    grouped, by = sparsity.width_groups(fixed_tokens)
+    assert by == "width_budget" and grouped[by].nunique() == 4
+    fixed_tpp = fixed_tokens.assign(tokens=[1e5 * (i + 1) for i in range(len(fixed_tokens))])
+    assert sparsity.width_groups(fixed_tpp)[1] == "d_model"
