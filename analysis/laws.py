@@ -48,7 +48,7 @@ def clark_saturated_experts(e, e_start, e_max):
     return 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
 
 
-def clark_unified(n, e, a, b, c, d, e_start=1.85, e_max=315.0):
+def clark_unified(n, e, a, b, c, d, e_start, e_max):
     """Unified scaling law for routed language models (Clark et al. 2022, arXiv 2202.01169,
     eq. 10), sparsity-aware through the expert count E:
 
@@ -56,9 +56,9 @@ def clark_unified(n, e, a, b, c, d, e_start=1.85, e_max=315.0):
 
     N is the dense (active) parameter count of the base model, E_hat the saturated expert
     count (:func:`clark_saturated_experts`). a < 0 and b < 0 mean loss falls with N and with
-    experts; c > 0 means the benefit of experts shrinks as N grows. The defaults for
-    e_start, e_max are round numbers of the size the paper reports; refit them per routing
-    method if the data allow.
+    experts; c > 0 means the benefit of experts shrinks as N grows. e_start and e_max
+    have no defaults: the paper fits them per routing method, so take them from its
+    tables for the method you compare with, or fit them to your data.
     """
     log_n = np.log(np.asarray(n, dtype=float))
     log_e = np.log(clark_saturated_experts(e, e_start, e_max))

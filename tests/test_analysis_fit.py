@@ -158,8 +158,9 @@ def test_isoflop_recovers_exponent_on_centred_grid_and_states_bias():
 def test_clark_saturation_transform():
     assert laws.clark_saturated_experts(1.0, 1.85, 315.0) == pytest.approx(1.85)
     assert laws.clark_saturated_experts(1e9, 1.85, 315.0) == pytest.approx(315.0, rel=1e-3)
-    dense = laws.clark_unified(1e8, 1, a=-0.08, b=-0.03, c=0.001, d=2.0)
-    routed = laws.clark_unified(1e8, 64, a=-0.08, b=-0.03, c=0.001, d=2.0)
+    dense = laws.clark_unified(1e8, 1, a=-0.08, b=-0.03, c=0.001, d=2.0, e_start=1.85, e_max=315.0)
+    routed = laws.clark_unified(1e8, 64, a=-0.08, b=-0.03, c=0.001, d=2.0, e_start=1.85,
+                                e_max=315.0)
     assert routed < dense
     with pytest.raises(ValueError):
         laws.clark_saturated_experts(4.0, 10.0, 5.0)
