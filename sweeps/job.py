@@ -24,7 +24,7 @@ import submitit
 
 from moe.config import load_config
 from moe.rundir import CONFIG, is_done, update_status
-from sweeps.records import record_requeue
+from sweeps.records import record_requeue, record_start
 from sweeps.scheduler import EXECUTOR_ENV, local_job_id
 
 EXIT_FAILED = 3  # a worker's exit code when training failed (status.json says why)
@@ -43,7 +43,8 @@ class RunJob(submitit.helpers.Checkpointable):
         # Called by submitit on rank 0 when the job is preempted or times out. The
         # training state is already on disk (checkpoints/), so the requeued job is
         # just a fresh RunJob for the same directory: it resumes from there.
-        record_requeue(self.run_dir, reason="requeued after preemption or timeout")
+        record_requeue(self.run_dir, reason="requeued after preemption or timeout",
+                       job_id=current_job_id())
         return submitit.helpers.DelayedSubmission(RunJob(self.run_dir))
 
 
@@ -57,7 +58,8 @@ def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
     rank0 = _rank() == 0
     try:
         if rank0 and not is_done(run_dir):
-            update_status(run_dir, state="running", reason=None, job_id=current_job_id())
+            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+            record_start(run_dir, current_job_id(), restarts)
         return train_run(cfg, run_dir)
     except TrainingFailed:
         raise  # train_run already wrote state=failed with its reason

@@ -45,12 +45,37 @@ def record_submission(run_dir: str | os.PathLike, executor: str,
     return _update(run_dir, fn)
 
 
-def record_requeue(run_dir: str | os.PathLike, reason: str) -> dict[str, Any]:
+def record_requeue(run_dir: str | os.PathLike, reason: str,
+                   job_id: str | None = None) -> dict[str, Any]:
     """A preempted or timed-out job goes back to the queue: one more attempt."""
 
     def fn(old: dict[str, Any]) -> dict[str, Any]:
-        return {**old, "state": "pending", "reason": reason,
-                "attempts": int(old.get("attempts", 0)) + 1}
+        new = {**old, "state": "pending", "reason": reason,
+               "attempts": int(old.get("attempts", 0)) + 1}
+        if job_id is not None:  # this requeue is counted; record_start must not count it again
+            counted = dict(old.get("requeues_counted", {}))
+            counted[str(job_id)] = counted.get(str(job_id), 0) + 1
+            new["requeues_counted"] = counted
+        return new
+
+    return _update(run_dir, fn)
+
+
+def record_start(run_dir: str | os.PathLike, job_id: str | None,
+                 restarts: int = 0) -> dict[str, Any]:
+    """The job starts running. `restarts` is SLURM_RESTART_COUNT: a requeue that did not
+    pass through `RunJob.checkpoint` (an admin's `scontrol requeue`, a node failure)
+    still counts as an attempt."""
+
+    def fn(old: dict[str, Any]) -> dict[str, Any]:
+        new = {**old, "state": "running", "reason": None, "job_id": job_id}
+        counted = dict(old.get("requeues_counted", {}))
+        seen = counted.get(str(job_id), 0)
+        if restarts > seen:
+            new["attempts"] = int(old.get("attempts", 0)) + restarts - seen
+            counted[str(job_id)] = restarts
+            new["requeues_counted"] = counted
+        return new
 
     return _update(run_dir, fn)
 

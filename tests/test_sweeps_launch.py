@@ -215,3 +215,18 @@ def test_status_fails_a_run_whose_worker_died(tmp_path):
     (row,) = status(tmp_path)
     assert row.state == "failed" and "is gone" in row.reason
     assert status(tmp_path, ask_scheduler=False)[0].state == "running"
+
+
+def test_requeues_count_once_whichever_way_they_happen(tmp_path):
+    from moe.rundir import read_status
+    from sweeps.records import record_requeue, record_start, record_submission
+
+    record_submission(tmp_path, "slurm", job_id="7_0")
+    record_start(tmp_path, "7_0", restarts=0)
+    assert read_status(tmp_path)["attempts"] == 1
+    record_start(tmp_path, "7_0", restarts=1)  # `scontrol requeue` by hand: not seen before
+    assert read_status(tmp_path)["attempts"] == 2
+    record_requeue(tmp_path, "preempted", job_id="7_0")  # submitit's checkpoint() path
+    record_start(tmp_path, "7_0", restarts=2)  # the same requeue, seen again at start
+    status = read_status(tmp_path)
+    assert status["attempts"] == 3 and status["state"] == "running"
