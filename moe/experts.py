@@ -27,6 +27,7 @@ Routing is dropless: every token reaches all of its K experts.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -161,7 +162,12 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> ExpertFn:
 
 def auto_backend(device: torch.device | str) -> str:
     """Fastest backend that runs on `device` (see the module docstring)."""
-    if torch.device(device).type != "cuda":
+    return _auto_backend(torch.device(device).type)
+
+
+@functools.cache
+def _auto_backend(device_type: str) -> str:
+    if device_type != "cuda":
         return "torch"
     try:
         importlib.import_module("triton")

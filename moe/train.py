@@ -131,7 +131,12 @@ class StepStats:
     lb: float
     z: float
     grad_norm: float
-    load: list[float]
+    routing: tuple
+    """RoutingStats per MoE layer of the last micro-batch (read only when logging)."""
+
+    @property
+    def load(self) -> list[float]:
+        return [s.max_over_mean_load for s in self.routing]
 
 
 def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float,
@@ -143,7 +148,7 @@ def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float
     micro_bs = tcfg.batch_size // tcfg.grad_accum
     per_rank = micro_bs // ddp.world
     totals = torch.zeros(4, device=device)  # loss, ce, lb, z
-    load: list[float] = []
+    routing: tuple = ()
     for micro in range(tcfg.grad_accum):
         x, y = data.train.batch(tcfg.seed, step * tcfg.grad_accum + micro, micro_bs)
         rows = slice(ddp.rank * per_rank, (ddp.rank + 1) * per_rank)
@@ -157,7 +162,7 @@ def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float
         parts = torch.stack([loss.detach(), out.ce_loss.detach(), out.lb_loss.detach(),
                              out.z_loss.detach()]).float()
         totals += parts / tcfg.grad_accum
-        load = [s.max_over_mean_load for s in out.routing]
+        routing = out.routing
     grad_norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
     totals = ddp.mean(totals)
@@ -165,7 +170,8 @@ def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float
     if math.isfinite(loss_v) and math.isfinite(float(grad_norm)):
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return StepStats(loss=loss_v, ce=ce_v, lb=lb_v, z=z_v, grad_norm=float(grad_norm), load=load)
+    return StepStats(loss=loss_v, ce=ce_v, lb=lb_v, z=z_v, grad_norm=float(grad_norm),
+                     routing=routing)
 
 
 @torch.no_grad()
