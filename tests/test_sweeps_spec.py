@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -97,10 +96,9 @@ def test_resolved_spec_round_trips(tmp_path):
     assert [r.run_id for r in plan(again)] == [r.run_id for r in plan(spec)]
 
 
-def test_paper_grid_reproduces_design_counts_quickly():
-    t0 = time.perf_counter()
+def test_paper_grid_reproduces_design_counts():
+    # (planning speed is measured by benchmarks/bench_sweeps.py, not asserted here)
     runs = plan(load_spec(ROOT / "sweeps" / "paper.toml"))
-    assert time.perf_counter() - t0 < 1.0
     by_key = {(r.d_model, r.n_experts, r.top_k): r for r in runs}
     assert len(runs) == 69  # 3 widths x (3 + 5 * 4) (E, k) pairs with k <= E
     small, big = by_key[(512, 8, 2)], by_key[(2048, 128, 16)]
@@ -109,7 +107,9 @@ def test_paper_grid_reproduces_design_counts_quickly():
     assert big.n_params_total == pytest.approx(52.2e9, rel=0.01)
     assert big.n_params_active == pytest.approx(7.1e9, rel=0.01)
     assert all(r.tokens == 125_000_000_000 and r.n_layers == 16 for r in runs)
-    assert small.config.model.vocab_size == 99574 and small.config.model.seq_len == 2048
+    paper_config = load_config(ROOT / "configs" / "paper" / "d512-E8-k2.toml")
+    assert small.config.model.vocab_size == paper_config.model.vocab_size
+    assert small.config.model.seq_len == 2048
 
 
 def test_pocket_grid_has_dense_baselines_and_sparsities():
