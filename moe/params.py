@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe.config import ModelConfig
+from moe.config import ModelConfig, RunConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +87,17 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> flo
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token: forward + backward = 3x forward (the 6N rule plus attention)."""
     return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def resolve_tokens(cfg: RunConfig) -> int:
+    """Training tokens: train.tokens, or round(train.tpp * total parameters).
+
+    The paper's convention counts *total* parameters, so at equal tpp a sparse model
+    trains on more tokens than a dense one of equal active size.
+    """
+    if cfg.train.tokens is not None:
+        return int(cfg.train.tokens)
+    return int(round(cfg.train.tpp * count_params(cfg.model).total))
 
 
 def format_count(n: float) -> str:

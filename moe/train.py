@@ -17,6 +17,7 @@ Loss = CE + aux_loss_coef * load-balance + z_loss_coef * router z-loss.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -32,19 +33,12 @@ from moe.config import RunConfig, TrainConfig, config_hash, load_config
 from moe.data.shards import TokenData, load_data
 from moe.io import append_line, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from moe.model import ModelOutput, MoELM
-from moe.params import count_params, train_flops_per_token
+from moe.params import count_params, resolve_tokens, train_flops_per_token
 from moe.rundir import CONFIG, METRICS, RESULT, is_done, update_status
 
 
 class TrainingFailed(RuntimeError):
     """The run diverged (NaN/inf loss); status.json says where and why."""
-
-
-def resolve_tokens(cfg: RunConfig) -> int:
-    """Training tokens: train.tokens, or round(train.tpp * total parameters)."""
-    if cfg.train.tokens is not None:
-        return int(cfg.train.tokens)
-    return int(round(cfg.train.tpp * count_params(cfg.model).total))
 
 
 def total_steps(cfg: RunConfig) -> int:
@@ -302,7 +296,8 @@ def train_run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = False) ->
 
         model = DistributedDataParallel(model)
     model.train()
-    t0, wall0, t_last, last_step = time.time(), time.time(), time.time(), start
+    t0 = t_last = time.time()
+    last_step = start
     recent_ce: list[float] = []
     bar = _progress_bar(n_steps, start, progress and ddp.is_main)
     for step in range(start, n_steps):
@@ -331,12 +326,10 @@ def train_run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = False) ->
     if bar is not None:
         bar.close()
     return _finish(run_dir, cfg, _unwrap(model), data, device, ddp, recent_ce,
-                   time.time() - wall0, n_steps - start, time.time() - t0)
+                   n_steps - start, time.time() - t0)
 
 
 def _json(row: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(row, allow_nan=True)
 
 
@@ -375,7 +368,7 @@ def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
 
 
 def _finish(run_dir: Path, cfg: RunConfig, model, data: TokenData, device, ddp: Dist,
-            recent_ce: list[float], wall_s: float, steps_run: int, train_s: float) -> dict:
+            recent_ce: list[float], steps_run: int, train_s: float) -> dict:
     result: dict[str, Any] = {}
     if ddp.is_main:
         val = validation_loss(model, data, cfg, device)
@@ -384,7 +377,7 @@ def _finish(run_dir: Path, cfg: RunConfig, model, data: TokenData, device, ddp: 
             rows[-1]["ce"] if rows else float("nan"))
         tps = steps_run * cfg.train.batch_size * cfg.model.seq_len / train_s if steps_run else None
         result = build_result(cfg, train_loss=train_loss, val_loss=val, steps=total_steps(cfg),
-                              tokens_per_s=tps, train_wall_s=wall_s,
+                              tokens_per_s=tps, train_wall_s=train_s,
                               device=str(device), world_size=ddp.world)
         if cfg.eval.tasks:
             update_status(run_dir, state="running", reason="evaluating tasks")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, fields, replace
 
 from moe.config import RunConfig, config_hash
-from moe.params import count_params, format_count, train_flops_per_token
+from moe.params import count_params, format_count, resolve_tokens, train_flops_per_token
 from sweeps.spec import Estimate, SpecError, SweepSpec, expand
 
 FORMATS = ("table", "csv", "json")
@@ -72,9 +72,7 @@ def plan(spec: SweepSpec, estimate: Estimate | None = None) -> list[RunPlan]:
 def plan_run(cfg: RunConfig, estimate: Estimate) -> RunPlan:
     """Size and cost of one resolved run config."""
     counts = count_params(cfg.model)
-    # Same rule as moe.train.resolve_tokens, kept here so planning never imports torch.
-    tokens = cfg.train.tokens if cfg.train.tokens is not None \
-        else int(round(cfg.train.tpp * counts.total))
+    tokens = resolve_tokens(cfg)
     flops = train_flops_per_token(cfg.model) * tokens
     gpu_hours = flops / (estimate.mfu * estimate.gpu_peak_tflops * 1e12) / 3600.0
     m = cfg.model
