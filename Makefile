@@ -15,11 +15,11 @@ install:
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m moe.cli demo
+	$(PYTHON) -m moe demo
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) benchmarks/bench_train.py
-	$(PYTHON) -m moe.cli bench kernels
+	$(PYTHON) -m moe bench kernels

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import _lse, fit
-from analysis._threads import single_thread_blas
-from analysis.bootstrap import bootstrap_fit
+from moe.analysis import _lse, fit
+from moe.analysis._threads import single_thread_blas
+from moe.analysis.bootstrap import bootstrap_fit
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / \
     "chinchilla_fig4_epoch_extraction.csv"

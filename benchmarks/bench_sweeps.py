@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import submitit  # noqa: E402
 
-from sweeps import launch, load_profile, load_spec, plan  # noqa: E402
-from sweeps.spec import spec_from_dict  # noqa: E402
+from moe.sweeps import launch, load_profile, load_spec, plan  # noqa: E402
+from moe.sweeps.spec import spec_from_dict  # noqa: E402
 
 FAKE_SBATCH = """#!/bin/sh
 echo "$@" >> "{log}"

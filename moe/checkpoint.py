@@ -1,4 +1,4 @@
-"""Atomic, verifiable, pickle-free checkpoints of a run.
+"""Atomic, verifiable, pickle-free checkpoints of a run, and loading a run's model.
 
 `RUN_DIR/checkpoints/step-00000100.pt` holds the model, optimizer, step and
 RNG state; it is serialised in memory, written to a temporary name, fsynced and
@@ -12,44 +12,31 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moe.io import atomic_write_bytes, atomic_write_text
-from moe.rundir import CHECKPOINTS
-
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+from moe.model import MoELM
+from moe.rundir import RunDir
 
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}.pt"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint file, newest first."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
+def save_checkpoint(run: RunDir | os.PathLike, step: int, state: dict[str, Any], *,
+                    keep: int = 2) -> Path:
     """Write `state` atomically with its checksum, then delete all but the newest `keep`."""
+    run = _as_run(run)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    path = checkpoint_path(run_dir, step)
-    atomic_write_bytes(path, data)
-    atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest() + "\n")
-    for _, old in list_checkpoints(run_dir)[keep:]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".sha256").unlink(missing_ok=True)
+    path = run.write_checkpoint(step, data, hashlib.sha256(data).hexdigest())
+    run.prune_checkpoints(keep)
     return path
+
+
+def _as_run(run: RunDir | os.PathLike) -> RunDir:
+    return run if isinstance(run, RunDir) else RunDir(run)
 
 
 def _load_verified(path: Path, map_location: str | torch.device) -> dict[str, Any]:
@@ -65,13 +52,28 @@ def _load_verified(path: Path, map_location: str | torch.device) -> dict[str, An
     return state
 
 
-def load_latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu"
+def load_latest_checkpoint(run: RunDir | os.PathLike, map_location: str | torch.device = "cpu"
                            ) -> dict[str, Any] | None:
     """The newest checkpoint that loads and verifies; None when there is none."""
-    for step, path in list_checkpoints(run_dir):
+    run = _as_run(run)
+    for step, path in run.list_checkpoints():
         try:
             return _load_verified(path, map_location)
         except Exception as exc:  # a damaged file must not stop the resume
             warnings.warn(f"checkpoint {path} (step {step}) is unusable ({exc}); "
                           "falling back to the previous one", stacklevel=2)
     return None
+
+
+def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The model of a run directory at its newest valid checkpoint: (model, cfg, step)."""
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    state = load_latest_checkpoint(run, map_location=device)
+    if state is None:
+        raise ValueError(f"{run.path} has no loadable checkpoint; train it first with "
+                         f"`moe train {run.config_path} --out {run.path}`")
+    model = MoELM(cfg.model).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, int(state["step"])

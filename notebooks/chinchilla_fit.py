@@ -32,8 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import fit as fitmod  # noqa: E402
-from analysis.bootstrap import bootstrap_fit  # noqa: E402
+from moe.analysis import fit as fitmod  # noqa: E402
+from moe.analysis.bootstrap import bootstrap_fit  # noqa: E402
 
 root = Path(os.environ.get("MOE_REPO", Path.cwd().parent if Path.cwd().name == "notebooks"
                            else Path.cwd()))
@@ -59,7 +59,7 @@ pd.DataFrame({"se": boot.se, "low": {k: v[0] for k, v in boot.intervals.items()}
 # $a = \beta / (\alpha + \beta)$.
 
 # %%
-from analysis import laws  # noqa: E402
+from moe.analysis import laws  # noqa: E402
 
 p = result.params
 for flops in (1e21, 1e23, 1e25):

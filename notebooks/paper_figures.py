@@ -31,8 +31,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis import plots, sparsity  # noqa: E402
-from analysis.tables import read_table  # noqa: E402
+from moe.analysis import plots, sparsity  # noqa: E402
+from moe.analysis.tables import read_table  # noqa: E402
 
 source = Path(os.environ.get("MOE_RESULTS", "moe-demo/results.parquet"))
 df = read_table(source)

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import _lse, fit, isoflop, laws, synthetic
-from analysis.bootstrap import bootstrap_fit
+from moe.analysis import _lse, fit, isoflop, laws, synthetic
+from moe.analysis.bootstrap import bootstrap_fit
 
 DATA = Path(__file__).parent / "data" / "chinchilla_fig4_epoch_extraction.csv"
 REFERENCE = {"E": 1.8172, "A": 477.8, "B": 2143.9, "alpha": 0.3473, "beta": 0.3672}

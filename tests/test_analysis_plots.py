@@ -5,8 +5,9 @@ import argparse
 import matplotlib
 import pytest
 
-from analysis import cli, plots, synthetic
-from analysis.report import make_report
+from moe.analysis import plots, synthetic
+from moe.analysis.report import make_report
+from moe.app import analysis_cmd as cli
 
 matplotlib.use("Agg")
 TRUTH = {"E": 1.8, "A": 450.0, "B": 2000.0, "alpha": 0.34, "beta": 0.37}

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import sparsity, synthetic
+from moe.analysis import sparsity, synthetic
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import TableError, cli, fit, synthetic
-from analysis.tables import atomic_write_text, read_table
+from moe.analysis import TableError, fit, synthetic
+from moe.analysis.tables import atomic_write_text, read_table
+from moe.app import analysis_cmd as cli
 
 
 def run_cli(*argv):

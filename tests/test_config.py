@@ -72,7 +72,7 @@ def test_unknown_section():
 ])
 def test_cli_config_errors_are_one_line_and_write_nothing(tmp_path, args, match):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "moe.cli", "train",
+    proc = subprocess.run([sys.executable, "-m", "moe.app.cli", "train",
                            str(ROOT / "configs" / "pocket-tiny.toml"), "--out", str(out), *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -82,7 +82,7 @@ def test_cli_config_errors_are_one_line_and_write_nothing(tmp_path, args, match)
 
 
 def test_cli_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "moe.cli", "train", str(tmp_path / "no.toml"),
+    proc = subprocess.run([sys.executable, "-m", "moe.app.cli", "train", str(tmp_path / "no.toml"),
                            "--out", str(tmp_path / "r")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "config file not found" in proc.stderr

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from moe.cli import main
+from moe.app.cli import main
 from moe.config import DataConfig
 from moe.data import ByteTokenizer, build_pocket, load_data
 from moe.data.shards import TokenSplit

@@ -7,7 +7,7 @@ new user, so CI keeps it honest.
 import pandas as pd
 import pytest
 
-from moe.cli import main
+from moe.app.cli import main
 
 
 @pytest.mark.slow

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.cli import main as moe_main
+from moe.app.cli import main as moe_main
 from moe.config import DataConfig, EvalConfig, ModelConfig, RunConfig, apply_overrides
 from moe.data.tokenizer import ByteTokenizer, HFTokenizer
-from moe.evaluate import (
+from moe.eval.evaluate import (
     answer_logprobs,
     encode_item,
     encode_pair,
@@ -220,7 +220,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, RunConfig]:
 
 
 def test_training_lowers_memorization_loss(trained_run):
-    from moe.train import load_run_model
+    from moe.checkpoint import load_run_model
 
     run_dir, cfg = trained_run
     names = ["pocket-memorization", "pocket-reasoning"]
@@ -238,7 +238,7 @@ def test_training_lowers_memorization_loss(trained_run):
 
 
 def test_batched_generation_equals_unbatched(trained_run):
-    from moe.train import load_run_model
+    from moe.checkpoint import load_run_model
 
     run_dir, cfg = trained_run
     model, tok = load_run_model(run_dir)[0], ByteTokenizer()

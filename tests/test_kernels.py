@@ -16,14 +16,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import (  # noqa: E402
+from moe.kernels import (  # noqa: E402
     gather_scatter_mm,
     gather_scatter_mm_reference,
     grouped_mm,
     grouped_mm_reference,
 )
-from kernels import grouped_gemm as gg  # noqa: E402
-from kernels.moe_experts import (  # noqa: E402
+from moe.kernels import grouped_gemm as gg  # noqa: E402
+from moe.kernels.moe_experts import (  # noqa: E402
     BackendUnavailableError,
     megablocks_experts,
     triton_experts,
@@ -123,7 +123,7 @@ def test_gather_scatter_mm_matches_reference(dtype):
 
 
 def _expert_layer_inputs(n_tokens, d_model, d_hidden, n_experts, top_k, dtype, seed):
-    moe_experts = pytest.importorskip("moe.experts")
+    moe_experts = pytest.importorskip("moe.model.experts")
     torch.manual_seed(seed)
     logits_TE = torch.randn(n_tokens, n_experts, device=DEVICE)
     logits_TE[:, -1] = -1e9  # the last expert gets no tokens

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kernels import bench
+from moe.app import bench
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

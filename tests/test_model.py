@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import ModelConfig
-from moe.experts import SwiGLUExperts, loop_experts, make_dispatch_plan, torch_experts
 from moe.model import MoELM
-from moe.router import TopKRouter, load_balance_loss, z_loss
+from moe.model.experts import SwiGLUExperts, loop_experts, make_dispatch_plan, torch_experts
+from moe.model.router import TopKRouter, load_balance_loss, z_loss
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5)}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.synthetic import pocket_table
+from moe.analysis.synthetic import pocket_table
 
 ROOT = Path(__file__).resolve().parents[1]
 jupytext = pytest.importorskip("jupytext")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_config
-from moe.cli import main
+from moe.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

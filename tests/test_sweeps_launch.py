@@ -11,15 +11,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from moe.app.sweep_cmd import register
 from moe.io import atomic_write_json, file_lock
 from moe.rundir import read_status, update_status
-from sweeps import collect, launch, plan, status
-from sweeps.cli import register
-from sweeps.launch import LaunchError
-from sweeps.local import Display
-from sweeps.records import record_requeue, record_submission
-from sweeps.spec import spec_from_dict
-from sweeps.status import format_status
+from moe.sweeps import collect, launch, plan, status
+from moe.sweeps.launch import LaunchError
+from moe.sweeps.local import Display
+from moe.sweeps.records import record_requeue, record_submission
+from moe.sweeps.spec import spec_from_dict
+from moe.sweeps.status import format_status
 
 TINY_BASE = {
     "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32},
@@ -181,7 +181,7 @@ def test_cli_registers_plan_launch_status_collect(capsys):
 def _ddp_rank(rank: int, run_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    from sweeps.job import run_in_dir
+    from moe.sweeps.job import run_in_dir
 
     run_in_dir(run_dir)
 
@@ -189,7 +189,7 @@ def _ddp_rank(rank: int, run_dir: str, port: int) -> None:
 def test_two_gloo_ranks_train_one_run_data_parallel(tmp_path):
     import torch.multiprocessing as tmp
 
-    from sweeps.launch import prepare_run_dir
+    from moe.sweeps.launch import prepare_run_dir
 
     run = plan(tiny_spec(grid={"model.n_experts": [4], "model.top_k": [2]}))[0]
     run_dir = prepare_run_dir(tmp_path, run)
@@ -205,7 +205,7 @@ def test_two_gloo_ranks_train_one_run_data_parallel(tmp_path):
 def test_status_fails_a_run_whose_worker_died(tmp_path):
     import subprocess
 
-    from sweeps.launch import prepare_run_dir
+    from moe.sweeps.launch import prepare_run_dir
 
     run = plan(tiny_spec(grid={"model.n_experts": [1], "model.top_k": [1]}))[0]
     run_dir = prepare_run_dir(tmp_path, run)
@@ -219,7 +219,7 @@ def test_status_fails_a_run_whose_worker_died(tmp_path):
 
 def test_requeues_count_once_whichever_way_they_happen(tmp_path):
     from moe.rundir import read_status
-    from sweeps.records import record_requeue, record_start, record_submission
+    from moe.sweeps.records import record_requeue, record_start, record_submission
 
     record_submission(tmp_path, "slurm", job_id="7_0")
     record_start(tmp_path, "7_0", restarts=0)

@@ -14,9 +14,9 @@ import pytest
 import submitit
 
 from moe.rundir import read_status
-from sweeps import collect, launch, load_profile, plan, status
-from sweeps.spec import spec_from_dict
-from sweeps.status import format_status
+from moe.sweeps import collect, launch, load_profile, plan, status
+from moe.sweeps.spec import spec_from_dict
+from moe.sweeps.status import format_status
 from tests.slurm_cluster import slurm_cluster  # noqa: F401
 from tests.test_sweeps_launch import DIVERGES, TINY_BASE
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from moe.config import config_hash, load_config
-from sweeps.plan import format_plan, plan, with_estimate
-from sweeps.profile import PROFILE_KEYS, load_profile, profile_from_dict
-from sweeps.spec import SpecError, expand, load_spec, spec_from_dict
+from moe.sweeps.plan import format_plan, plan, with_estimate
+from moe.sweeps.profile import PROFILE_KEYS, load_profile, profile_from_dict
+from moe.sweeps.spec import SpecError, expand, load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32},

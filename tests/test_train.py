@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from moe.checkpoint import list_checkpoints, load_latest_checkpoint
+from moe.checkpoint import load_latest_checkpoint
 from moe.config import TrainConfig
 from moe.io import read_jsonl
-from moe.rundir import read_status
+from moe.rundir import RunDir, read_status
 from moe.train import TrainingFailed, lr_at, train_run
 
 
@@ -47,7 +47,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     overrides = ["--set", "train.tokens=65536", "--set", "train.checkpoint_every=8"]
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(tiny_config().to_toml())
-    cmd = [sys.executable, "-m", "moe.cli", "train", str(cfg_path), "--quiet", *overrides]
+    cmd = [sys.executable, "-m", "moe.app.cli", "train", str(cfg_path), "--quiet", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     subprocess.run([*cmd, "--out", str(tmp_path / "straight")], check=True, env=env,
@@ -57,13 +57,13 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list_checkpoints(killed) and time.time() < deadline:
+    while not RunDir(killed).list_checkpoints() and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "result.json").exists(), "the run finished before it could be killed"
-    step_at_kill = list_checkpoints(killed)[0][0]
+    step_at_kill = RunDir(killed).list_checkpoints()[0][0]
     assert step_at_kill < 64
 
     subprocess.run([*cmd, "--out", str(killed)], check=True, env=env, timeout=300,
@@ -80,7 +80,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     cfg = tiny_config("train.checkpoint_every=8", "train.keep_checkpoints=3")
     train_run(cfg, tmp_path)
-    (newest_step, newest), (prev_step, _) = list_checkpoints(tmp_path)[:2]
+    (newest_step, newest), (prev_step, _) = RunDir(tmp_path).list_checkpoints()[:2]
     reference = _weights(tmp_path)
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
     with pytest.warns(UserWarning, match="unusable"):

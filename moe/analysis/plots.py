@@ -1,0 +1,277 @@
+"""Paper figures: each a function DataFrame -> matplotlib Figure (no pyplot, no global state).
+
+Colours: Okabe & Ito (2008) for categories and viridis for sparsity, both readable with
+colour-vision deficiencies; markers vary too so figures survive greyscale printing. A figure
+that the table cannot support raises :class:`FigureSkipped` with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from moe.analysis import fit as fitmod
+from moe.analysis import isoflop, sparsity
+from moe.analysis.tables import (
+    PRETRAIN_LOSS,
+    TableError,
+    atomic_write_bytes,
+    finite_rows,
+    with_pretrain_loss,
+)
+
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
+             "#000000")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+SPARSITY_CMAP = "viridis"
+LOSS_LABEL = "pre-training loss (nats/token)"
+
+
+class FigureSkipped(Exception):
+    """The table lacks what a figure needs; the message says what."""
+
+
+def _need(df: pd.DataFrame, cols: list[str], what: str) -> pd.DataFrame:
+    missing = [c for c in cols if c not in df]
+    if missing:
+        raise FigureSkipped(f"{what}: the table has no column(s) {', '.join(missing)}")
+    rows = finite_rows(df, [c for c in cols if c != "sparsity"])
+    if len(rows) == 0:
+        raise FigureSkipped(f"{what}: no row has valid {', '.join(cols)}")
+    return rows
+
+
+def _sparsity_colours(fig: Figure, ax, values):
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    norm = Normalize(vmin=0.0, vmax=max(1e-9, float(np.nanmax(values))))
+    mappable = ScalarMappable(norm=norm, cmap=colormaps[SPARSITY_CMAP])
+    fig.colorbar(mappable, ax=ax, label="sparsity s = 1 - k/E")
+    return lambda v: mappable.to_rgba(v)
+
+
+def _metric_label(metric: str) -> str:
+    return {"loss": "task loss (nats/token)", "bits_per_token": "task loss (bits/token)",
+            "bits_per_byte": "task loss (bits/byte)", "accuracy": "accuracy (fraction)"}.get(
+                metric, metric)
+
+
+def fig_loss_vs_params(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Figure:
+    """(1) Pre-training loss vs parameters (log x), coloured by sparsity."""
+    df = with_pretrain_loss(df)
+    rows = _need(df, [n_col, PRETRAIN_LOSS], "loss vs parameters")
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    s = rows["sparsity"].to_numpy(float) if "sparsity" in rows else np.zeros(len(rows))
+    colour = _sparsity_colours(fig, ax, s)
+    ax.scatter(rows[n_col], rows[PRETRAIN_LOSS], c=[colour(v) for v in s], edgecolor="k",
+               linewidth=0.4)
+    ax.set_xscale("log")
+    kind = "active" if "active" in n_col else "total"
+    ax.set(xlabel=f"{kind} parameters N", ylabel=LOSS_LABEL,
+           title="Pre-training loss vs model size")
+    return fig
+
+
+def _long_or_skip(df: pd.DataFrame, metric: str, what: str) -> pd.DataFrame:
+    long = sparsity.long_table(df, metric)
+    if long.empty:
+        raise FigureSkipped(f"{what}: the table has no task/<name>/{metric} columns")
+    return long
+
+
+def fig_task_vs_pretrain(df: pd.DataFrame, *, metric: str = "loss") -> Figure:
+    """(2) Task metric vs pre-training loss: memorization and reasoning panels."""
+    long = _long_or_skip(df, metric, "task vs pre-training loss").dropna(subset=[PRETRAIN_LOSS])
+    if long.empty:
+        raise FigureSkipped("task vs pre-training loss: no row has a pre-training loss")
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=False)
+    s_all = long["sparsity"].to_numpy(float) if "sparsity" in long else np.zeros(len(long))
+    colour = _sparsity_colours(fig, list(axes), s_all)
+    for ax, kind in zip(axes, ("memorization", "reasoning"), strict=True):
+        part = long[long["kind"] == kind]
+        for j, (task, tp) in enumerate(part.groupby("task")):
+            s = tp["sparsity"].to_numpy(float) if "sparsity" in tp else np.zeros(len(tp))
+            ax.scatter(tp[PRETRAIN_LOSS], tp["value"], c=[colour(v) for v in s],
+                       marker=MARKERS[j % len(MARKERS)], edgecolor="k", linewidth=0.4,
+                       label=task)
+        if part.empty:
+            ax.text(0.5, 0.5, f"no {kind} tasks in the table", ha="center",
+                    transform=ax.transAxes)
+        else:
+            ax.legend(title="task", fontsize=8)
+        ax.set(xlabel=LOSS_LABEL, ylabel=_metric_label(metric), title=kind.capitalize())
+    return fig
+
+
+def _task_grid(n_tasks: int, width: float = 4.2):
+    cols = min(n_tasks, 3)
+    rows = int(np.ceil(n_tasks / cols))
+    fig = Figure(figsize=(width * cols, 3.6 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n_tasks:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def fig_task_vs_sparsity(df: pd.DataFrame, *, metric: str = "loss") -> Figure:
+    """(3) Task metric vs sparsity, one line per width (and token budget, when the table
+    has several), one panel per task."""
+    long = _long_or_skip(df, metric, "task vs sparsity")
+    for col in ("sparsity", "d_model"):
+        if col not in long:
+            raise FigureSkipped(f"task vs sparsity: the table has no {col!r} column")
+    grouped, by = sparsity.width_groups(long)
+    table = sparsity.loss_vs_sparsity(grouped, by=by)
+    tasks = list(table["task"].unique())
+    fig, axes = _task_grid(len(tasks))
+    for ax, task in zip(axes, tasks, strict=False):  # spare axes are hidden
+        part = table[table["task"] == task]
+        for j, (group, wp) in enumerate(part.groupby(by)):
+            label = f"d_model={group:g}" if by == "d_model" else f"d_model={group}"
+            ax.plot(wp["sparsity"], wp["mean"], marker=MARKERS[j % len(MARKERS)],
+                    color=OKABE_ITO[j % len(OKABE_ITO)], label=label)
+        ax.set(xlabel="sparsity s = 1 - k/E", ylabel=_metric_label(metric),
+               title=f"{task} ({part['kind'].iloc[0]})")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def fig_task_vs_tpp(df: pd.DataFrame, *, metric: str | None = None) -> Figure:
+    """(4) Task metric vs tokens per parameter (log x), coloured by sparsity."""
+    metric = metric or ("accuracy" if sparsity.tasks_with(df, "accuracy") else "loss")
+    long = _long_or_skip(df, metric, "task vs TPP")
+    if "tpp" not in long or long["tpp"].isna().all():
+        raise FigureSkipped("task vs TPP: the table has no 'tpp' column")
+    long = long.dropna(subset=["tpp"])
+    tasks = list(long["task"].unique())
+    fig, axes = _task_grid(len(tasks))
+    s_all = long["sparsity"].to_numpy(float) if "sparsity" in long else np.zeros(len(long))
+    colour = _sparsity_colours(fig, list(axes[:len(tasks)]), s_all)
+    for ax, task in zip(axes, tasks, strict=False):  # spare axes are hidden
+        tp = long[long["task"] == task]
+        s = tp["sparsity"].to_numpy(float) if "sparsity" in tp else np.zeros(len(tp))
+        ax.scatter(tp["tpp"], tp["value"], c=[colour(v) for v in s], edgecolor="k",
+                   linewidth=0.4)
+        ax.set_xscale("log")
+        note = " (one TPP value only)" if tp["tpp"].nunique() == 1 else ""
+        ax.set(xlabel="tokens per parameter D/N (tokens/param)", ylabel=_metric_label(metric),
+               title=f"{task} ({tp['kind'].iloc[0]}){note}")
+    return fig
+
+
+def fig_isoflop(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Figure:
+    """(5) IsoFLOP curves: loss vs N per compute budget, parabola fits and their minima."""
+    df = with_pretrain_loss(df)
+    rows = _need(df, [n_col, "flops", PRETRAIN_LOSS], "IsoFLOP curves")
+    res = isoflop.fit_isoflop(rows[n_col], rows[PRETRAIN_LOSS], rows["flops"])
+    if len(res.budgets) < 2:
+        raise FigureSkipped(f"IsoFLOP curves: {len(res.budgets)} compute budget(s) with >= 3 "
+                            "model sizes and a convex profile; need 2 (one run per budget in "
+                            "a fixed-TPP sweep gives none)")
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    labels = isoflop.bin_budgets(rows["flops"].to_numpy(float))
+    for j, b in enumerate(res.budgets):
+        sel = np.isclose(labels, isoflop.bin_budgets(np.array([b.flops]))[0])
+        n, loss = rows[n_col].to_numpy(float)[sel], rows[PRETRAIN_LOSS].to_numpy(float)[sel]
+        c = OKABE_ITO[j % len(OKABE_ITO)]
+        ax.scatter(n, loss, color=c, marker=MARKERS[j % len(MARKERS)], label=f"C={b.flops:.2g}")
+        x = np.linspace(np.log(n.min()), np.log(n.max()), 100)
+        ax.plot(np.exp(x), np.polyval(b.coef[::-1], x), color=c, lw=1)
+        ax.plot([b.n_opt], [b.loss_opt], marker="*", color=c, ms=12, mec="k")
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters N", ylabel=LOSS_LABEL,
+           title=f"IsoFLOP profiles (Approach 2: a = {res.a:.3f}; parabola vertex is biased)")
+    ax.legend(title="compute (FLOPs)", fontsize=8)
+    return fig
+
+
+def fig_law_contours(df: pd.DataFrame, *, fit: fitmod.LawFit | None = None,
+                     n_col: str = "n_params_total", d_col: str = "tokens") -> Figure:
+    """(6) Contours of the fitted L(N, D), the data, and the compute-optimal frontier."""
+    df = with_pretrain_loss(df)
+    rows = _need(df, [n_col, d_col, PRETRAIN_LOSS], "L(N, D) contours")
+    if fit is None:
+        try:
+            fit = fitmod.fit_table(rows, n_col=n_col, d_col=d_col, loss_col=PRETRAIN_LOSS)
+        except TableError as exc:
+            raise FigureSkipped(f"L(N, D) contours: {exc}") from exc
+    n, d = rows[n_col].to_numpy(float), rows[d_col].to_numpy(float)
+    gn = np.logspace(np.log10(n.min()) - 0.5, np.log10(n.max()) + 0.5, 120)
+    gd = np.logspace(np.log10(d.min()) - 0.5, np.log10(d.max()) + 0.5, 120)
+    nn, dd = np.meshgrid(gn, gd)
+    fig = Figure(figsize=(6, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    cs = ax.contourf(nn, dd, fit.predict(nn, dd), levels=20, cmap="cividis")
+    fig.colorbar(cs, ax=ax, label="fitted L(N, D) (nats/token)")
+    ax.scatter(n, d, c="w", edgecolor="k", s=22, label="runs")
+    c_grid = np.logspace(np.log10(6 * gn.min() * gd.min()), np.log10(6 * gn.max() * gd.max()))
+    n_opt, d_opt = fit.allocation(c_grid)
+    inside = (n_opt >= gn.min()) & (n_opt <= gn.max()) & (d_opt >= gd.min()) & (
+        d_opt <= gd.max())
+    ax.plot(n_opt[inside], d_opt[inside], color="#D55E00", lw=2,
+            label=f"compute-optimal frontier (a = {fit.a:.3f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    note = ""
+    if np.std(np.log(d / n)) < 0.05:
+        note = "\n(one D per N: fixed TPP, so the law is poorly constrained)"
+    ax.set(xlabel="parameters N", ylabel="training tokens D",
+           title=f"Fitted L(N, D) = E + A/N^alpha + B/D^beta{note}")
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+FIGURES = {
+    "fig1_loss_vs_params": fig_loss_vs_params,
+    "fig2_task_vs_pretrain": fig_task_vs_pretrain,
+    "fig3_task_vs_sparsity": fig_task_vs_sparsity,
+    "fig4_task_vs_tpp": fig_task_vs_tpp,
+    "fig5_isoflop": fig_isoflop,
+    "fig6_law_contours": fig_law_contours,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FigureSet:
+    """Saved figure files and the figures skipped, with reasons."""
+
+    paths: dict = field(default_factory=dict)  # name -> [png, pdf]
+    skipped: dict = field(default_factory=dict)  # name -> reason
+
+
+def save_figure(fig: Figure, out_dir: str | Path, name: str, *, dpi: int = 150) -> list[Path]:
+    """Save as PNG and PDF, each atomically; returns the paths."""
+    out = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=dpi)
+        out.append(atomic_write_bytes(Path(out_dir) / f"{name}.{ext}", buf.getvalue()))
+    return out
+
+
+def save_figures(df: pd.DataFrame, out_dir: str | Path, *, fit=None) -> FigureSet:
+    """Draw and save every figure the table supports; record why the others were skipped."""
+    paths, skipped = {}, {}
+    for name, func in FIGURES.items():
+        try:
+            fig = func(df, fit=fit) if name == "fig6_law_contours" else func(df)
+        except FigureSkipped as exc:
+            skipped[name] = str(exc)
+            continue
+        paths[name] = save_figure(fig, out_dir, name)
+    return FigureSet(paths=paths, skipped=skipped)
+
+
+def save_all_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Every figure the table supports, as PNG and PDF paths (skips are silently left out;
+    use :func:`save_figures` for the reasons)."""
+    return [p for pair in save_figures(df, out_dir).paths.values() for p in pair]

@@ -1,0 +1,129 @@
+"""Reading and validating results tables (output files are written atomically by `moe.io`).
+
+A results table (DESIGN.md, "Sweep directory contract") has one row per run with columns
+run_id, d_model, n_layers, n_experts, top_k, sparsity, n_params_total, n_params_active,
+n_params_embedding, tokens, tpp, flops, train_loss, val_loss and, per task ``<name>``,
+``task/<name>/{loss,bits_per_token,bits_per_byte,accuracy,kind}``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moe.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+
+MIN_POINTS = 5
+PRETRAIN_LOSS = "pretrain_loss"  # derived column: val_loss, falling back to train_loss per row
+TASK_PREFIX = "task/"
+
+
+class TableError(ValueError):
+    """A results table cannot be used as asked; the message is one line a user can act on."""
+
+
+def read_table(source: str | os.PathLike) -> pd.DataFrame:
+    """Read a results table from a csv/parquet file or a sweep directory's results.parquet."""
+    path = Path(source)
+    if path.is_dir():
+        table = path / "results.parquet"
+        if not table.is_file():
+            raise TableError(
+                f"{path} has no results.parquet; run `moe sweep collect {path}` first")
+        path = table
+    if not path.exists():
+        raise FileNotFoundError(f"no such table: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix in (".csv", ".txt"):
+            df = pd.read_csv(path)
+        else:
+            raise TableError(f"{path}: unknown table format {suffix!r} (use .csv or .parquet)")
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        if isinstance(exc, TableError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(f"cannot read {path}: {first}") from exc
+    return with_pretrain_loss(df)
+
+
+def with_pretrain_loss(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``pretrain_loss`` = val_loss, or train_loss where val_loss is missing or NaN."""
+    if PRETRAIN_LOSS in df.columns:
+        return df
+    val = pd.to_numeric(df["val_loss"], errors="coerce") if "val_loss" in df else None
+    train = pd.to_numeric(df["train_loss"], errors="coerce") if "train_loss" in df else None
+    if val is None and train is None:
+        return df
+    out = df.copy()
+    if val is None:
+        out[PRETRAIN_LOSS] = train
+    elif train is None:
+        out[PRETRAIN_LOSS] = val
+    else:
+        out[PRETRAIN_LOSS] = val.where(val.notna(), train)
+    return out
+
+
+def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> None:
+    """Raise TableError naming every missing column (and the available ones)."""
+    missing = [c if c != PRETRAIN_LOSS else "val_loss (or train_loss)"
+               for c in columns if c not in df.columns]
+    if missing:
+        shown = ", ".join(map(str, list(df.columns)[:12]))
+        more = "" if len(df.columns) <= 12 else ", ..."
+        raise TableError(f"{purpose} needs column(s) {', '.join(missing)}; "
+                         f"the table has: {shown}{more}")
+
+
+def positive_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> np.ndarray:
+    """Return the columns as a float array (n, len(columns)); raise on NaN, <= 0, < 5 rows."""
+    require_columns(df, columns, purpose=purpose)
+    values = np.empty((len(df), len(columns)))
+    for j, col in enumerate(columns):
+        raw = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        bad_nan = int(np.sum(~np.isfinite(raw)))
+        if bad_nan:
+            raise TableError(f"column {col!r} has {bad_nan} missing/NaN/non-numeric value(s); "
+                             "drop or fix those rows")
+        bad_sign = int(np.sum(raw <= 0))
+        if bad_sign:
+            raise TableError(f"column {col!r} has {bad_sign} non-positive value(s); "
+                             f"{purpose} needs every value > 0")
+        values[:, j] = raw
+    if len(df) < MIN_POINTS:
+        raise TableError(f"{purpose} needs at least {MIN_POINTS} rows, the table has {len(df)}")
+    return values
+
+
+def finite_rows(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Rows where every named column is numeric, finite and positive (for lenient reports)."""
+    keep = np.ones(len(df), dtype=bool)
+    for col in columns:
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        keep &= np.isfinite(v) & (v > 0)
+    return df.loc[keep]
+
+
+def task_names(df: pd.DataFrame) -> list[str]:
+    """Task names found in ``task/<name>/<metric>`` columns, in column order."""
+    names: list[str] = []
+    for col in df.columns:
+        parts = str(col).split("/")
+        if len(parts) == 3 and parts[0] == "task" and parts[1] not in names:
+            names.append(parts[1])
+    return names
+
+
+def task_kind(df: pd.DataFrame, task: str) -> str:
+    """The task's kind ("memorization", "reasoning"), or "unknown" without a kind column."""
+    col = f"{TASK_PREFIX}{task}/kind"
+    if col not in df.columns:
+        return "unknown"
+    kinds = df[col].dropna().astype(str).unique()
+    return str(kinds[0]) if len(kinds) else "unknown"

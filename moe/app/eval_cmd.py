@@ -1,0 +1,74 @@
+"""`moe eval`: task losses and accuracies of a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from moe.config import RunConfig
+
+
+def register(subparsers) -> None:
+    """Add `moe eval` to the `moe` command."""
+    p = subparsers.add_parser(
+        "eval", help="task losses and accuracies of a trained run",
+        description="Evaluate a run's newest checkpoint on tasks; results go to RUN_DIR/eval.json "
+                    "and result.json (task/<name>/<metric> columns), or to --out alone.")
+    p.add_argument("run_dir", type=Path, nargs="?", help="run directory (with config.toml)")
+    p.add_argument("--tasks", help="comma-separated task names (default: the run's eval.tasks, "
+                                   "else the pocket tasks for a pocket run)")
+    p.add_argument("--out", type=Path, help="write results to this JSON file instead")
+    p.add_argument("--max-items", type=int, help="items per task (0 = all)")
+    p.add_argument("--n-shots", type=int, help="few-shot examples (-1 = each task's default)")
+    p.add_argument("--no-accuracy", action="store_true", help="task losses only (no generation)")
+    p.add_argument("--batch-size", type=int, help="items per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--list", action="store_true", help="list the tasks and exit")
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    if args.list:
+        from moe.tasks import get_task, list_tasks
+
+        for name in list_tasks():
+            t = get_task(name)
+            print(f"{name:<20} {t.kind:<13} {t.n_shots}-shot  {t.description}")
+        return 0
+    if args.run_dir is None:
+        raise ValueError("moe eval needs a RUN_DIR (or --list)")
+    import torch
+
+    from moe.checkpoint import load_run_model
+    from moe.data.tokenizer import tokenizer_for_data
+    from moe.eval import evaluate_tasks, write_eval
+    from moe.rundir import RunDir
+
+    cfg = _eval_config(RunDir(args.run_dir).read_config(), args)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    model, _, step = load_run_model(args.run_dir, device=device)
+    results = evaluate_tasks(model, tokenizer_for_data(cfg.data.source), cfg, device=device,
+                             progress=True)
+    print(f"wrote {write_eval(args.run_dir, results, args.out, step=step)}")
+    return 0
+
+
+def _eval_config(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """The run's config with the command line's task list and eval overrides."""
+    if args.tasks:
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    elif cfg.eval.tasks:
+        tasks = cfg.eval.tasks
+    elif cfg.data.source == "pocket":
+        from moe.eval import POCKET_DEFAULT
+
+        tasks = POCKET_DEFAULT
+    else:
+        raise ValueError("no tasks: pass --tasks (see `moe eval --list`)")
+    overrides = {"tasks": tasks, "accuracy": cfg.eval.accuracy and not args.no_accuracy}
+    for key in ("max_items", "n_shots", "batch_size"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return cfg.replace(eval=dataclasses.replace(cfg.eval, **overrides))

@@ -1,0 +1,292 @@
+"""Task evaluation: task losses (the paper's metric) and accuracies, in-run and standalone.
+
+**Task loss.** For each item the prompt is the task's few-shot examples (drawn
+deterministically from its train split, see `moe.tasks`) followed by the
+item's question; the model is scored on the gold answer. The sequence is
+`[EOS] + encode(prompt + answer)`, tokenised jointly (as in training, a
+document starts after an EOS), and the answer span starts at the first token
+whose text reaches past the prompt: found by decoding prefixes, so it is exact
+for any tokenizer, and a token that straddles the boundary counts as an
+answer token. Only answer tokens are scored. A task reports the summed negative
+log-likelihood over all its items divided by
+
+- the number of answer tokens: `loss` (nats per token) and `bits_per_token`;
+- the UTF-8 bytes of the answers, in bits: `bits_per_byte` (tokenizer-independent).
+
+**Context.** When prompt + answer exceed `model.seq_len`, the earliest shots are
+dropped first, then tokens from the left; an answer that alone does not fit is
+an error. Batches are right-padded: the model is causal, so padding after a
+sequence cannot change its scores, and batched equals one-at-a-time.
+
+**Accuracy.** Greedy generation (no sampling) from the same prompt, stopped at
+EOS, at the task's stop strings, or after its token budget, then judged by the
+task (final number, alias match, exact match). Multiple-choice tasks
+(HellaSwag) instead pick the choice with the highest log-likelihood per
+character (lm-eval's acc_norm).
+
+Results: `evaluate_tasks` -> {task: {kind, loss, bits_per_token, bits_per_byte,
+accuracy, n_items}}; `write_eval` stores them in the run's eval.json and as flat
+`task/<name>/<metric>` keys in its result.json.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe.config import EvalConfig, RunConfig
+from moe.data.tokenizer import Tokenizer
+from moe.io import atomic_write_json
+from moe.model import IGNORE_INDEX
+from moe.rundir import RunDir
+from moe.tasks import Task, TaskData, TaskItem, get_task
+
+METRICS = ("kind", "loss", "bits_per_token", "bits_per_byte", "accuracy", "n_items")
+POCKET_DEFAULT = ("pocket-memorization", "pocket-reasoning")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Encoded:
+    """One scored sequence: token ids with the answer span ids[start:]."""
+
+    ids: tuple[int, ...]
+    start: int
+    """Index of the first answer token (>= 1: every answer token has a predecessor)."""
+    n_bytes: int
+    """UTF-8 bytes of the answer text."""
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return len(self.ids) - self.start
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def answer_start(tokenizer: Tokenizer, ids: list[int], n_prompt_chars: int) -> int:
+    """Index of the first token of `ids` whose decoded prefix reaches past the prompt."""
+    lo, hi = 0, len(ids)  # binary search: prefix length grows with the number of tokens
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[: mid + 1])) > n_prompt_chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == len(ids):
+        raise ValueError("the answer encodes to no tokens")
+    return lo
+
+
+def encode_pair(tokenizer: Tokenizer, prompt: str, answer: str, seq_len: int) -> Encoded:
+    """`[EOS] + encode(prompt + answer)`, cut from the left to seq_len + 1 tokens."""
+    body = tokenizer.encode(prompt + answer)
+    start = answer_start(tokenizer, body, len(prompt)) + 1
+    ids = [tokenizer.eos_id, *body]
+    excess = len(ids) - (seq_len + 1)  # a forward pass sees seq_len inputs, scores their next
+    if excess > 0:
+        if start - excess < 1:
+            raise ValueError(f"an answer of {len(ids) - start} tokens does not fit "
+                             f"model.seq_len={seq_len}: {answer[:40]!r}...")
+        ids, start = ids[excess:], start - excess
+    return Encoded(ids=tuple(ids), start=start, n_bytes=len(answer.encode("utf-8")))
+
+
+def encode_item(task: Task, tokenizer: Tokenizer, item: TaskItem, shots: list[TaskItem],
+                continuations: tuple[str, ...], seq_len: int) -> list[Encoded]:
+    """Each continuation after one shared context, dropping the earliest shots to fit."""
+    longest = max(continuations, key=len)
+    for k in range(len(shots), -1, -1):
+        prompt = task.context(item, shots[len(shots) - k:])
+        if k == 0 or len(tokenizer.encode(prompt + longest)) + 1 <= seq_len + 1:
+            break
+    return [encode_pair(tokenizer, prompt, c, seq_len) for c in continuations]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar length (less padding), in batches of batch_size."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def answer_logprobs(model: torch.nn.Module, examples: list[Encoded], *, batch_size: int,
+                    pad_id: int, device: torch.device | str = "cpu") -> list[float]:
+    """Summed log-probability (nats) of each example's answer tokens."""
+    out = [0.0] * len(examples)
+    for chunk in _batches([len(e.ids) for e in examples], batch_size):
+        T = max(len(examples[i].ids) for i in chunk) - 1
+        idx_BT = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        tgt_BT = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            ids, s = torch.tensor(examples[i].ids), examples[i].start
+            idx_BT[r, : len(ids) - 1] = ids[:-1]
+            tgt_BT[r, s - 1: len(ids) - 1] = ids[s:]  # position t predicts token t + 1
+        logits_BTV = model(idx_BT.to(device)).logits_BTV
+        mask_BT = (tgt_BT != IGNORE_INDEX).to(device)
+        logp_NV = torch.log_softmax(logits_BTV[mask_BT].float(), dim=-1)  # answer positions only
+        tok_lp_N = logp_NV.gather(1, tgt_BT.to(device)[mask_BT].unsqueeze(1)).squeeze(1)
+        row_N = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(mask_BT)[mask_BT]
+        sums_B = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+        sums_B.index_add_(0, row_N, tok_lp_N.double())
+        for i, value in zip(chunk, sums_B.tolist(), strict=True):
+            out[i] = value
+    return out
+
+
+def greedy_generate(model: torch.nn.Module, prompts: list[tuple[int, ...]],
+                    budgets: list[int], *, tokenizer: Tokenizer, stop: tuple[str, ...],
+                    seq_len: int, batch_size: int, device: torch.device | str = "cpu"
+                    ) -> list[str]:
+    """Greedy continuations, each cut at EOS, at the first stop string, or after its budget."""
+    texts = [""] * len(prompts)
+    for chunk in _batches([len(p) for p in prompts], batch_size):
+        gen: dict[int, list[int]] = {i: [] for i in chunk}
+        active = [i for i in chunk if budgets[i] > 0]
+        while active:
+            # Right-padded like the loss (causal: padding after a row cannot change it); a row
+            # longer than the context keeps its newest seq_len tokens.
+            windows = [[*prompts[i], *gen[i]][-seq_len:] for i in active]
+            idx_BT = torch.full((len(active), max(map(len, windows))), tokenizer.pad_id,
+                                dtype=torch.long)
+            for r, w in enumerate(windows):
+                idx_BT[r, : len(w)] = torch.tensor(w)
+            last_B = torch.tensor([len(w) - 1 for w in windows], device=device)
+            logits_BTV = model(idx_BT.to(device)).logits_BTV
+            rows_B = torch.arange(len(active), device=device)
+            next_B = logits_BTV[rows_B, last_B].argmax(-1).tolist()
+            still = []
+            for i, tok in zip(active, next_B, strict=True):
+                if tok == tokenizer.eos_id:
+                    continue
+                gen[i].append(tok)
+                text = tokenizer.decode(gen[i])
+                if len(gen[i]) < budgets[i] and not any(s in text for s in stop):
+                    still.append(i)
+            active = still
+        for i in chunk:
+            texts[i] = cut_at_stop(tokenizer.decode(gen[i]), stop)
+    return texts
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the earliest stop string."""
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    return text[:cut]
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data: TaskData,
+                  eval_cfg: EvalConfig, seq_len: int, device: torch.device | str = "cpu"
+                  ) -> dict[str, Any]:
+    """One task's metrics (see the module docstring); the model must be in eval mode."""
+    n_shots = task.n_shots if eval_cfg.n_shots < 0 else eval_cfg.n_shots
+    multiple_choice = eval_cfg.accuracy and bool(data.items[0].choices)
+    groups: list[list[Encoded]] = []
+    for i, item in enumerate(data.items):
+        shots = task.shots_for(item, i, data.shot_pool, n_shots)
+        conts = item.choices if multiple_choice else (item.answer,)
+        groups.append(encode_item(task, tokenizer, item, shots, conts, seq_len))
+    logps = iter(answer_logprobs(model, [e for g in groups for e in g],
+                                 batch_size=eval_cfg.batch_size, pad_id=tokenizer.pad_id,
+                                 device=device))
+    per_item = [[next(logps) for _ in g] for g in groups]
+    pick = [item.label if multiple_choice else 0 for item in data.items]
+    gold = [g[p] for g, p in zip(groups, pick, strict=True)]
+    nats = -sum(lp[p] for lp, p in zip(per_item, pick, strict=True))
+    n_tokens = sum(e.n_answer_tokens for e in gold)
+    n_bytes = sum(e.n_bytes for e in gold)
+    accuracy = None
+    if multiple_choice:
+        accuracy = _choice_accuracy(data.items, per_item)
+    elif eval_cfg.accuracy:
+        accuracy = _generation_accuracy(model, tokenizer, task, data.items, gold, seq_len,
+                                        eval_cfg.batch_size, device)
+    return {"kind": task.kind, "loss": nats / n_tokens,
+            "bits_per_token": nats / n_tokens / math.log(2),
+            "bits_per_byte": nats / n_bytes / math.log(2), "accuracy": accuracy,
+            "n_items": len(data.items)}
+
+
+def _choice_accuracy(items: tuple[TaskItem, ...], logps: list[list[float]]) -> float:
+    """acc_norm: the choice with the highest log-likelihood per character is the gold one."""
+    hits = 0
+    for item, lp in zip(items, logps, strict=True):
+        scores = [x / max(1, len(c)) for x, c in zip(lp, item.choices, strict=True)]
+        hits += max(range(len(scores)), key=scores.__getitem__) == item.label
+    return hits / len(items)
+
+
+def _generation_accuracy(model, tokenizer: Tokenizer, task: Task, items: tuple[TaskItem, ...],
+                         gold: list[Encoded], seq_len: int, batch_size: int, device) -> float:
+    if task.is_correct is None:
+        raise ValueError(f"task {task.name} has neither choices nor an answer checker")
+    budgets = [task.max_new_tokens or 2 * e.n_answer_tokens + 8 for e in gold]
+    texts = greedy_generate(model, [e.ids[: e.start] for e in gold], budgets,
+                            tokenizer=tokenizer, stop=task.stop, seq_len=seq_len,
+                            batch_size=batch_size, device=device)
+    return sum(task.is_correct(t, item) for t, item in zip(texts, items, strict=True)) / len(items)
+
+
+def load_tasks(cfg: RunConfig, tasks: list[str] | tuple[str, ...] | None = None
+               ) -> dict[str, tuple[Task, TaskData]]:
+    """Resolve and load every task up front, so a missing data file fails before any work."""
+    names = list(cfg.eval.tasks if tasks is None else tasks)
+    resolved = [get_task(name) for name in names]
+    return {t.name: (t, t.load(cfg.data, max_items=cfg.eval.max_items)) for t in resolved}
+
+
+def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, cfg: RunConfig,
+                   tasks: list[str] | None = None, *, device: torch.device | str = "cpu",
+                   progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Metrics of each task (default: cfg.eval.tasks), keyed by task name.
+
+    Runs under `torch.no_grad()` in eval mode and restores the model's mode after.
+    """
+    loaded = load_tasks(cfg, tasks)
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        with torch.no_grad():
+            for name, (task, data) in loaded.items():
+                results[name] = evaluate_task(model, tokenizer, task, data, cfg.eval,
+                                              cfg.model.seq_len, device)
+                if progress:
+                    print(f"{name:<20} {summary_line(results[name])}", file=sys.stderr)
+    finally:
+        model.train(was_training)
+    return results
+
+
+# --------------------------------------------------------------------------- results
+
+
+def flat_results(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`task/<name>/<metric>` keys for result.json (columns of `moe sweep collect`)."""
+    return {f"task/{name}/{key}": metrics.get(key) for name, metrics in results.items()
+            for key in METRICS}
+
+
+def write_eval(run_dir: str | Path, results: dict[str, dict[str, Any]],
+               out: str | Path | None = None, *, step: int | None = None) -> Path:
+    """Store results: merged into RUN_DIR/eval.json (and result.json if it exists), or,
+    with `out`, written to that file alone (the run directory is left as it is)."""
+    if out is not None:
+        record = {"tasks": results, **({} if step is None else {"step": step})}
+        return atomic_write_json(out, record)
+    return RunDir(run_dir).merge_eval(results, flat_results(results), step=step)
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
+    return (f"{m['kind']:<12} loss {m['loss']:.4f} nats/token  {m['bits_per_byte']:.4f} "
+            f"bits/byte  accuracy {acc}  ({m['n_items']} items)")

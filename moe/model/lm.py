@@ -1,0 +1,182 @@
+"""A Mixtral-style decoder-only MoE language model.
+
+Pre-norm blocks: x + Attn(RMSNorm(x)), then x + MoE(RMSNorm(x)). Attention uses
+rotary position embeddings and `F.scaled_dot_product_attention` (causal).
+Every block has an MoE FFN (Router -> Dispatch -> Experts -> Combine); with
+n_experts = 1 it is an ordinary SwiGLU FFN with no router.
+
+Shape legend: B batch, T sequence, D model width, V vocabulary, E experts,
+K top-k, nh/nkv query/key-value heads, hs head size. N = B*T flattened tokens.
+
+The forward pass returns a `ModelOutput`: logits plus the auxiliary losses and
+per-layer routing statistics as values; the model holds no state between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig
+from moe.model.experts import SwiGLUExperts, init_std_for_output
+from moe.model.router import RoutingStats, TopKRouter
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits_BTV: torch.Tensor
+    ce_loss: torch.Tensor | None
+    """Mean cross-entropy (nats/token) over targets != IGNORE_INDEX, if targets were given."""
+    lb_loss: torch.Tensor
+    """Load-balance loss averaged over MoE layers (0 for a dense model)."""
+    z_loss: torch.Tensor
+    """Router z-loss averaged over MoE layers (0 for a dense model)."""
+    routing: tuple[RoutingStats, ...]
+    """One entry per MoE layer (empty for a dense model)."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose precision at large D.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, hs/2] for rotary embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles_TF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles_TF.cos(), angles_TF.sin()
+
+
+def apply_rope(x_BhTs: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) by position-dependent angles."""
+    x1, x2 = x_BhTs.float().chunk(2, dim=-1)
+    cos, sin = cos_TF[: x_BhTs.shape[-2]], sin_TF[: x_BhTs.shape[-2]]
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x_BhTs.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TF: torch.Tensor,
+                sin_TF: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,nh,T,hs)
+        k = self.wk(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B,nkv,T,hs)
+        v = self.wv(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos_TF, sin_TF), apply_rope(k, cos_TF, sin_TF)
+        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B,nh,T,hs)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MoEFFN(nn.Module):
+    """Router -> Dispatch -> Experts -> Combine; a plain SwiGLU FFN when E = 1."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = None if cfg.is_dense else TopKRouter(
+            cfg.d_model, cfg.n_experts, cfg.top_k, normalize=cfg.norm_topk_prob)
+        self.experts = SwiGLUExperts(cfg.d_model, cfg.d_hidden, cfg.n_experts,
+                                     backend=cfg.experts_backend)
+
+    def forward(self, x_BTD: torch.Tensor, mask_N: torch.Tensor | None):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        if self.router is None:
+            return self.experts.dense_forward(x_ND).view(B, T, D), None
+        routed = self.router(x_ND, mask_N)
+        y_ND = self.experts(x_ND, routed.expert_idx_TK, routed.weight_TK)
+        return y_ND.to(x_BTD.dtype).view(B, T, D), routed
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoEFFN(cfg)
+
+    def forward(self, x_BTD, cos_TF, sin_TF, mask_N):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TF, sin_TF)
+        y_BTD, routed = self.ffn(self.ffn_norm(x_BTD), mask_N)
+        return x_BTD + y_BTD, routed
+
+
+class MoELM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); residual outputs (attn wo, expert w2) scaled by 1/sqrt(2L)."""
+        std = self.cfg.init_std
+        out_std = init_std_for_output(std, self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, std=std)
+        for block in self.blocks:
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            block.ffn.experts.reset_parameters(std, out_std)
+            if block.ffn.router is not None:
+                nn.init.normal_(block.ffn.router.weight_ED, std=std)
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> ModelOutput:
+        B, T = idx_BT.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
+        # Routing losses count only real tokens: those with a target to predict.
+        mask_N = None if targets_BT is None else (targets_BT != IGNORE_INDEX).reshape(-1)
+        x_BTD = self.embed(idx_BT)
+        lb_terms, z_terms, stats = [], [], []
+        for block in self.blocks:
+            x_BTD, routed = block(x_BTD, self.rope_cos, self.rope_sin, mask_N)
+            if routed is not None:
+                lb_terms.append(routed.lb_loss)
+                z_terms.append(routed.z_loss)
+                stats.append(routed.stats)
+        logits_BTV = self.head(self.norm(x_BTD))
+        ce = None
+        if targets_BT is not None:
+            ce = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets_BT.reshape(-1),
+                                 ignore_index=IGNORE_INDEX)
+        zero = logits_BTV.new_zeros((), dtype=torch.float32)
+        lb = torch.stack(lb_terms).mean() if lb_terms else zero
+        zl = torch.stack(z_terms).mean() if z_terms else zero
+        return ModelOutput(logits_BTV=logits_BTV, ce_loss=ce, lb_loss=lb, z_loss=zl,
+                           routing=tuple(stats))

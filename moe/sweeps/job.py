@@ -1,0 +1,134 @@
+"""What runs inside one job: train one run directory, possibly data-parallel.
+
+The same entry, `run_in_dir`, serves every executor: the `debug` executor calls
+it in-process, `local` workers run `python -m moe.sweeps.job RUN_DIR`, and SLURM
+array tasks call a pickled `RunJob`, whose `checkpoint()` requeues the same
+run: on a timeout or preemption submitit calls it, the job goes back to the
+queue, and the next attempt resumes from the run's last checkpoint.
+
+A job with several tasks (a profile with nodes * tasks_per_node > 1) trains one
+run with torch.distributed data parallel; so does a process started with
+WORLD_SIZE > 1 and MASTER_ADDR/MASTER_PORT/RANK in its environment (how the CPU
+tests start two gloo ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+import submitit
+
+from moe.rundir import RunDir
+from moe.sweeps.records import record_requeue, record_start
+from moe.sweeps.scheduler import EXECUTOR_ENV, local_job_id
+
+EXIT_FAILED = 3  # a worker's exit code when training failed (status.json says why)
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """A picklable, requeue-able call that trains the run in `run_dir`."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = str(run_dir)
+
+    def __call__(self) -> dict[str, Any]:
+        return run_in_dir(self.run_dir)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # Called by submitit on rank 0 when the job is preempted or times out. The
+        # training state is already on disk (checkpoints/), so the requeued job is
+        # just a fresh RunJob for the same directory: it resumes from there.
+        record_requeue(self.run_dir, reason="requeued after preemption or timeout",
+                       job_id=current_job_id())
+        return submitit.helpers.DelayedSubmission(RunJob(self.run_dir))
+
+
+def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume) the run whose config.toml is in `run_dir`; return its result record."""
+    from moe.train import TrainingFailed, train_run  # torch is imported only inside jobs
+
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    owns_group = _init_distributed()
+    rank0 = _rank() == 0
+    try:
+        if rank0 and not run.is_done():
+            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+            record_start(run.path, current_job_id(), restarts)
+        return train_run(cfg, run.path)
+    except TrainingFailed:
+        raise  # train_run already wrote state=failed with its reason
+    except Exception as exc:
+        if rank0:
+            run.update_status(state="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def current_job_id() -> str | None:
+    """The id of the job we run in, as the launcher records it (None in-process)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return submitit.JobEnvironment().job_id
+    if os.environ.get(EXECUTOR_ENV) == "local":
+        return local_job_id(os.getpid())
+    return None
+
+
+def _init_distributed() -> bool:
+    """Start a process group when this job has several ranks; True if we started it."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return False  # the caller owns it
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        if submitit.JobEnvironment().num_tasks <= 1:
+            return False
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m moe.sweeps.job RUN_DIR`: the local executor's worker process."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m moe.sweeps.job RUN_DIR", file=sys.stderr)
+        return 2
+    from moe.train import TrainingFailed
+
+    try:
+        run_in_dir(argv[0])
+    except TrainingFailed as exc:
+        print(f"training failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

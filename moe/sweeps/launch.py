@@ -1,0 +1,190 @@
+"""`moe sweep launch`: create the sweep directory and start every run that needs starting.
+
+Relaunching is idempotent: a run with result.json is skipped; a run whose last
+job the scheduler still has queued or running is skipped (never submitted
+twice); failed, cancelled and never-started runs are (re)submitted and resume
+from their checkpoints. A lock on the sweep directory makes a second concurrent
+launch fail at once instead of double-submitting.
+
+Executors: `local` (worker processes on this machine), `debug` (in this
+process, one after another) and `slurm` (ONE submitit job array per launch).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from moe.config import config_hash, legacy_config_hash
+from moe.io import atomic_write_text, file_lock
+from moe.rundir import RunDir
+from moe.sweeps.plan import RunPlan, plan, with_estimate
+from moe.sweeps.profile import ClusterProfile
+from moe.sweeps.records import record_failure, record_submission
+from moe.sweeps.scheduler import ACTIVE, LOCAL_ALIVE, SchedulerError, job_states
+from moe.sweeps.spec import SweepSpec
+from moe.sweeps.status import RUNS
+
+EXECUTORS = ("local", "debug", "slurm")
+LOCK = ".launch.lock"
+SLURM_LOGS = "slurm"
+
+
+class LaunchError(ValueError):
+    """A launch cannot go ahead (locked directory, scheduler unreachable, submission failed)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchReport:
+    """What a launch did."""
+
+    submitted: tuple[str, ...] = ()
+    """Run ids started or submitted by this launch."""
+    skipped_done: tuple[str, ...] = ()
+    """Runs with a result.json already."""
+    skipped_in_flight: tuple[str, ...] = ()
+    """Runs whose job is still queued or running."""
+    job_ids: dict[str, str] = field(default_factory=dict)
+    """run_id -> scheduler job id (slurm only)."""
+    final_states: dict[str, str] = field(default_factory=dict)
+    """run_id -> done | failed (local and debug executors, which wait for the runs)."""
+
+
+def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local",
+           max_parallel: int = 2, progress: bool = True,
+           profile: ClusterProfile | None = None) -> LaunchReport:
+    """Plan (validating everything), then start the runs of `spec` in `sweep_dir`."""
+    if executor not in EXECUTORS:
+        raise LaunchError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    if profile is not None and executor != "slurm":
+        raise LaunchError("--cluster applies to the slurm executor only")
+    estimate = with_estimate(spec, profile.mfu, profile.gpu_peak_tflops) if profile else None
+    runs = plan(spec, estimate)
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(sweep_dir / LOCK, blocking=False) as held:
+        if not held:
+            raise LaunchError(f"another `moe sweep launch` is running on {sweep_dir} "
+                              f"(lock {sweep_dir / LOCK}); wait for it to finish")
+        atomic_write_text(sweep_dir / "sweep.toml", spec.to_toml())
+        dirs = [prepare_run_dir(sweep_dir, run) for run in runs]
+        todo, done, in_flight = select_runs(dirs)
+        report = LaunchReport(submitted=tuple(d.name for d in todo),
+                              skipped_done=tuple(d.name for d in done),
+                              skipped_in_flight=tuple(d.name for d in in_flight))
+        if not todo:
+            return report
+        if executor == "slurm":
+            job_ids = submit_slurm(todo, sweep_dir, profile or ClusterProfile(), spec.name)
+            return replace(report, job_ids=job_ids)
+        if executor == "local":
+            from moe.sweeps.local import run_local
+
+            final = run_local(todo, max_parallel=max_parallel, progress=progress)
+        else:
+            final = run_debug(todo)
+        return replace(report, final_states=final)
+
+
+def prepare_run_dir(sweep_dir: Path, run: RunPlan) -> Path:
+    """runs/<run_id>/config.toml: written once, and updated when only settings outside the
+    run id changed (evaluation tasks, logging), so a finished run is evaluated, not retrained.
+
+    A run launched by version 0.1 lives under its old id (a hash of every field) and is used.
+    """
+    run_dir = sweep_dir / RUNS / run.run_id
+    legacy = sweep_dir / RUNS / legacy_config_hash(run.config)
+    if not run_dir.exists() and RunDir(legacy).has_config():
+        run_dir = legacy
+    rd = RunDir(run_dir)
+    if rd.has_config():
+        existing = rd.read_config()
+        if config_hash(existing) != run.run_id:
+            raise LaunchError(f"{rd.config_path} does not hash to its run id {run.run_id}; it "
+                              "was edited by hand: move the run directory away and relaunch")
+        if existing == run.config:
+            return run_dir
+    rd.write_config(run.config)
+    return run_dir
+
+
+def missing_tasks(run_dir: Path) -> list[str]:
+    """Tasks in the run's config that its finished result has no columns for."""
+    rd = RunDir(run_dir)
+    result = rd.read_result() or {}
+    return [t for t in rd.read_config().eval.tasks if f"task/{t}/loss" not in result]
+
+
+def select_runs(dirs: list[Path]) -> tuple[list[Path], list[Path], list[Path]]:
+    """Split run dirs into (to submit, done, still queued or running)."""
+    last_jobs = {}
+    for d in dirs:
+        status = RunDir(d).read_status()
+        if not RunDir(d).is_done() and status.get("state") in ("pending", "running") \
+                and status.get("job_ids"):
+            last_jobs[d] = str(status["job_ids"][-1])
+    try:
+        states = job_states(list(last_jobs.values())) if last_jobs else {}
+    except SchedulerError as exc:
+        raise LaunchError(f"cannot tell whether earlier jobs still run, so nothing was "
+                          f"submitted: {exc}") from None
+    todo, done, in_flight = [], [], []
+    for d in dirs:
+        if RunDir(d).is_done() and not missing_tasks(d):
+            done.append(d)
+        elif d in last_jobs and states.get(last_jobs[d]) in ACTIVE | {LOCAL_ALIVE}:
+            in_flight.append(d)
+        else:
+            todo.append(d)
+    return todo, done, in_flight
+
+
+def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile,
+                 name: str) -> dict[str, str]:
+    """Submit every run as one task of ONE job array (one sbatch call); return job ids."""
+    import submitit
+
+    from moe.sweeps.job import RunJob
+    from moe.sweeps.local import PACKAGE_ROOT
+
+    executor = submitit.AutoExecutor(folder=sweep_dir / SLURM_LOGS / "%j", cluster="slurm")
+    params = profile.executor_parameters(job_name=f"moe-{name}")
+    # Jobs unpickle RunJob, so they must import this checkout even if it is not installed.
+    params["slurm_setup"] = [f"export PYTHONPATH={PACKAGE_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
+                             *params["slurm_setup"]]
+    try:
+        executor.update_parameters(**params)
+    except ValueError as exc:
+        raise LaunchError(f"cluster profile rejected by submitit: {exc}") from None
+    jobs = []
+    try:
+        with executor.batch():
+            for d in dirs:
+                jobs.append(executor.submit(RunJob(d.resolve())))
+    except Exception as exc:
+        for d in dirs:
+            record_failure(d, f"submission failed: {exc}"[:500])
+        raise LaunchError(f"sbatch failed, nothing was submitted: {exc}") from None
+    for d, job in zip(dirs, jobs, strict=True):
+        record_submission(d, "slurm", job.job_id)
+    return {d.name: job.job_id for d, job in zip(dirs, jobs, strict=True)}
+
+
+def run_debug(dirs: list[Path]) -> dict[str, str]:
+    """Train each run in this process, one after another (for debugging with pdb)."""
+    from moe.sweeps.job import run_in_dir
+    from moe.train import TrainingFailed
+
+    final = {}
+    for d in dirs:
+        record_submission(d, "debug")
+        try:
+            run_in_dir(d)
+        except TrainingFailed:
+            pass  # recorded in status.json; go on with the other runs
+        except Exception as exc:
+            record_failure(d, f"{type(exc).__name__}: {exc}"[:500])
+        final[d.name] = "done" if RunDir(d).is_done() else "failed"
+    return final
+

@@ -1,0 +1,147 @@
+"""The `local` executor: run a sweep on this machine, `max_parallel` worker processes at once.
+
+Each worker is `python -m moe.sweeps.job RUN_DIR` (one run per process, so a crash
+or a NaN takes down one run only), with its output in RUN_DIR/worker.log.
+Progress goes to stderr: a tqdm bar over runs with the running runs' progress
+and loss when stderr is a terminal, one plain line per event otherwise (no
+escape codes in logs).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from moe.rundir import RunDir
+from moe.sweeps.records import record_failure, record_submission
+from moe.sweeps.scheduler import EXECUTOR_ENV, local_job_id
+
+POLL_S = 0.5
+WORKER_LOG = "worker.log"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so workers import this checkout
+
+
+@dataclass
+class _Worker:
+    run_dir: Path
+    proc: subprocess.Popen
+    log: IO[bytes]
+    started_s: float
+
+
+def run_local(run_dirs: list[Path], *, max_parallel: int = 2, progress: bool = True
+              ) -> dict[str, str]:
+    """Run every directory's training in worker processes; return {run_id: final state}."""
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel={max_parallel} must be >= 1")
+    queue, running, final = list(run_dirs), [], {}
+    display = Display(len(run_dirs), enabled=progress)
+    try:
+        while queue or running:
+            while queue and len(running) < max_parallel:
+                running.append(_start(queue.pop(0)))
+                display.event(f"started {running[-1].run_dir.name}")
+            time.sleep(POLL_S)
+            for w in [w for w in running if w.proc.poll() is not None]:
+                running.remove(w)
+                final[w.run_dir.name] = _finish(w)
+                display.finished(w.run_dir, final[w.run_dir.name], time.time() - w.started_s)
+            display.refresh([w.run_dir for w in running])
+    except BaseException:
+        for w in running:  # Ctrl-C or an error here: leave no orphan workers behind
+            w.proc.terminate()
+            w.proc.wait()
+            w.log.close()
+            record_failure(w.run_dir, "launcher interrupted; relaunch to resume")
+        raise
+    finally:
+        display.close()
+    return final
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + path if path else "")
+    env[EXECUTOR_ENV] = "local"  # tells the worker its job id is its own pid
+    return env
+
+
+def _start(run_dir: Path) -> _Worker:
+    log = open(run_dir / WORKER_LOG, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "moe.sweeps.job", str(run_dir)], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=worker_env())
+    record_submission(run_dir, "local", local_job_id(proc.pid))
+    return _Worker(run_dir=run_dir, proc=proc, log=log, started_s=time.time())
+
+
+def _finish(w: _Worker) -> str:
+    w.log.close()
+    if RunDir(w.run_dir).is_done():
+        return "done"
+    state = RunDir(w.run_dir).read_status().get("state")
+    if state != "failed":  # the worker died before it could say why
+        record_failure(w.run_dir, f"worker exited with code {w.proc.returncode} without a "
+                                  f"result: {_last_line(w.run_dir / WORKER_LOG)}")
+    return "failed"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return "(no worker.log)"
+    return lines[-1][:200] if lines else "(empty worker.log)"
+
+
+class Display:
+    """Live progress on stderr: tqdm on a terminal, plain lines otherwise, or nothing."""
+
+    def __init__(self, n_runs: int, *, enabled: bool, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.n_runs, self.n_finished = n_runs, 0
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n_runs, unit="run", file=self.stream, dynamic_ncols=True)
+
+    def event(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(f"[{self.n_finished}/{self.n_runs}] {text}", file=self.stream, flush=True)
+
+    def finished(self, run_dir: Path, state: str, elapsed_s: float) -> None:
+        self.n_finished += 1
+        status = RunDir(run_dir).read_status()
+        loss = status.get("last_loss")
+        detail = f"loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
+        if state == "failed":
+            detail = f"reason: {status.get('reason')}"
+        self.event(f"{state} {run_dir.name} in {elapsed_s:.1f}s {detail}".rstrip())
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def refresh(self, running: list[Path]) -> None:
+        if self.bar is None:
+            return
+        parts = []
+        for d in running:
+            s = RunDir(d).read_status()
+            done, total, loss = s.get("tokens_done"), s.get("tokens_total"), s.get("last_loss")
+            pct = f"{100 * done / total:.0f}%" if done is not None and total else "starting"
+            parts.append(f"{d.name} {pct}" + (f" loss {loss:.3g}" if loss is not None else ""))
+        self.bar.set_postfix_str(" | ".join(parts), refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
