@@ -5,7 +5,8 @@ import os
 import pytest
 
 # Triton kernels run on CPU only under the interpreter, which must be chosen
-# before any @triton.jit function is defined (DESIGN.md, measured facts).
+# before any @triton.jit function is defined (docs/architecture.md, "Facts measured on
+# these machines").
 try:
     import torch
 

@@ -230,3 +230,41 @@ def test_requeues_count_once_whichever_way_they_happen(tmp_path):
     record_start(tmp_path, "7_0", restarts=2)  # the same requeue, seen again at start
     status = read_status(tmp_path)
     assert status["attempts"] == 3 and status["state"] == "running"
+
+
+def test_adding_a_task_to_a_finished_sweep_evaluates_and_trains_nothing(tmp_path):
+    grid = {"model.n_experts": [4], "model.top_k": [2]}
+    first = tiny_spec(grid=grid)
+    launch(first, tmp_path, executor="debug", progress=False)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    assert "task/pocket-memorization/loss" not in json.loads((run_dir / "result.json").read_text())
+
+    raw = {"name": "tiny", "base": {**TINY_BASE, "eval": {"tasks": ["pocket-memorization"],
+                                                          "max_items": 4, "accuracy": False}},
+           "grid": [grid], "budget": {"tokens": 1024}}
+    second = spec_from_dict(raw)
+    assert [r.run_id for r in plan(second)] == [run_dir.name]  # eval is outside the run id
+    report = launch(second, tmp_path, executor="debug", progress=False)
+    assert report.final_states == {run_dir.name: "done"}
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["task/pocket-memorization/loss"] > 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # not one step trained
+    assert "pocket-memorization" in (run_dir / "config.toml").read_text()
+    again = launch(second, tmp_path, executor="debug", progress=False)
+    assert again.submitted == () or list(again.submitted) == []
+
+
+def test_a_sweep_launched_by_version_0_1_keeps_its_run_directories(tmp_path):
+    from moe.config import legacy_config_hash
+
+    spec = tiny_spec(grid={"model.n_experts": [4], "model.top_k": [2]})
+    (run,) = plan(spec)
+    legacy = tmp_path / "runs" / legacy_config_hash(run.config)
+    legacy.mkdir(parents=True)
+    (legacy / "config.toml").write_text(run.config.to_toml())
+    report = launch(spec, tmp_path, executor="debug", progress=False)
+    assert report.final_states == {legacy.name: "done"}
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [legacy.name]

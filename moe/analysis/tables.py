@@ -1,6 +1,6 @@
 """Reading and validating results tables (output files are written atomically by `moe.io`).
 
-A results table (DESIGN.md, "Sweep directory contract") has one row per run with columns
+A results table (docs/architecture.md, "Results table") has one row per run with columns
 run_id, d_model, n_layers, n_experts, top_k, sparsity, n_params_total, n_params_active,
 n_params_embedding, tokens, tpp, flops, train_loss, val_loss and, per task ``<name>``,
 ``task/<name>/{loss,bits_per_token,bits_per_byte,accuracy,kind}``.

@@ -1,7 +1,7 @@
 """`moe sweep collect`: one results table from every run's result.json.
 
-Columns follow DESIGN.md (run_id, d_model, n_layers, n_experts, top_k, sparsity,
-n_params_total, n_params_active, n_params_embedding, tokens, tpp, flops,
+Columns follow docs/architecture.md, "Results table" (run_id, d_model, n_layers,
+n_experts, top_k, sparsity, n_params_total, n_params_active, n_params_embedding, tokens, tpp, flops,
 train_loss, val_loss), then every `task/<name>/...` column found, then the
 rest of the records' keys. A run whose result.json is missing, unreadable, not
 an object or lacks a loss is reported and skipped; collect never crashes on
@@ -81,7 +81,7 @@ def read_result(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
 
 
 def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """DESIGN.md columns first (always present), then task/ columns, then the rest."""
+    """The contract's columns first (always present), then task/ columns, then the rest."""
     import pandas as pd
 
     seen: dict[str, None] = {}
