@@ -24,7 +24,7 @@ RANKS = {
     "moe.model": 2, "moe.data": 2, "moe.tasks": 2,
     "moe.checkpoint": 3,
     "moe.eval": 4,
-    "moe.train": 5,
+    "moe.train": 5, "moe.recipes": 5,
     "moe.sweeps": 6, "moe.analysis": 6,
     "moe.app": 7, "moe.__main__": 7,
 }
