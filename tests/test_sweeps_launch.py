@@ -268,3 +268,11 @@ def test_a_sweep_launched_by_version_0_1_keeps_its_run_directories(tmp_path):
     report = launch(spec, tmp_path, executor="debug", progress=False)
     assert report.final_states == {legacy.name: "done"}
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [legacy.name]
+
+
+def test_workers_import_this_checkout():
+    from moe.sweeps.local import worker_env
+
+    first = Path(worker_env()["PYTHONPATH"].split(os.pathsep)[0])
+    assert (first / "moe" / "__init__.py").is_file()
+    assert (first / "moe" / "__init__.py").resolve() == Path(__import__("moe").__file__).resolve()
