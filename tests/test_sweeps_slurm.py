@@ -119,15 +119,16 @@ def test_relaunching_a_finished_sweep_submits_nothing(slurm_sweep, monkeypatch):
 def preempt_spec():
     """Two identical runs (~600 steps, frequent checkpoints) in one array: one is preempted.
 
-    They differ only in train.keep_checkpoints, which does not touch the numbers, so
-    the uninterrupted twin, run in the same kind of SLURM job, is the reference.
+    They differ only in train.decay_frac, which the cosine schedule does not read (a field
+    inside the run id that does not touch the numbers), so the uninterrupted twin, run in
+    the same kind of SLURM job, is the reference.
     """
     base = {**TINY_BASE, "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 64},
             "train": {**TINY_BASE["train"], "batch_size": 8, "checkpoint_every": 25,
                       "log_every": 5}}
     return spec_from_dict({"name": "preempt", "base": base, "budget": {"tokens": 300_000},
                            "grid": {"model.n_experts": [4], "model.top_k": [2],
-                                    "train.keep_checkpoints": [2, 3]}})
+                                    "train.decay_frac": [0.2, 0.3]}})
 
 
 def test_preempted_run_resumes_and_ends_with_the_uninterrupted_loss(slurm_cluster,  # noqa: F811
