@@ -142,7 +142,7 @@ def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
         if config_hash(existing) != config_hash(cfg):
             if run.is_done() or run.list_checkpoints() or run.read_metrics():
                 what = "finished" if run.is_done() else "partly trained"
-                raise ValueError(f"{run.path} already holds a different {what} run (its "
+                raise ValueError(f"{run.path} already holds a different run ({what}; its "
                                  "config.toml differs); use a new --out directory or the "
                                  "same config")
             run.update_status(state="pending", reason="config replaced before any training",
@@ -238,11 +238,12 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
     run = RunDir(run_dir)
     ddp = Dist.current()
     check_resources(cfg, pick_device(cfg.train), ddp.world)
+    data = _load_inputs(cfg)  # a missing task file or a typo fails now, before any write
     with run.writer_lock() if ddp.is_main else contextlib.nullcontext():
         if ddp.is_main:
             run.clean_stale_tmp()
         try:
-            return _train_run(cfg, run, ddp, progress)
+            return _train_run(cfg, run, ddp, data, progress)
         except TrainingFailed:
             raise  # status.json already says where and why
         except (Exception, KeyboardInterrupt) as exc:
@@ -264,13 +265,18 @@ def _mark_failed(run: RunDir, cfg: RunConfig, exc: BaseException) -> None:
         pass
 
 
-def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, progress: bool) -> dict[str, Any]:
+def _load_inputs(cfg: RunConfig) -> TokenData:
     data = load_data(cfg.data, cfg.model.seq_len)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {data.tokenizer.vocab_size} ids")
-    if cfg.eval.tasks:  # a missing task file or a typo fails now, not after training
+    if cfg.eval.tasks:
         load_tasks(cfg)
+    return data
+
+
+def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress: bool
+               ) -> dict[str, Any]:
     device = pick_device(cfg.train)
     if ddp.is_main:
         prepare_run_dir(cfg, run)
