@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_config
 
+from helpers import tiny_config
 from moe.checkpoint import load_latest_checkpoint, load_run_model, save_checkpoint
 from moe.config import legacy_config_hash
 from moe.rundir import RunDir

@@ -11,9 +11,9 @@ import os
 import re
 import subprocess
 
+import fakeslurm
 import pytest
 
-import fakeslurm
 from moe.sweeps import launch
 from moe.sweeps.profile import ClusterProfile, profile_from_dict
 from moe.sweeps.spec import SpecError
