@@ -83,6 +83,7 @@ def prepare_shards(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, 
         nonlocal buffered
         name = f"shard-{len(shards):05d}.bin"
         arr = np.concatenate(buffer).astype(dtype)
+        check_token_ids(arr, tok.vocab_size, str(out / name))
         atomic_write_bytes(out / name, arr.tobytes())
         shards.append({"file": name, "tokens": int(arr.size)})
         buffer.clear()
