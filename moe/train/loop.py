@@ -237,7 +237,8 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
     """
     run = RunDir(run_dir)
     ddp = Dist.current()
-    check_resources(cfg, pick_device(cfg.train), ddp.world)
+    if not run.is_done():  # a finished run only evaluates
+        check_resources(cfg, pick_device(cfg.train), ddp.world)
     data = _load_inputs(cfg)  # a missing task file or a typo fails now, before any write
     with run.writer_lock() if ddp.is_main else contextlib.nullcontext():
         if ddp.is_main:

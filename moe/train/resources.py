@@ -8,6 +8,7 @@ physical memory and the cgroup limit) and the thread count with the CPUs.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,6 +62,11 @@ def check_resources(cfg: RunConfig, device: torch.device, world: int = 1) -> Non
     need = estimate_train_memory(cfg, world, shard_states=sharded,
                                  attention_scores=device.type != "cuda")
     have, what = device_memory_bytes(device)
+    if device.type != "cuda":  # the ranks on this node share its RAM
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        need = replace(need, params=need.params * local_ranks,
+                       optimizer=need.optimizer * local_ranks,
+                       activations=need.activations * local_ranks)
     if have is not None and need.total > have:
         raise ResourceError(
             f"the run needs about {need.total / GiB:.1f} GiB (parameters "
