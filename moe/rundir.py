@@ -90,6 +90,9 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._verified: dict[Path, tuple[int, int]] = {}
+        """Checkpoints this object wrote or verified, by (size, mtime_ns): pruning after each
+        save need not hash multi-GB files again."""
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -210,7 +213,12 @@ class RunDir:
         path = self.checkpoint_path(step)
         atomic_write_text(path.with_suffix(".sha256"), digest + "\n")
         atomic_write_bytes(path, data)
+        self._remember_verified(path)
         return path
+
+    def _remember_verified(self, path: Path) -> None:
+        st = path.stat()
+        self._verified[path] = (st.st_size, st.st_mtime_ns)
 
     def read_checkpoint(self, path: Path) -> bytes:
         """The bytes of a checkpoint whose SHA-256 matches its digest file; ValueError otherwise."""
@@ -223,10 +231,16 @@ class RunDir:
         return data
 
     def is_verified(self, path: Path) -> bool:
+        """The checkpoint matches its digest (files this object wrote or checked, unchanged
+        since, are not hashed again)."""
         try:
+            st = path.stat()
+            if self._verified.get(path) == (st.st_size, st.st_mtime_ns):
+                return True
             self.read_checkpoint(path)
         except (OSError, ValueError):
             return False
+        self._remember_verified(path)
         return True
 
     def prune_checkpoints(self, keep: int) -> None:

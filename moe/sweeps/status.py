@@ -86,7 +86,7 @@ def read_run_files(run_dir: Path) -> dict[str, Any] | str:
         run.read_result()
         return run.read_status()
     except (UnreadableRunFile, OSError) as exc:
-        return str(exc)
+        return f"{exc}; move it away and relaunch (the run resumes from its checkpoints)"
 
 
 def run_status(run_dir: Path, record: dict[str, Any], sched: dict[str, str] | None
