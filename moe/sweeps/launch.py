@@ -31,7 +31,7 @@ from moe.sweeps.profile import ClusterProfile, check_no_control_chars
 from moe.sweeps.records import record_failure, record_submission
 from moe.sweeps.scheduler import ACTIVE, LOCAL_ALIVE, SchedulerError, job_states
 from moe.sweeps.spec import SweepSpec
-from moe.sweeps.status import RUNS
+from moe.sweeps.status import RUNS, read_run_files
 
 EXECUTORS = ("local", "debug", "slurm")
 LOCK = ".launch.lock"
@@ -156,8 +156,6 @@ def missing_tasks(run_dir: Path) -> list[str]:
 def select_runs(dirs: list[Path]
                 ) -> tuple[list[Path], list[Path], list[Path], list[tuple[str, str]]]:
     """Split run dirs into (to submit, done, still queued or running, unreadable with why)."""
-    from moe.sweeps.status import read_run_files
-
     last_jobs, bad = {}, []
     for d in dirs:
         status = read_run_files(d)
