@@ -19,6 +19,7 @@ from moe.rundir import RunDir, RunLocked
 from moe.train import train_run
 
 
+@pytest.mark.slow  # two processes that import torch: about 8 s on 2 busy cores
 def test_second_trainer_of_a_directory_is_refused_naming_the_holder(tmp_path, capsys):
     cfg_path = tmp_path / "long.toml"
     cfg_path.write_text(tiny_config("train.tokens=100000000").to_toml())
