@@ -29,9 +29,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_with_path(exc, path)
         raise
     _fsync_dir(path.parent)
     return path
@@ -59,10 +60,20 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 
     A crash can leave at most a partial last line, which readers skip.
     """
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        _raise_with_path(exc, path)
+        raise
+
+
+def _raise_with_path(exc: BaseException, path: str | os.PathLike) -> None:
+    """Re-raise an OSError that lost its file name (ENOSPC from write/fsync) with `path`."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 @contextlib.contextmanager

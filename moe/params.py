@@ -106,3 +106,45 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.3g}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    """Bytes one training process needs at least, by part (fp32 weights and states)."""
+
+    params: int
+    """Weights."""
+    optimizer: int
+    """Gradients plus AdamW's two moments."""
+    activations: int
+    """Tensors kept for the backward pass of one micro-batch, plus the logits."""
+    micro_batch: int
+    """Sequences per micro-batch on this process."""
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.activations
+
+
+def estimate_train_memory(cfg: RunConfig, world: int = 1, *, shard_states: bool = False,
+                          attention_scores: bool = True) -> MemoryEstimate:
+    """A lower-bound-style estimate of one rank's training memory, without building anything.
+
+    Weights, gradients and AdamW moments are 4 x 4 bytes per parameter (divided by
+    `world` when `shard_states`, as FSDP does). Activations per layer and token: about
+    ten D-wide tensors (norms, q/k/v, attention output, residuals), k routed copies of
+    the expert input and 3 expert hidden tensors each, the router logits, and (with
+    `attention_scores`, the non-fused CPU path) the T x T probabilities of every head;
+    then the logits with their softmax and gradient. Used to refuse runs that cannot fit
+    before anything is allocated (`moe.train.resources`).
+    """
+    m, t = cfg.model, cfg.train
+    n = count_params(m).total
+    shards = world if shard_states else 1
+    micro = max(1, t.batch_size // t.grad_accum // max(1, world))
+    tokens = micro * m.seq_len
+    per_token_layer = 10 * m.d_model + m.top_k * (3 * m.d_hidden + 2 * m.d_model) + m.n_experts
+    scores = micro * m.n_heads * m.seq_len * m.seq_len * 2 if attention_scores else 0
+    floats = m.n_layers * (tokens * per_token_layer + scores) + 3 * tokens * m.vocab_size
+    return MemoryEstimate(params=4 * n // shards, optimizer=12 * n // shards,
+                          activations=4 * floats, micro_batch=micro)

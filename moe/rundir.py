@@ -7,6 +7,7 @@ RUN_DIR/config.toml    the resolved run config (reproduces the run alone)
        /checkpoints/   step-NNNNNNNN.pt (+ .sha256), written atomically
        /eval.json      task results
        /result.json    one flat record: config keys, counts, final metrics
+       /.train.lock    held (flock) by the one process training the run; holds its PID
 ```
 
 The training loop, the evaluator and the sweep launcher call this class and never
@@ -16,7 +17,11 @@ build a run's paths themselves. Its invariants:
   reader never sees half a file;
 - status.json, eval.json and result.json are changed by locked read-modify-writes,
   so a launcher and its job never lose each other's fields;
-- a resume truncates metrics.jsonl to the checkpoint it resumes from;
+- a resume truncates metrics.jsonl to the checkpoint it resumes from, and an append
+  after a torn last line starts a new line;
+- a checkpoint's SHA-256 is written (atomically) before its data is renamed into
+  place, so a checkpoint without a matching digest is never trusted;
+- one process at a time trains a run (`RunDir.writer_lock`);
 - a run is finished exactly when result.json exists.
 
 This module imports no torch: checkpoints are written as bytes here and
@@ -25,11 +30,15 @@ This module imports no torch: checkpoints are written as bytes here and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,7 @@ from moe.io import (
     read_jsonl,
     update_json,
 )
+from moe.procs import process_start_time
 
 CONFIG = "config.toml"
 STATUS = "status.json"
@@ -50,8 +60,29 @@ CHECKPOINTS = "checkpoints"
 EVAL = "eval.json"
 RESULT = "result.json"
 
+WRITER_LOCK = ".train.lock"
+
 STATES = ("pending", "running", "done", "failed")
 _CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
+STALE_TMP_S = 3600.0
+"""Age after which a leftover `*.tmp` file of an interrupted atomic write is deleted."""
+
+
+class UnreadableRunFile(ValueError):
+    """A run file exists but cannot be parsed (damaged, or not what the toolkit writes)."""
+
+
+class RunLocked(ValueError):
+    """Another process is training this run directory."""
+
+
+def _read_run_json(path: Path, default: Any) -> Any:
+    """read_json, with every way a damaged file can fail turned into UnreadableRunFile."""
+    try:
+        return read_json(path, default=default)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
+        raise UnreadableRunFile(f"{path.name} is unreadable: {what} ({path})") from None
 
 
 class RunDir:
@@ -59,6 +90,9 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._verified: dict[Path, tuple[int, int]] = {}
+        """Checkpoints this object wrote or verified, by (size, mtime_ns): pruning after each
+        save need not hash multi-GB files again."""
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -112,8 +146,11 @@ class RunDir:
     # ------------------------------------------------------------------ status
 
     def read_status(self) -> dict[str, Any]:
-        """status.json as a dict ({} when absent)."""
-        return read_json(self.status_path, default={}) or {}
+        """status.json as a dict ({} when absent); UnreadableRunFile when damaged."""
+        status = _read_run_json(self.status_path, default={}) or {}
+        if not isinstance(status, dict):
+            raise UnreadableRunFile(f"status.json is not an object ({self.status_path})")
+        return status
 
     def update_status(self, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into status.json under a lock; stamps `updated_at` and `host`."""
@@ -135,7 +172,12 @@ class RunDir:
     # ------------------------------------------------------------------ metrics
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        append_line(self.metrics_path, json.dumps(row, allow_nan=True))
+        """Append one row; after a torn last line (a crash mid-write) start a new line,
+        so the torn fragment cannot swallow this row."""
+        line = json.dumps(row, allow_nan=True)
+        if not _ends_with_newline(self.metrics_path):
+            line = "\n" + line
+        append_line(self.metrics_path, line)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)
@@ -144,7 +186,8 @@ class RunDir:
         """Drop metric lines logged after `step` (a run that died before its next checkpoint)."""
         rows = self.read_metrics()
         keep = [r for r in rows if r.get("step", 0) <= step]
-        if len(keep) != len(rows):
+        torn = not _ends_with_newline(self.metrics_path)
+        if len(keep) != len(rows) or torn:
             atomic_write_text(self.metrics_path,
                               "".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
 
@@ -162,17 +205,62 @@ class RunDir:
         return sorted(found, reverse=True)
 
     def write_checkpoint(self, step: int, data: bytes, digest: str) -> Path:
-        """Store checkpoint bytes and their SHA-256, each atomically."""
+        """Store checkpoint bytes and their SHA-256, each atomically, the digest FIRST: a
+        crash between the two leaves a digest without data (ignored), never data without
+        a digest, and a half-replaced pair fails verification."""
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"checkpoint step {step}: digest does not match the data")
         path = self.checkpoint_path(step)
-        atomic_write_bytes(path, data)
         atomic_write_text(path.with_suffix(".sha256"), digest + "\n")
+        atomic_write_bytes(path, data)
+        self._remember_verified(path)
         return path
 
+    def _remember_verified(self, path: Path) -> None:
+        st = path.stat()
+        self._verified[path] = (st.st_size, st.st_mtime_ns)
+
+    def read_checkpoint(self, path: Path) -> bytes:
+        """The bytes of a checkpoint whose SHA-256 matches its digest file; ValueError otherwise."""
+        digest_path = path.with_suffix(".sha256")
+        if not digest_path.is_file():
+            raise ValueError("no .sha256 digest beside it (unverifiable)")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest_path.read_text().strip():
+            raise ValueError("checksum mismatch")
+        return data
+
+    def is_verified(self, path: Path) -> bool:
+        """The checkpoint matches its digest (files this object wrote or checked, unchanged
+        since, are not hashed again)."""
+        try:
+            st = path.stat()
+            if self._verified.get(path) == (st.st_size, st.st_mtime_ns):
+                return True
+            self.read_checkpoint(path)
+        except (OSError, ValueError):
+            return False
+        self._remember_verified(path)
+        return True
+
     def prune_checkpoints(self, keep: int) -> None:
-        """Delete all but the newest `keep` checkpoints (and their digests)."""
-        for _, old in self.list_checkpoints()[keep:]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".sha256").unlink(missing_ok=True)
+        """Keep the newest `keep` VERIFIED checkpoints; delete every checkpoint older than
+        the oldest kept one (verified or not) and digests left without data. Newer
+        unverifiable ones stay (a resume skips them; the next save at that step replaces them).
+        """
+        kept: list[int] = []
+        for step, path in self.list_checkpoints():
+            if len(kept) < keep:
+                if self.is_verified(path):
+                    kept.append(step)
+                continue
+            path.unlink(missing_ok=True)
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+        if len(kept) == keep and self.checkpoints_dir.is_dir():
+            for digest in self.checkpoints_dir.glob("step-*.sha256"):
+                m = re.match(r"^step-(\d{8})\.sha256$", digest.name)
+                if m and int(m.group(1)) < kept[-1] and not digest.with_suffix(".pt").exists():
+                    digest.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ eval and result
 
@@ -181,7 +269,11 @@ class RunDir:
         return self.result_path.is_file()
 
     def read_result(self) -> dict[str, Any] | None:
-        return read_json(self.result_path)
+        """result.json (None when absent); UnreadableRunFile when damaged."""
+        result = _read_run_json(self.result_path, default=None)
+        if result is not None and not isinstance(result, dict):
+            raise UnreadableRunFile(f"result.json is not an object ({self.result_path})")
+        return result
 
     def write_result(self, record: dict[str, Any]) -> None:
         atomic_write_json(self.result_path, record)
@@ -199,6 +291,72 @@ class RunDir:
         if self.is_done():
             update_json(self.result_path, lambda old: {**old, **flat})
         return self.eval_path
+
+
+    # ------------------------------------------------------------------ one writer
+
+    @property
+    def writer_lock_path(self) -> Path:
+        return self.path / WRITER_LOCK
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold an exclusive flock on RUN_DIR/.train.lock for the block; the OS drops it when
+        the process dies, so a killed writer never blocks the next. A second writer gets
+        RunLocked naming the holder's PID at once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.writer_lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("ascii", "replace").split()
+                pid = holder[0] if holder else "unknown"
+                raise RunLocked(f"{self.path} is being trained by process {pid} (lock "
+                                f"{self.writer_lock_path}); wait for it or stop it first") from None
+            me = f"{os.getpid()} {process_start_time(os.getpid()) or 0}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me, 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def clean_stale_tmp(self, max_age_s: float = STALE_TMP_S) -> list[Path]:
+        """Delete `*.tmp` leftovers of interrupted atomic writes older than `max_age_s`."""
+        return clean_stale_tmp([self.path, self.checkpoints_dir], max_age_s)
+
+
+def clean_stale_tmp(directories: list[Path], max_age_s: float = STALE_TMP_S) -> list[Path]:
+    """Delete `.*.tmp` files (moe.io's temporary names) older than `max_age_s` in `directories`."""
+    removed, cutoff = [], time.time() - max_age_s
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        for tmp in directory.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed.append(tmp)
+    return removed
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """True for an absent or empty file, or one whose last byte is a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 # Module-level helpers for callers that hold a plain path (the sweep launcher's loops).

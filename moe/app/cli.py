@@ -68,15 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        if os.environ.get("MOE_DEBUG"):
+    except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code (moe.app.errors)
+        if os.environ.get("MOE_DEBUG") and not isinstance(exc, KeyboardInterrupt):
             raise
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        from moe.app.errors import report
+
+        return report(exc)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if report.job_ids:
         arrays = sorted({j.split('_')[0] for j in report.job_ids.values()})
         print(f"slurm job array(s): {', '.join(arrays)}; follow with `moe sweep status {args.dir}`")
+    for run_id, reason in report.unreadable:
+        print(f"unreadable {run_id}: {reason}", file=sys.stderr)
     failed = sorted(r for r, s in report.final_states.items() if s != "done")
+    failed += [r for r, _ in report.unreadable]
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; see `moe sweep status "
               f"{args.dir}`", file=sys.stderr)

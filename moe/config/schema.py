@@ -257,6 +257,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        from moe.config.limits import check_limits
+
+        check_limits(self)  # every numeric value bounded and finite (moe.config.limits)
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
 

@@ -83,6 +83,7 @@ def prepare_shards(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, 
         nonlocal buffered
         name = f"shard-{len(shards):05d}.bin"
         arr = np.concatenate(buffer).astype(dtype)
+        check_token_ids(arr, tok.vocab_size, str(out / name))
         atomic_write_bytes(out / name, arr.tobytes())
         shards.append({"file": name, "tokens": int(arr.size)})
         buffer.clear()
@@ -110,18 +111,83 @@ def prepare_shards(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, 
     return meta
 
 
-def load_shards(directory: str | os.PathLike) -> list[np.ndarray]:
-    """Memory-map every shard listed in meta.json."""
+TOKEN_DTYPES = ("uint16", "uint32")
+SAMPLE_TOKENS = 1 << 16
+"""Token ids checked against the vocabulary per shard when loading (a fixed sample)."""
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
+    """ValueError when any id in `ids` is outside [0, vocab_size) (for preparing and loading)."""
+    if ids.size and int(ids.max()) >= vocab_size:
+        bad = int(ids.max())
+        raise ValueError(f"{where} holds token id {bad}, outside the vocabulary of {vocab_size} "
+                         "ids: the shards do not match their tokenizer")
+
+
+def read_meta(directory: Path) -> dict:
+    """meta.json of a shard directory, validated: shard files inside the directory, dtype
+    uint16 or uint32, integer token counts and vocabulary size."""
+    path = directory / "meta.json"
+    if not path.is_file():
+        raise ValueError(f"data.source={str(directory)!r} is neither 'pocket' nor a shard "
+                         "directory with meta.json (create one with `moe data prepare`)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise ValueError(f"{path} has no list of shards")
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise ValueError(f"{path}: dtype {meta.get('dtype')!r} must be one of "
+                         f"{', '.join(TOKEN_DTYPES)}")
+    if not _is_count(meta.get("vocab_size")) or meta["vocab_size"] < 1:
+        raise ValueError(f"{path}: vocab_size {meta.get('vocab_size')!r} must be a positive "
+                         "integer")
+    root = directory.resolve()
+    tok = meta.get("tokenizer", "byte")
+    if not isinstance(tok, str) or (tok != "byte" and (directory / tok).resolve().parent != root):
+        raise ValueError(f"{path}: tokenizer {tok!r} must be \"byte\" or a file inside {directory}")
+    for shard in meta["shards"]:
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not _is_count(shard.get("tokens")):
+            raise ValueError(f"{path}: every shard needs a file name and a token count")
+        target = (directory / name).resolve()
+        if Path(name).is_absolute() or target.parent != root:
+            raise ValueError(f"{path}: shard file {name!r} is outside the shard directory "
+                             f"{directory}; only file names inside it are allowed")
+    return meta
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def load_shards(directory: str | os.PathLike, vocab_size: int | None = None
+                ) -> list[np.ndarray]:
+    """Memory-map every shard listed in meta.json (validated), checking a sample of ids
+    against meta.json's vocabulary (and `vocab_size`, the tokenizer's, when given)."""
     directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
+    meta = read_meta(directory)
+    vocab = meta["vocab_size"] if vocab_size is None else min(vocab_size, meta["vocab_size"])
     arrays = []
     for shard in meta["shards"]:
-        arr = np.memmap(directory / shard["file"], dtype=np.dtype(meta["dtype"]), mode="r")
+        path = directory / shard["file"]
+        arr = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
         if arr.size != shard["tokens"]:
-            raise ValueError(f"{directory / shard['file']} has {arr.size} tokens, meta.json says "
+            raise ValueError(f"{path} has {arr.size} tokens, meta.json says "
                              f"{shard['tokens']}: the shard directory is damaged")
+        check_token_ids(_sample(arr), vocab, str(path))
         arrays.append(arr)
     return arrays
+
+
+def _sample(arr: np.ndarray) -> np.ndarray:
+    """Its first and last tokens and a fixed random sample of the rest."""
+    if arr.size <= SAMPLE_TOKENS:
+        return np.asarray(arr)
+    edge = SAMPLE_TOKENS // 4
+    picks = np.random.default_rng(0).integers(0, arr.size, size=SAMPLE_TOKENS // 2)
+    return np.concatenate([arr[:edge], arr[-edge:], arr[np.sort(picks)]])
 
 
 @dataclass
@@ -174,10 +240,12 @@ def load_data(data_cfg, seq_len: int) -> TokenData:
     """Token data for a run: the pocket corpus (generated) or a shard directory."""
     from moe.data.pocket import build_pocket
 
+    if data_cfg.source != "pocket":
+        read_meta(Path(data_cfg.source))  # validated before the tokenizer file it names is read
     tok = tokenizer_for_data(data_cfg.source)
     if data_cfg.source == "pocket":
         arrays = [encode_documents(build_pocket(data_cfg).documents, tok)]
     else:
-        arrays = load_shards(data_cfg.source)
+        arrays = load_shards(data_cfg.source, vocab_size=tok.vocab_size)
     train, val = split_arrays(arrays, data_cfg.val_fraction)
     return TokenData(train=TokenSplit(train, seq_len), val=TokenSplit(val, seq_len), tokenizer=tok)

@@ -69,6 +69,8 @@ def read_result(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, f"malformed result.json: {exc}"
+    except RecursionError:  # e.g. [[[[...]]]] nested deeper than the parser's stack
+        return None, "malformed result.json: nested too deeply to parse"
     if not isinstance(record, dict):
         return None, f"malformed result.json: expected an object, got {type(record).__name__}"
     bad = [k for k, v in record.items() if isinstance(v, (dict, list))]

@@ -21,7 +21,7 @@ from typing import Any
 
 import submitit
 
-from moe.rundir import RunDir
+from moe.rundir import RunDir, RunLocked
 from moe.sweeps.records import record_requeue, record_start
 from moe.sweeps.scheduler import EXECUTOR_ENV, local_job_id
 
@@ -56,11 +56,13 @@ def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
     rank0 = _rank() == 0
     try:
         if rank0 and not run.is_done():
+            with run.writer_lock():  # another job trains this run: fail before touching status
+                pass
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
             record_start(run.path, current_job_id(), restarts)
         return train_run(cfg, run.path)
-    except TrainingFailed:
-        raise  # train_run already wrote state=failed with its reason
+    except (TrainingFailed, RunLocked):
+        raise  # failed: train_run wrote why; locked: the status is the other writer's
     except Exception as exc:
         if rank0:
             run.update_status(state="failed", reason=f"{type(exc).__name__}: {exc}"[:500])

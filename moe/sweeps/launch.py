@@ -8,27 +8,35 @@ launch fail at once instead of double-submitting.
 
 Executors: `local` (worker processes on this machine), `debug` (in this
 process, one after another) and `slurm` (ONE submitit job array per launch).
+
+Nothing from a spec or profile reaches the batch script unchecked: the sweep name
+is `[A-Za-z0-9._-]`, profile strings hold no control characters (`moe.sweeps.profile`),
+and every value the script's shell reads is quoted. A run whose status.json or
+result.json cannot be parsed is reported (`unreadable`) and the others go ahead.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from moe.config import config_hash, legacy_config_hash
+from moe.config import ConfigError, config_hash, legacy_config_hash
 from moe.io import atomic_write_text, file_lock
-from moe.rundir import RunDir
+from moe.rundir import RunDir, UnreadableRunFile, clean_stale_tmp
 from moe.sweeps.plan import RunPlan, plan, with_estimate
-from moe.sweeps.profile import ClusterProfile
+from moe.sweeps.profile import ClusterProfile, check_no_control_chars
 from moe.sweeps.records import record_failure, record_submission
 from moe.sweeps.scheduler import ACTIVE, LOCAL_ALIVE, SchedulerError, job_states
 from moe.sweeps.spec import SweepSpec
-from moe.sweeps.status import RUNS
+from moe.sweeps.status import RUNS, read_run_files
 
 EXECUTORS = ("local", "debug", "slurm")
 LOCK = ".launch.lock"
 SLURM_LOGS = "slurm"
+SWEEP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
 class LaunchError(ValueError):
@@ -49,6 +57,16 @@ class LaunchReport:
     """run_id -> scheduler job id (slurm only)."""
     final_states: dict[str, str] = field(default_factory=dict)
     """run_id -> done | failed (local and debug executors, which wait for the runs)."""
+    unreadable: tuple[tuple[str, str], ...] = ()
+    """(run_id, reason) of runs left alone because a run file cannot be parsed."""
+
+
+def check_sweep_name(name: str) -> str:
+    """The sweep name goes into job names and the batch script: [A-Za-z0-9._-] only."""
+    if not isinstance(name, str) or not SWEEP_NAME.match(name):
+        raise LaunchError(f"sweep name {name!r} may hold only letters, digits, '.', '_' and '-' "
+                          "(1 to 100 of them); rename it in the spec")
+    return name
 
 
 def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local",
@@ -59,6 +77,9 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
         raise LaunchError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     if profile is not None and executor != "slurm":
         raise LaunchError("--cluster applies to the slurm executor only")
+    if executor == "local" and not (isinstance(max_parallel, int) and max_parallel >= 1):
+        raise LaunchError(f"--max-parallel {max_parallel} must be at least 1")
+    check_sweep_name(spec.name)
     estimate = with_estimate(spec, profile.mfu, profile.gpu_peak_tflops) if profile else None
     runs = plan(spec, estimate)
     sweep_dir = Path(sweep_dir)
@@ -67,12 +88,14 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
         if not held:
             raise LaunchError(f"another `moe sweep launch` is running on {sweep_dir} "
                               f"(lock {sweep_dir / LOCK}); wait for it to finish")
+        clean_stale_tmp([sweep_dir])
         atomic_write_text(sweep_dir / "sweep.toml", spec.to_toml())
-        dirs = [prepare_run_dir(sweep_dir, run) for run in runs]
-        todo, done, in_flight = select_runs(dirs)
+        dirs, unreadable = _prepare_all(sweep_dir, runs)
+        todo, done, in_flight, bad = select_runs(dirs)
         report = LaunchReport(submitted=tuple(d.name for d in todo),
                               skipped_done=tuple(d.name for d in done),
-                              skipped_in_flight=tuple(d.name for d in in_flight))
+                              skipped_in_flight=tuple(d.name for d in in_flight),
+                              unreadable=(*unreadable, *bad))
         if not todo:
             return report
         if executor == "slurm":
@@ -85,6 +108,20 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
         else:
             final = run_debug(todo)
         return replace(report, final_states=final)
+
+
+def _prepare_all(sweep_dir: Path, runs: list[RunPlan]
+                 ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """prepare_run_dir for every run; a run whose config.toml cannot be parsed is set aside."""
+    dirs, unreadable = [], []
+    for run in runs:
+        try:
+            dirs.append(prepare_run_dir(sweep_dir, run))
+        except (ConfigError, UnreadableRunFile) as exc:
+            unreadable.append((run.run_id, f"config.toml is unreadable: {exc}"[:300]))
+    for d in dirs:
+        RunDir(d).clean_stale_tmp()
+    return dirs, unreadable
 
 
 def prepare_run_dir(sweep_dir: Path, run: RunPlan) -> Path:
@@ -116,14 +153,19 @@ def missing_tasks(run_dir: Path) -> list[str]:
     return [t for t in rd.read_config().eval.tasks if f"task/{t}/loss" not in result]
 
 
-def select_runs(dirs: list[Path]) -> tuple[list[Path], list[Path], list[Path]]:
-    """Split run dirs into (to submit, done, still queued or running)."""
-    last_jobs = {}
+def select_runs(dirs: list[Path]
+                ) -> tuple[list[Path], list[Path], list[Path], list[tuple[str, str]]]:
+    """Split run dirs into (to submit, done, still queued or running, unreadable with why)."""
+    last_jobs, bad = {}, []
     for d in dirs:
-        status = RunDir(d).read_status()
+        status = read_run_files(d)
+        if isinstance(status, str):
+            bad.append((d.name, status))
+            continue
         if not RunDir(d).is_done() and status.get("state") in ("pending", "running") \
                 and status.get("job_ids"):
             last_jobs[d] = str(status["job_ids"][-1])
+    dirs = [d for d in dirs if d.name not in dict(bad)]
     try:
         states = job_states(list(last_jobs.values())) if last_jobs else {}
     except SchedulerError as exc:
@@ -137,7 +179,7 @@ def select_runs(dirs: list[Path]) -> tuple[list[Path], list[Path], list[Path]]:
             in_flight.append(d)
         else:
             todo.append(d)
-    return todo, done, in_flight
+    return todo, done, in_flight, bad
 
 
 def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile,
@@ -148,10 +190,14 @@ def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile,
     from moe.sweeps.job import RunJob
     from moe.sweeps.local import PACKAGE_ROOT
 
+    check_no_control_chars("sweep directory", str(sweep_dir.resolve()))
+    check_no_control_chars("checkout path", str(PACKAGE_ROOT))
     executor = submitit.AutoExecutor(folder=sweep_dir / SLURM_LOGS / "%j", cluster="slurm")
-    params = profile.executor_parameters(job_name=f"moe-{name}")
-    # Jobs unpickle RunJob, so they must import this checkout even if it is not installed.
-    params["slurm_setup"] = [f"export PYTHONPATH={PACKAGE_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
+    params = profile.executor_parameters(job_name=f"moe-{check_sweep_name(name)}")
+    # Jobs unpickle RunJob, so they must import this checkout even if it is not installed;
+    # the path is quoted (a space or a `$` in it must not split or expand).
+    root = shlex.quote(str(PACKAGE_ROOT))
+    params["slurm_setup"] = [f"export PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}",
                              *params["slurm_setup"]]
     try:
         executor.update_parameters(**params)

@@ -5,11 +5,16 @@ or a NaN takes down one run only), with its output in RUN_DIR/worker.log.
 Progress goes to stderr: a tqdm bar over runs with the running runs' progress
 and loss when stderr is a terminal, one plain line per event otherwise (no
 escape codes in logs).
+
+SIGTERM to the launcher (a `kill`, a logout, an outer scheduler) is handled like
+Ctrl-C: every worker is terminated and its run marked failed ("relaunch to resume").
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,27 +46,56 @@ def run_local(run_dirs: list[Path], *, max_parallel: int = 2, progress: bool = T
         raise ValueError(f"max_parallel={max_parallel} must be >= 1")
     queue, running, final = list(run_dirs), [], {}
     display = Display(len(run_dirs), enabled=progress)
+    with _sigterm_raises(), _stop_workers_on_error(running):
+        try:
+            while queue or running:
+                while queue and len(running) < max_parallel:
+                    running.append(_start(queue.pop(0)))
+                    display.event(f"started {running[-1].run_dir.name}")
+                time.sleep(POLL_S)
+                for w in [w for w in running if w.proc.poll() is not None]:
+                    running.remove(w)
+                    final[w.run_dir.name] = _finish(w)
+                    display.finished(w.run_dir, final[w.run_dir.name], time.time() - w.started_s)
+                display.refresh([w.run_dir for w in running])
+        finally:
+            display.close()
+    return final
+
+
+class Terminated(KeyboardInterrupt):
+    """The launcher received SIGTERM: handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into `Terminated` in the main thread for the block (elsewhere: no-op)."""
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum}")
+
     try:
-        while queue or running:
-            while queue and len(running) < max_parallel:
-                running.append(_start(queue.pop(0)))
-                display.event(f"started {running[-1].run_dir.name}")
-            time.sleep(POLL_S)
-            for w in [w for w in running if w.proc.poll() is not None]:
-                running.remove(w)
-                final[w.run_dir.name] = _finish(w)
-                display.finished(w.run_dir, final[w.run_dir.name], time.time() - w.started_s)
-            display.refresh([w.run_dir for w in running])
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _stop_workers_on_error(running: list[_Worker]):
+    """Ctrl-C, SIGTERM or an error in the launcher: leave no orphan workers behind."""
+    try:
+        yield
     except BaseException:
-        for w in running:  # Ctrl-C or an error here: leave no orphan workers behind
+        for w in running:
             w.proc.terminate()
             w.proc.wait()
             w.log.close()
             record_failure(w.run_dir, "launcher interrupted; relaunch to resume")
         raise
-    finally:
-        display.close()
-    return final
 
 
 def worker_env() -> dict[str, str]:
@@ -72,10 +106,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def worker_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "moe.sweeps.job", str(run_dir)]
+
+
 def _start(run_dir: Path) -> _Worker:
     log = open(run_dir / WORKER_LOG, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "moe.sweeps.job", str(run_dir)], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=worker_env())
+    proc = subprocess.Popen(worker_command(run_dir), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=worker_env())
     record_submission(run_dir, "local", local_job_id(proc.pid))
     return _Worker(run_dir=run_dir, proc=proc, log=log, started_s=time.time())
 

@@ -19,11 +19,24 @@ mfu = 0.4
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from moe.sweeps.spec import SpecError, read_toml
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SBATCH_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def check_no_control_chars(what: str, value: str) -> str:
+    """SpecError when `value` holds a newline or another control character: in a batch
+    script it would start a new line that the cluster runs."""
+    if _CONTROL.search(value):
+        raise SpecError(f"{what} {value!r} holds a newline or another control character; "
+                        "remove it (it would become a command of its own in the job script)")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +89,26 @@ class ClusterProfile:
             raise SpecError("profile setup must be a list of shell lines (strings)")
         if not isinstance(self.additional_parameters, dict):
             raise SpecError("profile additional_parameters must be a table")
+        self._check_strings()
+
+    def _check_strings(self) -> None:
+        """Every string that reaches the batch script is one line (no control characters),
+        and sbatch option names are plain words."""
+        for name in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SpecError(f"profile {name}={value!r} must be a string")
+            check_no_control_chars(f"profile {name}", value or "")
+        for line in self.setup:
+            check_no_control_chars("profile setup line", line)
+        for key, value in self.additional_parameters.items():
+            if not _SBATCH_KEY.match(str(key)):
+                raise SpecError(f"profile additional_parameters key {key!r} must be an sbatch "
+                                "option name (letters, digits, '-', '_')")
+            if not isinstance(value, (str, int, float, bool)):
+                raise SpecError(f"profile additional_parameters.{key}={value!r} must be a "
+                                "string, number or boolean")
+            check_no_control_chars(f"profile additional_parameters.{key}", str(value))
 
     @property
     def world_size(self) -> int:

@@ -3,17 +3,20 @@
 SLURM ids (`123` or array tasks `123_4`) are looked up with one `squeue` call
 (jobs still queued or running) and one `sacct` call (finished jobs; needs
 slurmdbd, and is skipped when it fails). Local-executor ids look like
-`local:<host>:<pid>` and are alive while that process is.
+`local:<host>:<pid>:<start>` and are alive while that process is: `<start>` is the
+process's start time (/proc/PID/stat field 22), so a PID the OS has since given to
+another process does not count as alive (ids without it, from version 0.1, are still read).
 """
 
 from __future__ import annotations
 
 import getpass
-import os
 import re
 import shutil
 import socket
 import subprocess
+
+from moe.procs import is_same_process_alive, process_start_time
 
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                     "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING",
@@ -31,7 +34,8 @@ class SchedulerError(RuntimeError):
 
 
 def local_job_id(pid: int) -> str:
-    return f"local:{socket.gethostname()}:{pid}"
+    start = process_start_time(pid)
+    return f"local:{socket.gethostname()}:{pid}" + ("" if start is None else f":{start}")
 
 
 def is_slurm_id(job_id: str) -> bool:
@@ -49,24 +53,11 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def _local_state(job_id: str) -> str:
-    _, host, pid = job_id.split(":", 2)
-    if host != socket.gethostname() or not pid.isdigit():
+    _, host, pid, *start = job_id.split(":")
+    if host != socket.gethostname() or not pid.isdigit() or not all(s.isdigit() for s in start):
         return LOCAL_GONE
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return LOCAL_GONE
-    except PermissionError:
-        return LOCAL_ALIVE
-    return LOCAL_ALIVE if not _is_zombie(int(pid)) else LOCAL_GONE
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    alive = is_same_process_alive(int(pid), int(start[0]) if start else None)
+    return LOCAL_ALIVE if alive else LOCAL_GONE
 
 
 def _squeue(job_ids: list[str]) -> dict[str, str]:

@@ -3,7 +3,9 @@
 A run's state comes from its files first (result.json = done; status.json's
 state, progress, loss and reason) and from the scheduler second: a run whose
 status.json still says pending/running but whose job the scheduler reports
-cancelled, failed, timed out, or no longer knows, is failed with that reason.
+cancelled, failed, timed out, or no longer knows, is failed with that reason. A run
+whose status.json or result.json cannot be parsed is reported `unreadable` with the
+reason, and every other run is reported as usual.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from moe.rundir import STATES, RunDir
+from moe.rundir import STATES, RunDir, UnreadableRunFile
 from moe.sweeps.plan import render_table
 from moe.sweeps.scheduler import ACTIVE, LOCAL_ALIVE, LOCAL_GONE, SchedulerError, job_states
 from moe.sweeps.spec import SpecError
 
 FORMATS = ("table", "json")
 RUNS = "runs"
+UNREADABLE = "unreadable"
+REPORTED_STATES = (*STATES, UNREADABLE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +34,7 @@ class RunStatus:
 
     run_id: str
     state: str
-    """pending | running | done | failed."""
+    """pending | running | done | failed | unreadable (a run file cannot be parsed)."""
     tokens_done: int | None = None
     tokens_total: int | None = None
     last_loss: float | None = None
@@ -62,16 +66,27 @@ def run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
 def status(sweep_dir: str | os.PathLike, *, ask_scheduler: bool = True) -> list[RunStatus]:
     """Every run's status; the scheduler is asked about unfinished runs' last job ids."""
     dirs = run_dirs(sweep_dir)
-    records = {d: RunDir(d).read_status() for d in dirs}
-    pending_ids = [_last_job(r) for d, r in records.items()
-                   if not RunDir(d).is_done() and r.get("state") in ("pending", "running")]
+    records = {d: read_run_files(d) for d in dirs}
+    pending_ids = [_last_job(r) for d, r in records.items() if isinstance(r, dict)
+                   and not RunDir(d).is_done() and r.get("state") in ("pending", "running")]
     sched = None
     if ask_scheduler:
         try:
             sched = job_states([j for j in pending_ids if j])
         except SchedulerError:
             sched = None  # report what the files say; launch refuses in this case
-    return [run_status(d, records[d], sched) for d in dirs]
+    return [RunStatus(run_id=d.name, state=UNREADABLE, reason=records[d])
+            if isinstance(records[d], str) else run_status(d, records[d], sched) for d in dirs]
+
+
+def read_run_files(run_dir: Path) -> dict[str, Any] | str:
+    """A run's status.json, after checking its result.json parses; else why it cannot be read."""
+    run = RunDir(run_dir)
+    try:
+        run.read_result()
+        return run.read_status()
+    except (UnreadableRunFile, OSError) as exc:
+        return f"{exc}; move it away and relaunch (the run resumes from its checkpoints)"
 
 
 def run_status(run_dir: Path, record: dict[str, Any], sched: dict[str, str] | None
@@ -117,7 +132,7 @@ def _last_job(record: dict[str, Any]) -> str | None:
 
 def counts(runs: list[RunStatus]) -> dict[str, int]:
     c = Counter(r.state for r in runs)
-    return {s: c.get(s, 0) for s in STATES}
+    return {s: c.get(s, 0) for s in REPORTED_STATES if s in STATES or c.get(s)}
 
 
 def format_status(runs: list[RunStatus], fmt: str = "table") -> str:

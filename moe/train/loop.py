@@ -27,7 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.checkpoint import load_latest_checkpoint, save_checkpoint
+from moe.checkpoint import (
+    check_fits,
+    check_optimizer_fits,
+    load_latest_checkpoint,
+    run_ids_of,
+    save_checkpoint,
+)
 from moe.config import RunConfig, TrainConfig, config_hash
 from moe.data.shards import TokenData, load_data
 from moe.eval import evaluate_tasks, flat_results, load_tasks
@@ -35,6 +41,7 @@ from moe.model import ModelOutput, MoELM
 from moe.params import count_params, resolve_tokens, train_flops_per_token
 from moe.rundir import RunDir
 from moe.train.distributed import Dist
+from moe.train.resources import check_resources
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 
 
@@ -127,13 +134,20 @@ def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
 
     The same run (equal run id) with other evaluation or logging settings takes the new
     config: those settings do not change the trained weights (`moe.config.run_id`).
+    A different run is refused once anything was trained (a checkpoint, a metric or a
+    result); a directory whose config never trained (it failed at once) takes the new one.
     """
     if run.has_config():
         existing = run.read_config()
         if config_hash(existing) != config_hash(cfg):
-            raise ValueError(f"{run.path} already holds a different run (its config.toml "
-                             "differs); use a new --out directory or the same config")
-        if existing == cfg:
+            if run.is_done() or run.list_checkpoints() or run.read_metrics():
+                what = "finished" if run.is_done() else "partly trained"
+                raise ValueError(f"{run.path} already holds a different run ({what}; its "
+                                 "config.toml differs); use a new --out directory or the "
+                                 "same config")
+            run.update_status(state="pending", reason="config replaced before any training",
+                              step=0)
+        elif existing == cfg:
             return
     run.write_config(cfg)
 
@@ -161,23 +175,32 @@ def _fail(run: RunDir, ddp: Dist, step: int, reason: str) -> TrainingFailed:
     return TrainingFailed(f"run {run.path} failed at step {step}: {reason}")
 
 
-def _resume(run: RunDir, model, opt, device, ddp: Dist) -> int:
-    """Load the newest valid checkpoint into model/optimizer; returns its step (0 if none)."""
-    state = load_latest_checkpoint(run, map_location=device)
+def _resume(run: RunDir, model, opt, device, ddp: Dist, cfg: RunConfig
+            ) -> tuple[int, list[float]]:
+    """Load the newest valid checkpoint of this run that fits model and optimizer;
+    returns its step and the window of recent train losses (0, [] if none)."""
+    def fits(state: dict[str, Any]) -> None:
+        check_fits(model, state["model"])
+        check_optimizer_fits(opt, state.get("optimizer"))
+
+    state = load_latest_checkpoint(run, map_location=device, run_ids=run_ids_of(cfg),
+                                   accept=fits)
     if state is None:
         if ddp.is_main and run.list_checkpoints():
             run.update_status(reason="no loadable checkpoint; restarted from step 0")
-        return 0
+        return 0, []
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
-    return int(state["step"])
+    return int(state["step"]), [float(x) for x in state.get("recent_ce", [])]
 
 
-def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist) -> None:
+def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist,
+                recent_ce: list[float]) -> None:
     if ddp.is_main:
         state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                 "step": step, "rng_cpu": torch.get_rng_state(), "run_id": config_hash(cfg)}
+                 "step": step, "rng_cpu": torch.get_rng_state(), "run_id": config_hash(cfg),
+                 "recent_ce": list(recent_ce)}  # result.json's train_loss window survives resume
         save_checkpoint(run, step, state, keep=cfg.train.keep_checkpoints)
     if ddp.world > 1:
         dist.barrier()
@@ -206,22 +229,62 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
 
     A finished run whose result lacks some of `cfg.eval.tasks` is evaluated on those
     tasks only (nothing is trained) and its result.json gains their columns.
+
+    Before anything is allocated or written the run's memory is estimated and refused
+    when the machine (or GPU) cannot hold it. One process at a time trains a directory
+    (`RunDir.writer_lock`, held until this returns); a failure once the directory holds
+    this run marks it failed with the reason.
     """
     run = RunDir(run_dir)
     ddp = Dist.current()
+    if not run.is_done():  # a finished run only evaluates
+        check_resources(cfg, pick_device(cfg.train), ddp.world)
+    data = _load_inputs(cfg)  # a missing task file or a typo fails now, before any write
+    with run.writer_lock() if ddp.is_main else contextlib.nullcontext():
+        if ddp.is_main:
+            run.clean_stale_tmp()
+        try:
+            return _train_run(cfg, run, ddp, data, progress)
+        except TrainingFailed:
+            raise  # status.json already says where and why
+        except (Exception, KeyboardInterrupt) as exc:
+            if ddp.is_main:
+                _mark_failed(run, cfg, exc)
+            raise
+
+
+def _mark_failed(run: RunDir, cfg: RunConfig, exc: BaseException) -> None:
+    """Record a failure in status.json when the directory holds this unfinished run."""
+    try:
+        if run.is_done() or not run.has_config() or \
+                config_hash(run.read_config()) != config_hash(cfg):
+            return
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+            f"{type(exc).__name__}: {exc}"
+        run.update_status(state="failed", reason=reason[:500])
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
+
+
+def _load_inputs(cfg: RunConfig) -> TokenData:
     data = load_data(cfg.data, cfg.model.seq_len)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {data.tokenizer.vocab_size} ids")
-    if cfg.eval.tasks:  # a missing task file or a typo fails now, not after training
+    if cfg.eval.tasks:
         load_tasks(cfg)
+    return data
+
+
+def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress: bool
+               ) -> dict[str, Any]:
     device = pick_device(cfg.train)
     if ddp.is_main:
         prepare_run_dir(cfg, run)
     if run.is_done():
         return _evaluate_missing(run, cfg, data, device, ddp)
     model, opt = _setup(cfg, device, ddp)
-    start = _resume(run, model, opt, device, ddp)
+    start, recent_ce = _resume(run, model, opt, device, ddp, cfg)
     n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
     if ddp.is_main:
         run.truncate_metrics(start)
@@ -234,7 +297,6 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
     model.train()
     t0 = t_last = time.time()
     last_step = start
-    recent_ce: list[float] = []
     bar = _progress_bar(n_steps, start, progress and ddp.is_main)
     for step in range(start, n_steps):
         lr = lr_at(step, cfg.train, n_steps)
@@ -258,7 +320,7 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
             _periodic_eval(model, data, cfg, device, run, done, ddp)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps:
-            _checkpoint(run, done, model, opt, cfg, ddp)
+            _checkpoint(run, done, model, opt, cfg, ddp, recent_ce)
     if bar is not None:
         bar.close()
     return _finish(run, cfg, _unwrap(model), data, device, ddp, recent_ce,
@@ -282,6 +344,9 @@ def _evaluate_missing(run: RunDir, cfg: RunConfig, data: TokenData, device: torc
                       ddp: Dist) -> dict[str, Any]:
     """A finished run: evaluate the tasks its result lacks, train nothing."""
     result = run.read_result() or {}
+    if result.get("run_id", config_hash(cfg)) not in run_ids_of(cfg):
+        raise ValueError(f"{run.path} holds the finished run {result.get('run_id')!r}, not "
+                         f"{config_hash(cfg)!r}; use a new --out directory or its config")
     missing = [t for t in cfg.eval.tasks if f"task/{t}/loss" not in result]
     if missing and ddp.is_main:
         from moe.checkpoint import load_run_model

@@ -1,0 +1,122 @@
+"""Issue 14, item 6: every expected failure of a command reaches the user as one line,
+`error: <what> (<path>)`, with the exit code README.md documents; MOE_DEBUG=1 still
+shows the traceback. Faults are injected where the command writes or computes."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_config
+from moe.app import errors
+from moe.app.cli import main
+from moe.rundir import RunDir
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A sweep directory with one finished run (files only, nothing trained)."""
+    run = RunDir(tmp_path / "sweep" / "runs" / "good")
+    run.write_config(tiny_config())
+    run.write_result({"run_id": "good", "train_loss": 1.5, "val_loss": 1.6})
+    return tmp_path / "sweep"
+
+
+def _module(name: str):
+    return importlib.import_module(name)  # moe.sweeps re-exports functions of these names
+
+
+def _fail_writes(monkeypatch, exc: OSError) -> None:
+    def fsync(fd):
+        raise exc
+
+    monkeypatch.setattr("moe.io.os.fsync", fsync)
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, f"one line expected, got {err!r}"
+    return code, err.strip()
+
+
+def test_disk_full_is_one_line_with_the_path(sweep, monkeypatch, capsys):
+    _fail_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    code, err = _run(["sweep", "collect", str(sweep), "-o", str(sweep / "t.csv")], capsys)
+    assert code == errors.EXIT_OS == 5
+    assert err == f"error: no space left on device: free some space and rerun (it resumes) " \
+                  f"({sweep / 't.csv'})"
+    assert not list(sweep.glob("*.tmp")) and not list(sweep.glob(".*.tmp"))
+
+
+def test_permission_denied_is_one_line_with_the_path(sweep, monkeypatch, capsys):
+    def denied(path, data):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(_module("moe.sweeps.collect"), "atomic_write_bytes", denied)
+    code, err = _run(["sweep", "collect", str(sweep), "-o", str(sweep / "t.csv")], capsys)
+    assert (code, err) == (4, f"error: permission denied ({sweep / 't.csv'})")
+
+
+def test_file_exists_is_bad_input(sweep, monkeypatch, capsys):
+    def exists(path, data):
+        raise FileExistsError(errno.EEXIST, "File exists", str(path))
+
+    monkeypatch.setattr(_module("moe.sweeps.collect"), "atomic_write_bytes", exists)
+    code, err = _run(["sweep", "collect", str(sweep), "-o", str(sweep / "t.csv")], capsys)
+    assert code == 2 and err.startswith("error: already exists") and str(sweep) in err
+
+
+def test_training_failed_has_its_own_exit_code(tmp_path, capsys):
+    cfg = tmp_path / "diverges.toml"
+    cfg.write_text(tiny_config("train.lr=1e20", "train.min_lr=0").to_toml())
+    code, err = _run(["train", str(cfg), "--quiet", "--out", str(tmp_path / "run")], capsys)
+    assert code == 3 and re.match(r"error: run .* failed at step \d+: diverged", err)
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (KeyError("shards"), "error: missing key 'shards' in a file the command read"),
+    (ZeroDivisionError("division by zero"), "error: internal error: ZeroDivisionError: "
+                                             "division by zero; rerun with MOE_DEBUG=1"),
+])
+def test_unexpected_errors_are_one_line_too(exc, expected, sweep, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(_module("moe.sweeps.status"), "status", broken)
+    code, err = _run(["sweep", "status", str(sweep)], capsys)
+    assert code == 1 and err.startswith(expected)
+
+
+def test_moe_debug_shows_the_traceback(sweep, monkeypatch):
+    _fail_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setenv("MOE_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left"):
+        main(["sweep", "collect", str(sweep)])
+
+
+def test_readme_documents_every_exit_code():
+    text = README.read_text()
+    section = text[text.index("## Reliability"):]
+    documented = {int(c) for c in re.findall(r"^\| `(\d+)` \|", section, flags=re.M)}
+    codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    assert documented == codes
+
+
+def test_a_result_table_survives_the_failed_write(sweep, monkeypatch, capsys):
+    """The write failed atomically: the old table is intact, no temp file is left."""
+    assert main(["sweep", "collect", str(sweep), "-o", str(sweep / "t.csv")]) == 0
+    before = (sweep / "t.csv").read_bytes()
+    RunDir(sweep / "runs" / "good").write_result(
+        {"run_id": "good", "train_loss": 9.0, "val_loss": 9.0})
+    _fail_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    assert main(["sweep", "collect", str(sweep), "-o", str(sweep / "t.csv")]) == 5
+    assert (sweep / "t.csv").read_bytes() == before
+    assert json.loads((sweep / "runs" / "good" / "result.json").read_text())["val_loss"] == 9.0

@@ -1,0 +1,86 @@
+"""Issue 14, item 4: results are bit-equal after a late resume, and a run file that cannot
+be parsed is reported for that run (state `unreadable`, with the reason) while collect,
+status and launch go on with every other run."""
+
+from __future__ import annotations
+
+import json
+
+import fakeslurm
+import pandas as pd
+
+from helpers import tiny_config
+from moe.app.cli import main
+from moe.rundir import RunDir
+from moe.sweeps import collect, launch, status
+from moe.sweeps.profile import ClusterProfile
+from moe.train import train_run
+
+DEEP = "[" * 200_000 + "]" * 200_000  # valid JSON the parser cannot handle (RecursionError)
+
+
+def test_train_loss_is_bit_equal_after_a_late_resume(tmp_path):
+    cfg = tiny_config("train.checkpoint_every=8")  # 32 steps; train_loss averages 20
+    straight = train_run(cfg, tmp_path / "straight")
+    late = RunDir(tmp_path / "late")
+    train_run(cfg, late.path)
+    # a run killed after its step-24 checkpoint: no step-32 checkpoint, no result
+    late.result_path.unlink()
+    late.checkpoint_path(32).unlink()
+    late.checkpoint_path(32).with_suffix(".sha256").unlink()
+    resumed = train_run(cfg, late.path)
+    assert resumed["train_loss"] == straight["train_loss"]
+    assert resumed["val_loss"] == straight["val_loss"]
+
+
+def _sweep_with(tmp_path, files: dict[str, dict[str, str]]):
+    """A sweep directory with runs/<id>/config.toml plus the given files per run."""
+    for run_id, contents in files.items():
+        run = RunDir(tmp_path / "runs" / run_id)
+        run.write_config(tiny_config())
+        for name, text in contents.items():
+            (run.path / name).write_text(text)
+    return tmp_path
+
+
+GOOD = json.dumps({"run_id": "good", "d_model": 32, "n_layers": 2, "n_experts": 4,
+                   "top_k": 2, "train_loss": 1.5, "val_loss": 1.6})
+
+
+def test_collect_reports_a_result_too_deep_to_parse_and_keeps_the_rest(tmp_path):
+    sweep = _sweep_with(tmp_path, {"good": {"result.json": GOOD}, "deep": {"result.json": DEEP}})
+    result = collect(sweep, tmp_path / "table.csv")
+    assert list(pd.read_csv(result.path)["run_id"]) == ["good"]
+    assert result.skipped == (("deep", "malformed result.json: nested too deeply to parse"),)
+
+
+def test_status_reports_damaged_files_as_unreadable(tmp_path, capsys):
+    sweep = _sweep_with(tmp_path, {
+        "good": {"result.json": GOOD},
+        "torn": {"status.json": '{"state": "runn'},
+        "deep": {"result.json": DEEP},
+        "list": {"status.json": "[1, 2]"},
+    })
+    by_id = {r.run_id: r for r in status(sweep)}
+    assert by_id["good"].state == "done"
+    for bad in ("torn", "deep", "list"):
+        assert by_id[bad].state == "unreadable", bad
+    assert "status.json is unreadable" in by_id["torn"].reason
+    assert "result.json is unreadable: nested too deeply" in by_id["deep"].reason
+    assert main(["sweep", "status", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs: 0 pending, 0 running, 1 done, 0 failed, 3 unreadable" in out
+
+
+def test_launch_skips_a_run_with_a_damaged_status_and_submits_the_rest(tmp_path, monkeypatch):
+    kept = fakeslurm.install(tmp_path, monkeypatch)
+    spec, sweep = fakeslurm.two_run_spec(), tmp_path / "sweep"
+    first = launch(spec, sweep, executor="slurm", profile=ClusterProfile(), progress=False)
+    damaged, other = sorted(first.submitted)
+    (sweep / "runs" / damaged / "status.json").write_text('{"state": "pend')
+    # the stub scheduler forgets every job: both runs would be resubmitted
+    again = launch(spec, sweep, executor="slurm", profile=ClusterProfile(), progress=False)
+    assert again.submitted == (other,)
+    ((run_id, reason),) = again.unreadable
+    assert run_id == damaged and "status.json is unreadable" in reason
+    assert len(fakeslurm.scripts(kept)) == 2
