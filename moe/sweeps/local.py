@@ -50,7 +50,7 @@ def run_local(run_dirs: list[Path], *, max_parallel: int = 2, progress: bool = T
         try:
             while queue or running:
                 while queue and len(running) < max_parallel:
-                    running.append(_start(queue.pop(0)))
+                    _start(queue.pop(0), running)
                     display.event(f"started {running[-1].run_dir.name}")
                 time.sleep(POLL_S)
                 for w in [w for w in running if w.proc.poll() is not None]:
@@ -110,12 +110,14 @@ def worker_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "moe.sweeps.job", str(run_dir)]
 
 
-def _start(run_dir: Path) -> _Worker:
+def _start(run_dir: Path, running: list[_Worker]) -> None:
+    """Start a worker and add it to `running` before its job id is recorded, so a signal that
+    arrives once the id is visible finds the worker to stop."""
     log = open(run_dir / WORKER_LOG, "ab")
     proc = subprocess.Popen(worker_command(run_dir), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=worker_env())
+    running.append(_Worker(run_dir=run_dir, proc=proc, log=log, started_s=time.time()))
     record_submission(run_dir, "local", local_job_id(proc.pid))
-    return _Worker(run_dir=run_dir, proc=proc, log=log, started_s=time.time())
 
 
 def _finish(w: _Worker) -> str:
