@@ -81,24 +81,51 @@ def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> No
                          f"the table has: {shown}{more}")
 
 
-def positive_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> np.ndarray:
-    """Return the columns as a float array (n, len(columns)); raise on NaN, <= 0, < 5 rows."""
-    require_columns(df, columns, purpose=purpose)
-    values = np.empty((len(df), len(columns)))
-    for j, col in enumerate(columns):
-        raw = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-        bad_nan = int(np.sum(~np.isfinite(raw)))
-        if bad_nan:
-            raise TableError(f"column {col!r} has {bad_nan} missing/NaN/non-numeric value(s); "
-                             "drop or fix those rows")
-        bad_sign = int(np.sum(raw <= 0))
-        if bad_sign:
-            raise TableError(f"column {col!r} has {bad_sign} non-positive value(s); "
-                             f"{purpose} needs every value > 0")
-        values[:, j] = raw
-    if len(df) < MIN_POINTS:
-        raise TableError(f"{purpose} needs at least {MIN_POINTS} rows, the table has {len(df)}")
+def numeric_column(df: pd.DataFrame, col: str, *, purpose: str) -> np.ndarray:
+    """A used column as floats: a one-line error when it is missing, holds non-numeric
+    values or holds no value at all (never replaced by another column). NaN stays NaN."""
+    require_columns(df, [col], purpose=purpose)
+    raw = df[col]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+    bad = raw.notna().to_numpy() & np.isnan(values)
+    if bad.any():
+        example = raw[bad].iloc[0]
+        raise TableError(f"column {col!r} has {int(bad.sum())} non-numeric value(s) (e.g. "
+                         f"{example!r}); {purpose} needs numbers there")
+    if not np.isfinite(values).any():
+        raise TableError(f"column {col!r} has no numeric value (all missing/NaN); "
+                         f"{purpose} needs it filled")
     return values
+
+
+def used_columns(df: pd.DataFrame, columns: list[str], *, purpose: str,
+                 positive: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The used columns as floats (n_kept, len(columns)) and the boolean mask of kept rows.
+
+    Rows with NaN in any used column are dropped (the caller reports how many); a missing,
+    non-numeric or all-NaN column, a non-positive value (with ``positive``) or fewer than
+    5 rows left is a one-line TableError.
+    """
+    require_columns(df, columns, purpose=purpose)
+    values = np.column_stack([numeric_column(df, c, purpose=purpose) for c in columns])
+    keep = np.all(np.isfinite(values), axis=1)
+    values = values[keep]
+    if positive:
+        for j, col in enumerate(columns):
+            bad_sign = int(np.sum(values[:, j] <= 0))
+            if bad_sign:
+                raise TableError(f"column {col!r} has {bad_sign} non-positive value(s); "
+                                 f"{purpose} needs every value > 0")
+    if len(values) < MIN_POINTS:
+        dropped = f" after dropping {int((~keep).sum())} row(s) with NaN" if (~keep).any() else ""
+        raise TableError(f"{purpose} needs at least {MIN_POINTS} rows, the table has "
+                         f"{len(values)}{dropped}")
+    return values, keep
+
+
+def positive_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> np.ndarray:
+    """:func:`used_columns` without the mask (rows with NaN dropped)."""
+    return used_columns(df, columns, purpose=purpose)[0]
 
 
 def finite_rows(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
