@@ -155,3 +155,11 @@ def describe_missing(frame: pd.DataFrame, names) -> str:
     """'n_params_total' -> "'params' (--n-col)" using the frame's column sources."""
     sources = frame.attrs.get("column_sources", {})
     return ", ".join(sources.get(n, repr(n)) for n in names)
+
+
+def ensure_canonical(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` if it already went through :meth:`Columns.canonical`, else the default mapping
+    (val_loss is the loss; no fallback to train_loss)."""
+    if "column_sources" in df.attrs:
+        return df
+    return Columns().canonical(df)
