@@ -107,13 +107,14 @@ class Columns:
         attrs["column_sources"] maps project names to 'column (--flag)' and
         attrs["missing"] lists roles whose column is absent."""
         out = df.copy()
-        sources, missing = {}, []
+        sources, names, missing = {}, {}, []
         for f in fields(self):
             if f.name not in ROLES:
                 continue
             role, (name, _) = f.name, ROLES[f.name]
             col = getattr(self, role)
             sources[name] = self.source(role)
+            names[name] = col
             empty = col in df.columns and not df[col].notna().any()
             if col not in df.columns or (empty and role not in self.explicit):
                 if role in self.explicit:
@@ -133,6 +134,7 @@ class Columns:
             out[f"{TASK_PREFIX}{task.name}/kind"] = task.kind
             sources[f"{TASK_PREFIX}{task.name}/loss"] = repr(task.column)
         out.attrs["column_sources"] = sources
+        out.attrs["column_names"] = names
         out.attrs["missing"] = missing
         return out
 

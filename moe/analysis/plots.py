@@ -76,7 +76,8 @@ def fig_loss_vs_params(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Fi
 def _long_or_skip(df: pd.DataFrame, metric: str, what: str) -> pd.DataFrame:
     long = sparsity.long_table(df, metric)
     if long.empty:
-        raise FigureSkipped(f"{what}: the table has no task/<name>/{metric} columns")
+        raise FigureSkipped(f"{what}: the table has no task/<name>/{metric} columns "
+                            "(name task loss columns with --task-col NAME=COLUMN[:KIND])")
     return long
 
 
@@ -196,7 +197,7 @@ def fig_isoflop(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Figure:
 
 
 def _n_kind(df: pd.DataFrame) -> str:
-    return df.attrs.get("column_sources", {}).get("n_params_total", "'n_params_total'")
+    return str(df.attrs.get("column_names", {}).get("n_params_total", "n_params_total"))
 
 
 def fig_law_contours(df: pd.DataFrame, *, fit: fitmod.LawFit | None = None,

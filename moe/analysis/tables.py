@@ -72,8 +72,7 @@ def with_pretrain_loss(df: pd.DataFrame) -> pd.DataFrame:
 
 def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> None:
     """Raise TableError naming every missing column (and the available ones)."""
-    missing = [c if c != PRETRAIN_LOSS else "val_loss (or train_loss)"
-               for c in columns if c not in df.columns]
+    missing = [repr(c) for c in columns if c not in df.columns]
     if missing:
         shown = ", ".join(map(str, list(df.columns)[:12]))
         more = "" if len(df.columns) <= 12 else ", ..."
