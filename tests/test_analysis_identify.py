@@ -260,6 +260,12 @@ def test_pocket_report_quotes_no_unidentified_law(tmp_path):
     assert "L(N, D) = E + A/N^alpha + B/D^beta: not identified: D/N is the same" in text
     assert "| alpha |" not in text and "Compute-optimal allocation" not in text
     assert "N_opt ~ C^" not in text
+    record = json.loads((tmp_path / "report.json").read_text())
+    assert record["approach3"]["identified"] is False
+    objects = [record["approach3"], record["fixed_data"], *record["ushape_sparsity"],
+               *record["slopes"], *record["topk_effect"]]
+    assert all(isinstance(o["identified"], bool) and isinstance(o["warnings"], list)
+               for o in objects)
     rows = [line.split("|") for line in text.splitlines() if "| not identified" in line]
     assert rows
     for cells in rows:  # a not-identified row shows no estimate, interval or SE after it

@@ -4,6 +4,7 @@ the reason written into the report."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def _fit_and_check(data: fitmod.FitData, n_boot: int, seed: int):
     return fitmod.with_bootstrap(fit, data, boot), boot
 
 
-def _law_section(df: pd.DataFrame, n_boot: int, seed: int) -> tuple[list[str], object]:
+def _law_section(df: pd.DataFrame, n_boot: int, seed: int,
+                 rec: dict) -> tuple[list[str], object]:
     """Approach-3 fits; returns (lines, the chinchilla fit if identified, else None)."""
     out = ["## Pre-training loss laws (Approach 3)", ""]
     need = ["n_params_total", "tokens", PRETRAIN_LOSS]
@@ -85,6 +87,7 @@ def _law_section(df: pd.DataFrame, n_boot: int, seed: int) -> tuple[list[str], o
     data = fitmod.prepare(rows, n_col="n_params_total", d_col="tokens", loss_col=PRETRAIN_LOSS,
                           flops_col="flops" if "flops" in rows else None)
     chin, boot = _fit_and_check(data, n_boot, seed)
+    rec["approach3"] = _law_record(chin, boot)
     out += ["Fit: sum of Huber(delta=1e-3) of log-loss residuals, LSE parameterisation, "
             "global search then L-BFGS-B (Hoffmann et al. 2022; Besiroglu et al. 2024). "
             f"N = {describe_missing(df, ['n_params_total'])} ({chin.n_kind} parameters), "
@@ -93,14 +96,14 @@ def _law_section(df: pd.DataFrame, n_boot: int, seed: int) -> tuple[list[str], o
             f"{chin.compute_note}.", ""]
     if not chin.verdict.identified:
         out += not_identified(chin.verdict, "L(N, D) = E + A/N^alpha + B/D^beta")
-        out += _fixed_data_law(data, n_boot, seed) if fitmod.is_fixed_tpp(data) else []
-        return out + _leave_out(data) + _active_fit(rows), None
+        out += _fixed_data_law(data, n_boot, seed, rec) if fitmod.is_fixed_tpp(data) else []
+        return out + _leave_out(data) + _active_fit(rows, rec), None
     out += [f"Identified. Bootstrap: {n_boot} resamples, seed {seed}; tpp_opt is the "
             f"compute-optimal D/N at C = {_g(chin.flops_ref)} FLOPs (the largest in the data)."
             if boot else "Identified (no bootstrap).", ""]
     out += _param_table(chin, boot) + [""] + _warnings(chin.verdict)
     out += _allocation(chin, data)
-    return out + _leave_out(data) + _active_fit(rows), chin
+    return out + _leave_out(data) + _active_fit(rows, rec), chin
 
 
 def _allocation(chin: fitmod.LawFit, data: fitmod.FitData) -> list[str]:
@@ -114,11 +117,12 @@ def _allocation(chin: fitmod.LawFit, data: fitmod.FitData) -> list[str]:
     return out + [""]
 
 
-def _fixed_data_law(data: fitmod.FitData, n_boot: int, seed: int) -> list[str]:
+def _fixed_data_law(data: fitmod.FitData, n_boot: int, seed: int, rec: dict) -> list[str]:
     tpp = float(np.exp(np.mean(np.log(data.d / data.n))))
     out = [f"Every run has the same tokens per parameter (D/N = {_g(tpp, 3)}), so the data "
            "constrain only the fixed-TPP law L(N) = E + A/N^alpha:", ""]
     fixed, boot = _fit_and_check(dataclass_without_d(data), n_boot, seed)
+    rec["fixed_data"] = _law_record(fixed, boot)
     title = "Fixed-TPP law L(N) = E + A/N^alpha"
     if not fixed.verdict.identified:
         return out + not_identified(fixed.verdict, title)
@@ -146,12 +150,13 @@ def _leave_out(data: fitmod.FitData) -> list[str]:
             f"{100 * lo.max_abs_rel_error:.2f}%){caveat}.", ""]
 
 
-def _active_fit(rows: pd.DataFrame) -> list[str]:
+def _active_fit(rows: pd.DataFrame, rec: dict) -> list[str]:
     if "n_params_active" not in rows or len(finite_rows(rows, ["n_params_active"])) < 5:
         return []
     sub = finite_rows(rows, ["n_params_active"])
     fit = fitmod.fit_table(sub, n_col="n_params_active", d_col="tokens",
                            loss_col=PRETRAIN_LOSS, flops_col="flops" if "flops" in sub else None)
+    rec["approach3_active"] = _law_record(fit, None)
     if not fit.verdict.identified:
         return not_identified(fit.verdict, "L(N, D) with N = active parameters")
     p = fit.params
@@ -161,7 +166,7 @@ def _active_fit(rows: pd.DataFrame) -> list[str]:
                 fit.verdict)
 
 
-def _isoflop_section(df: pd.DataFrame, chin, n_boot: int, seed: int) -> list[str]:
+def _isoflop_section(df: pd.DataFrame, chin, n_boot: int, seed: int, rec: dict) -> list[str]:
     out = ["## IsoFLOP profiles (Approach 2)", ""]
     need = ["n_params_total", "flops", PRETRAIN_LOSS]
     if _missing(df, need):
@@ -171,6 +176,7 @@ def _isoflop_section(df: pd.DataFrame, chin, n_boot: int, seed: int) -> list[str
     tokens = rows["tokens"] if "tokens" in rows and rows["tokens"].notna().all() else None
     res = isoflop.fit_isoflop(rows["n_params_total"], rows[PRETRAIN_LOSS], rows["flops"],
                               tokens=tokens, n_boot=n_boot, seed=seed)
+    rec["approach2"] = res.to_dict()
     if not res.budgets:
         return out + ["Skipped: no compute budget has >= 3 model sizes (a fixed-TPP sweep has "
                       "one run per budget).", ""]
@@ -192,7 +198,7 @@ def _isoflop_section(df: pd.DataFrame, chin, n_boot: int, seed: int) -> list[str
     return out + [""] + _warnings(res.verdict)
 
 
-def _sparsity_section(df: pd.DataFrame, n_boot: int, seed: int) -> list[str]:
+def _sparsity_section(df: pd.DataFrame, n_boot: int, seed: int, rec: dict) -> list[str]:
     out = ["## Sparsity and downstream tasks", ""]
     long = sparsity.long_table(df, "loss")
     if long.empty:
@@ -204,6 +210,7 @@ def _sparsity_section(df: pd.DataFrame, n_boot: int, seed: int) -> list[str]:
             "with its reason; the latter are not findings.", ""]
     grouped, by = sparsity.width_groups(long)
     rows, skipped = sparsity.ushape_by_group(grouped, by=by, n_boot=n_boot, seed=seed)
+    rec["ushape_sparsity"] = [_ushape_record(r, by) for r in rows]
     if rows:
         out += ["U-shape fit of task loss in sparsity at fixed width"
                 + (" and token budget" if by != "d_model" else "") + " (quadratic; optimum "
@@ -213,8 +220,9 @@ def _sparsity_section(df: pd.DataFrame, n_boot: int, seed: int) -> list[str]:
         out += [f"| {r['task']} | {r['kind']} | {r[by]} | " + _ushape_cells(r["fit"])
                 for r in rows] + [""]
     out += [f"- {s}" for s in skipped] + ([""] if skipped else [])
-    out += _tpp_and_active(long, n_boot, seed)
+    out += _tpp_and_active(long, n_boot, seed, rec)
     slopes = sparsity.pretrain_slopes(long)
+    rec["slopes"] = slopes.to_dict("records")
     if not slopes.empty:
         out += ["Slope of task loss on pre-training loss, per sparsity (OLS; 95% interval "
                 "+- 1.96 SE):", "", "| task | kind | sparsity | slope | SE | n |",
@@ -224,6 +232,7 @@ def _sparsity_section(df: pd.DataFrame, n_boot: int, seed: int) -> list[str]:
                    f"not identified: {r.reason} | - |") + f" {r.n} |"
                 for r in slopes.itertuples()] + [""]
     effect = sparsity.topk_effect(long)
+    rec["topk_effect"] = effect.to_dict("records")
     if not effect.empty:
         out += ["Effect of top-k at equal pre-training loss (OLS with pre-training loss as "
                 "covariate; negative = lower task loss than the reference k):", "",
@@ -244,12 +253,13 @@ def _ushape_cells(f, transform=None) -> str:
             f"{f.convex_fraction:.2f} |")
 
 
-def _tpp_and_active(long: pd.DataFrame, n_boot: int, seed: int) -> list[str]:
+def _tpp_and_active(long: pd.DataFrame, n_boot: int, seed: int, rec: dict) -> list[str]:
     """U-shape in log TPP per task (if TPP varies) and task loss vs sparsity at fixed active
     parameters (groups with >= 2 sparsities)."""
     out = []
     if "tpp" in long and long["tpp"].nunique() >= 3:
         rows, _ = sparsity.ushape_by_group(long, by=None, x="log_tpp", n_boot=n_boot, seed=seed)
+        rec["ushape_log_tpp"] = [_ushape_record(r, None) for r in rows]
         out += ["U-shape fit of task loss in log TPP (all runs per task; optimum as TPP):", "",
                 "| task | kind | TPP* | 95% interval | convex share |", "|---|---|---|---|---|"]
         out += [f"| {r['task']} | {r['kind']} | " + _ushape_cells(r["fit"], np.exp)
@@ -272,7 +282,8 @@ def _tpp_and_active(long: pd.DataFrame, n_boot: int, seed: int) -> list[str]:
 
 def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
                 seed: int = 0, source: str | None = None, n_label: str | None = None) -> Path:
-    """Write report.md (atomically) with fits, optima and figures; returns its path.
+    """Write report.md (atomically) with fits, optima and figures, and report.json with every
+    fitted object's record (``identified``, ``warnings``, estimates); returns the .md path.
 
     A DataFrame that went through :meth:`Columns.canonical` keeps its column mapping;
     anything else is read with the default mapping. Raises TableError when neither a
@@ -289,9 +300,10 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     missing = df.attrs.get("missing", [])
     if missing:
         lines += [f"Columns not in the table: {describe_missing(df, missing)}.", ""]
-    law_lines, chin = _law_section(df, n_boot, seed)
-    sections = [law_lines, _isoflop_section(df, chin, n_boot, seed),
-                _sparsity_section(df, n_boot, seed)]
+    rec: dict = {}
+    law_lines, chin = _law_section(df, n_boot, seed, rec)
+    sections = [law_lines, _isoflop_section(df, chin, n_boot, seed, rec),
+                _sparsity_section(df, n_boot, seed, rec)]
     figs = plots.save_figures(df, fig_dir, fit=chin)
     made = [sec for sec in sections if not any(x.startswith("Skipped:") for x in sec)]
     if not made and not figs.paths:
@@ -304,4 +316,36 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
         rel = os.path.relpath(paths[0], out_md.parent)
         lines.append(f"![{name}]({rel}) ([pdf]({os.path.relpath(paths[1], out_md.parent)}))")
     lines += [""] + [f"- {name} skipped: {why}" for name, why in figs.skipped.items()]
+    atomic_write_text(out_md.with_suffix(".json"),
+                      json.dumps(_clean(rec), indent=1, allow_nan=False) + "\n")
     return atomic_write_text(out_md, "\n".join(lines).rstrip() + "\n")
+
+
+def _law_record(fit: fitmod.LawFit, boot) -> dict:
+    out = fit.to_dict()
+    if boot is not None:
+        out["intervals"] = {k: list(v) for k, v in boot.intervals.items()}
+    return out
+
+
+def _ushape_record(row: dict, by: str | None) -> dict:
+    f = row["fit"]
+    return {"task": row["task"], "kind": row["kind"],
+            **({"group": str(by), "value": row[by]} if by else {}), "x": f.x_name,
+            "optimum": f.optimum, "interval": list(f.interval), "interior": f.interior,
+            "convex_share": f.convex_fraction, **f.verdict.to_dict()}
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
