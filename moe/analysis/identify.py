@@ -97,7 +97,7 @@ def interval(name: str, estimate: float, bounds, *, log_scale: bool = False) -> 
         return []
     if hi - lo > abs(estimate):
         return [Issue(message=f"the bootstrap interval of {name} [{lo:.3g}, {hi:.3g}] is wider "
-                              f"than the estimate {estimate:.3g}")]
+                              "than its estimate")]
     return []
 
 

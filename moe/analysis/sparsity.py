@@ -61,7 +61,7 @@ def linear_verdict(estimate: float, se: float, n_distinct: int, what: str) -> id
                                      f"{identify.MIN_DISTINCT}"))
     if not np.isfinite(se) or 2 * Z95 * se > abs(estimate):
         issues.append(identify.Issue(message=f"the 95% interval (+-{Z95 * se:.2g}) is wider "
-                                     f"than the estimate {estimate:.3g}"))
+                                     "than the estimate"))
     return identify.Verdict.of(issues)
 
 

@@ -67,12 +67,14 @@ def _fit(args: argparse.Namespace) -> int:
         record = _fit_approach2(train, cols, args, test)
     else:
         record = _fit_approach3(train, cols, args, test)
+    summary, reason = record.pop("_summary"), record.pop("_reason")
     text = json.dumps(record, indent=2, allow_nan=False, default=float)
     if args.output:
         atomic_write_text(args.output, text + "\n")
     _warn(record, f"approach {args.approach} fit")
-    print(("" if record["identified"] else "not identified: ") + record.pop("_summary")
-          + (f" -> {args.output}" if args.output else ""))
+    print(summary + (f" -> {args.output}" if args.output else ""))
+    if not record["identified"]:
+        print(f"not identified: {reason} (the numbers above are diagnostics, not findings)")
     return 0
 
 
@@ -100,6 +102,7 @@ def _fit_approach3(df, cols, args, test) -> dict:
         kwargs["drop_highest"] = 0
         record["test"] = fitmod.held_out(result, fitmod.prepare(test, **kwargs))
     p = result.params
+    record["_reason"] = result.verdict.reason
     record["_summary"] = (f"{args.law}: " + ", ".join(f"{k}={v:.4g}" for k, v in p.items())
                           + f"; objective={result.objective:.6g}; n={result.n_points} "
                           f"(N = {result.n_kind}); {result.seconds:.2f}s")
@@ -134,6 +137,7 @@ def _fit_approach2(df, cols, args, test) -> dict:
                           f"token interpolated from {c_col!r} / {cols.d!r} at each budget"
                           if has_tokens else f"C from {c_col!r}; D_opt = C / (6 N_opt): the "
                           "table has no tokens column, so N is assumed to do all the compute")}
+    record["_reason"] = res.verdict.reason
     record["_summary"] = (f"approach 2: a={_fmt(res.a)}, b={_fmt(res.b)} from "
                           f"{len(res.interior)} of {len(res.budgets)} budget(s) (N = {n_kind});"
                           f" {res.note}")
