@@ -173,7 +173,8 @@ def _predict(args: argparse.Namespace) -> int:
     shown = f"loss = {out['loss']:.6g}"
     if iv:
         shown += f" ({100 * out['level']:.0f}% interval [{iv[0]:.6g}, {iv[1]:.6g}])"
-    print(("" if out["identified"] else "not identified: ") + shown)
+    print(shown + ("" if out["identified"] else " (from a fit that is not identified: a "
+                   "diagnostic, not a finding)"))
     return 0
 
 
