@@ -242,10 +242,7 @@ def law_issues(fit: LawFit, data: FitData) -> list:
     issues = identify.spread(data.n, f"N ({cols.get('n')})")
     if data.d is not None:
         issues += identify.spread(data.d, f"D ({cols.get('d', cols.get('c'))})")
-        if is_fixed_tpp(data):
-            issues.append(identify.Issue(message="D/N is the same for every run (fixed tokens "
-                                         "per parameter): A/N^alpha and B/D^beta cannot be "
-                                         "told apart"))
+        issues += _collinear(data)
     p = fit.params
     for name in ("alpha", "beta"):
         if name in p:
@@ -268,6 +265,24 @@ def law_issues(fit: LawFit, data: FitData) -> list:
                     f"{100 * data.fpt_scatter:.0f}%): the compute-optimal allocation is "
                     "approximate", blocking=False))
     return issues
+
+
+def _collinear(data: FitData, tol: float = 0.05) -> list:
+    """log D a linear function of log N across all runs (D = c N^v): the N and D terms are
+    confounded. v = 1 is a fixed tokens-per-parameter sweep, v = -1 a single IsoFLOP budget."""
+    x, y = np.log(data.n), np.log(data.d)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return []  # a constant column is reported by identify.spread
+    v, u = np.polyfit(x, y, 1)
+    if np.std(y - (u + v * x)) >= tol:
+        return []
+    if abs(v - 1) < tol:
+        what = "D/N is the same for every run (fixed tokens per parameter)"
+    elif abs(v + 1) < tol:
+        what = "N x D is the same for every run (a single compute budget)"
+    else:
+        what = f"D grows as N^{v:.2f} in every run"
+    return [identify.Issue(message=f"{what}: A/N^alpha and B/D^beta cannot be told apart")]
 
 
 def hessian_condition(fit: LawFit, data: FitData) -> float:
