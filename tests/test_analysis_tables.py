@@ -100,11 +100,15 @@ def test_unknown_law_and_bad_bootstrap(good_table, tmp_path):
     one_line_error(exc, "--bootstrap")
 
 
-def test_val_loss_falls_back_to_train_loss(tmp_path):
+def test_val_loss_never_falls_back_to_train_loss(tmp_path):
     df = pd.DataFrame({"val_loss": [np.nan, 2.0], "train_loss": [3.0, 2.5]})
     path = tmp_path / "t.csv"
     df.to_csv(path, index=False)
-    assert read_table(path)["pretrain_loss"].tolist() == [3.0, 2.0]
+    table = read_table(path)
+    assert "pretrain_loss" not in table
+    from moe.analysis.columns import ensure_canonical
+    assert ensure_canonical(table)["pretrain_loss"].isna().tolist() == [True, False]
+    assert "pretrain_loss" in ensure_canonical(df.drop(columns=["val_loss"])).attrs["missing"]
 
 
 def test_cli_fit_writes_fit_json(good_table, tmp_path):

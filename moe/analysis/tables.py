@@ -17,7 +17,7 @@ import pandas as pd
 from moe.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 MIN_POINTS = 5
-PRETRAIN_LOSS = "pretrain_loss"  # derived column: val_loss, falling back to train_loss per row
+PRETRAIN_LOSS = "pretrain_loss"  # the loss role in a canonical frame (moe.analysis.columns)
 TASK_PREFIX = "task/"
 
 
@@ -49,25 +49,7 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TableError(f"cannot read {path}: {first}") from exc
-    return with_pretrain_loss(df)
-
-
-def with_pretrain_loss(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``pretrain_loss`` = val_loss, or train_loss where val_loss is missing or NaN."""
-    if PRETRAIN_LOSS in df.columns:
-        return df
-    val = pd.to_numeric(df["val_loss"], errors="coerce") if "val_loss" in df else None
-    train = pd.to_numeric(df["train_loss"], errors="coerce") if "train_loss" in df else None
-    if val is None and train is None:
-        return df
-    out = df.copy()
-    if val is None:
-        out[PRETRAIN_LOSS] = train
-    elif train is None:
-        out[PRETRAIN_LOSS] = val
-    else:
-        out[PRETRAIN_LOSS] = val.where(val.notna(), train)
-    return out
+    return df
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> None:
@@ -120,11 +102,6 @@ def used_columns(df: pd.DataFrame, columns: list[str], *, purpose: str,
         raise TableError(f"{purpose} needs at least {MIN_POINTS} rows, the table has "
                          f"{len(values)}{dropped}")
     return values, keep
-
-
-def positive_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> np.ndarray:
-    """:func:`used_columns` without the mask (rows with NaN dropped)."""
-    return used_columns(df, columns, purpose=purpose)[0]
 
 
 def finite_rows(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
