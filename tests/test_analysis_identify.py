@@ -298,3 +298,29 @@ def test_analysis_commands_do_not_import_torch(tmp_path, argv):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "NO-TORCH 0", out.stdout + out.stderr
+
+
+def test_cli_writes_an_unidentified_fit_and_warns(tmp_path, capsys):
+    path = tmp_path / "narrow.csv"
+    synthetic.chinchilla_table(TRUTH, n_values=(1e8, 1.3e8, 1.6e8, 2e8)).to_csv(path,
+                                                                               index=False)
+    out = tmp_path / "fit.json"
+    assert run_cli("fit", path, "-o", out) == 0
+    record = json.loads(out.read_text())
+    assert record["identified"] is False and record["params"]
+    io = capsys.readouterr()
+    assert "warning: approach 3 fit: N (n_params_total) spans only a factor of 2" in io.err
+    assert "not identified: N (n_params_total) spans only" in io.out
+
+
+def test_bad_column_mapping_file(tmp_path, grid_csv):
+    bad = tmp_path / "cols.toml"
+    bad.write_text("n = [unclosed\n")
+    with pytest.raises(TableError, match="column mapping"):
+        run_cli("plot", grid_csv, "-o", tmp_path / "f", "--columns", bad)
+    bad.write_text('[tasks.gsm]\nkind = "reasoning"\n')
+    with pytest.raises(TableError, match="loss ="):
+        run_cli("plot", grid_csv, "-o", tmp_path / "f", "--columns", bad)
+    bad.write_text('size = "P"\n')
+    with pytest.raises(TableError, match="unknown column role"):
+        run_cli("plot", grid_csv, "-o", tmp_path / "f", "--columns", bad)
