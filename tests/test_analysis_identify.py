@@ -164,6 +164,9 @@ def test_predict_and_test_where(tmp_path, capsys):
     rel = [abs(r["predicted"] - r["observed"]) / r["observed"] for r in test["rows"]]
     assert test["mean_abs_rel_error"] == pytest.approx(np.mean(rel))
     assert record["n_points"] == 25
+    assert run_cli("fit", path, "--test-where", "n_params_total == 1e9 and tpp > 20",
+                   "-o", tmp_path / "two.json") == 0
+    assert json.loads((tmp_path / "two.json").read_text())["test"]["n_points"] == 2
     pred = predict_from_record(record, 1e9, 2e10)
     expected = laws.chinchilla(1e9, 2e10, **record["params"])
     assert pred["loss"] == pytest.approx(expected)

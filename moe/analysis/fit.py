@@ -169,14 +169,15 @@ def _compute_model(df, keep, n, d, c_col, flops_col):
 def prepare(df: pd.DataFrame, *, law: str = "chinchilla", n_col: str = "n_params_total",
             d_col: str | None = "tokens", loss_col: str = "val_loss",
             c_col: str | None = None, flops_col: str | None = "flops",
-            drop_highest: int = 0) -> FitData:
+            drop_highest: int = 0, min_points: int = 5) -> FitData:
     """Validate and extract fit inputs from a table.
 
     ``c_col`` (compute, FLOPs) replaces ``d_col`` with D = C / (6 N), as in the Chinchilla
     Figure 4 extraction. ``flops_col`` (if the table has it) defines the compute: FLOPs per
     token are fitted as k N^v from flops / tokens, and allocation uses them. Rows with NaN
     in a used column are dropped (``n_nan_dropped``). ``drop_highest`` drops that many
-    highest-loss rows first (Epoch's reference fit drops 5).
+    highest-loss rows first (Epoch's reference fit drops 5). ``min_points``: fewest rows
+    accepted (held-out rows for a test may be fewer than a fit needs).
     """
     if law not in LAWS:
         raise TableError(f"unknown law {law!r}; choose one of {', '.join(LAWS)}")
@@ -186,7 +187,7 @@ def prepare(df: pd.DataFrame, *, law: str = "chinchilla", n_col: str = "n_params
     if law == "chinchilla" and second is None:
         raise TableError("the chinchilla law needs a tokens column (--d-col) or compute (--c-col)")
     cols = [n_col, loss_col] + ([second] if second else [])
-    values, keep = used_columns(df, cols, purpose=f"the {law} fit")
+    values, keep = used_columns(df, cols, purpose=f"the {law} fit", min_points=min_points)
     n, loss = values[:, 0], values[:, 1]
     d = None
     if second is not None:

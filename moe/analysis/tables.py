@@ -80,12 +80,13 @@ def numeric_column(df: pd.DataFrame, col: str, *, purpose: str) -> np.ndarray:
 
 
 def used_columns(df: pd.DataFrame, columns: list[str], *, purpose: str,
-                 positive: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 positive: bool = True,
+                 min_points: int = MIN_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """The used columns as floats (n_kept, len(columns)) and the boolean mask of kept rows.
 
     Rows with NaN in any used column are dropped (the caller reports how many); a missing,
     non-numeric or all-NaN column, a non-positive value (with ``positive``) or fewer than
-    5 rows left is a one-line TableError.
+    ``min_points`` rows left is a one-line TableError.
     """
     require_columns(df, columns, purpose=purpose)
     values = np.column_stack([numeric_column(df, c, purpose=purpose) for c in columns])
@@ -97,9 +98,9 @@ def used_columns(df: pd.DataFrame, columns: list[str], *, purpose: str,
             if bad_sign:
                 raise TableError(f"column {col!r} has {bad_sign} non-positive value(s); "
                                  f"{purpose} needs every value > 0")
-    if len(values) < MIN_POINTS:
+    if len(values) < min_points:
         dropped = f" after dropping {int((~keep).sum())} row(s) with NaN" if (~keep).any() else ""
-        raise TableError(f"{purpose} needs at least {MIN_POINTS} rows, the table has "
+        raise TableError(f"{purpose} needs at least {min_points} rows, the table has "
                          f"{len(values)}{dropped}")
     return values, keep
 

@@ -88,8 +88,8 @@ def _fit_approach3(df, cols, args, test) -> dict:
     if "c" not in cols.explicit and cols.c not in df:
         kwargs["flops_col"] = None
     data = fitmod.prepare(df, **kwargs)
-    _dropped(data.n_nan_dropped, [cols.n, cols.loss] + ([cols.d] if args.law != "fixed_data"
-                                                         else []))
+    used = [cols.n, cols.loss] + ([args.c_col or cols.d] if args.law != "fixed_data" else [])
+    _dropped(data.n_nan_dropped, used)
     result = fitmod.fit_data(data)
     record = {**result.to_dict(), "intervals": {}}
     if args.bootstrap:
@@ -99,8 +99,10 @@ def _fit_approach3(df, cols, args, test) -> dict:
         record.update(result.verdict.to_dict(), intervals=summary.pop("intervals"),
                       bootstrap=summary)
     if test is not None:
-        kwargs["drop_highest"] = 0
-        record["test"] = fitmod.held_out(result, fitmod.prepare(test, **kwargs))
+        kwargs.update(drop_highest=0, min_points=1)
+        held = fitmod.prepare(test, **kwargs)
+        _dropped(held.n_nan_dropped, used, "held-out ")
+        record["test"] = fitmod.held_out(result, held)
     p = result.params
     record["_reason"] = result.verdict.reason
     record["_summary"] = (f"{args.law}: " + ", ".join(f"{k}={v:.4g}" for k, v in p.items())
@@ -148,9 +150,9 @@ def _fmt(x) -> str:
     return "n/a" if x is None or x != x else f"{x:.4g}"
 
 
-def _dropped(count: int, columns) -> None:
+def _dropped(count: int, columns, which: str = "") -> None:
     if count:
-        print(f"dropped {count} row(s) with NaN in {', '.join(map(repr, columns))}",
+        print(f"dropped {count} {which}row(s) with NaN in {', '.join(map(repr, columns))}",
               file=sys.stderr)
 
 
