@@ -124,6 +124,8 @@ def _fit_approach2(df, cols, args, test) -> dict:
                          "with)")
     c_col = args.c_col or cols.c
     has_tokens = cols.d in df
+    if not has_tokens and "d" in cols.explicit:
+        raise TableError(f"column {cols.d!r} named by --d-col is not in the table")
     use = [cols.n, cols.loss, c_col] + ([cols.d] if has_tokens else [])
     values, keep = used_columns(df, use, purpose="Approach 2")
     _dropped(int((~keep).sum()), use)
@@ -139,6 +141,9 @@ def _fit_approach2(df, cols, args, test) -> dict:
                           f"token interpolated from {c_col!r} / {cols.d!r} at each budget"
                           if has_tokens else f"C from {c_col!r}; D_opt = C / (6 N_opt): the "
                           "table has no tokens column, so N is assumed to do all the compute")}
+    if not has_tokens:
+        record["warnings"].append(f"no tokens column {cols.d!r}: D_opt = C / (6 N_opt) assumes "
+                                  "the fitted N does all the compute (wrong for MoE total N)")
     record["_reason"] = res.verdict.reason
     record["_summary"] = (f"approach 2: a={_fmt(res.a)}, b={_fmt(res.b)} from "
                           f"{len(res.interior)} of {len(res.budgets)} budget(s) (N = {n_kind});"
