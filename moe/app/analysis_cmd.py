@@ -67,6 +67,8 @@ def _fit(args: argparse.Namespace) -> int:
         record = _fit_approach2(train, cols, args, test)
     else:
         record = _fit_approach3(train, cols, args, test)
+    record["selection"] = {"where": args.where, "test_where": args.test_where,
+                           "table_rows": len(df), "fitted_rows": len(train)}
     summary, reason = record.pop("_summary"), record.pop("_reason")
     text = json.dumps(record, indent=2, allow_nan=False, default=float)
     if args.output:
