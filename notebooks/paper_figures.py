@@ -38,7 +38,7 @@ source = Path(os.environ.get("MOE_RESULTS", "moe-demo/results.parquet"))
 df = read_table(source)
 print(f"{len(df)} runs from {source}")
 df[["run_id", "d_model", "n_experts", "top_k", "sparsity", "n_params_total", "tokens",
-    "pretrain_loss"]].sort_values(["d_model", "sparsity"]).head(20)
+    "val_loss"]].sort_values(["d_model", "sparsity"]).head(20)
 
 # %% [markdown]
 # ## Pre-training loss against total parameters

@@ -147,7 +147,7 @@ def test_isoflop_recovers_exponent_on_centred_grid_and_states_bias():
     assert len(res.budgets) == 3
     assert res.a == pytest.approx(a_true, abs=0.01)
     assert res.a + res.b == pytest.approx(1.0)
-    assert "biased" in res.to_dict()["note"]
+    assert "biased" in res.to_dict()["bias"]
     # an off-centre grid (all N above the optimum) moves the estimate: the bias is real
     off = df.assign(n_params_total=df["n_params_total"] * 3)
     loss = laws.isoflop_loss(off["n_params_total"], off["flops"], **truth)

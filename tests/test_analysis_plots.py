@@ -53,7 +53,8 @@ def test_fig5_and_fig6_on_isoflop_table():
     assert "biased" in fig5.axes[0].get_title()
     fig6 = plots.fig_law_contours(df)
     ax = fig6.axes[0]
-    assert ax.get_xlabel() == "parameters N" and ax.get_ylabel() == "training tokens D"
+    assert ax.get_xlabel() == "parameters N (n_params_total)"
+    assert ax.get_ylabel() == "training tokens D"
     assert any("frontier" in t.get_text() for t in ax.get_legend().get_texts())
 
 
@@ -63,7 +64,8 @@ def test_skips_with_reasons(pocket):
     no_tasks = pocket[[c for c in pocket if not c.startswith("task/")]]
     with pytest.raises(plots.FigureSkipped, match="task/<name>/loss"):
         plots.fig_task_vs_pretrain(no_tasks)
-    with pytest.raises(plots.FigureSkipped, match="no column"):
+    with pytest.raises(plots.FigureSkipped, match=r"missing column\(s\) 'n_params_total' "
+                                                  r"\(--n-col\)"):
         plots.fig_loss_vs_params(no_tasks.drop(columns=["n_params_total"]))
 
 

@@ -42,8 +42,8 @@ def test_missing_column(good_table, tmp_path):
 
 def test_missing_loss_names_val_loss(good_table):
     with pytest.raises(TableError) as exc:
-        fit.prepare(good_table.drop(columns=["val_loss"]))
-    one_line_error(exc, "val_loss (or train_loss)")
+        fit.prepare(good_table.drop(columns=["val_loss"]).assign(train_loss=3.0))
+    one_line_error(exc, "val_loss")
 
 
 @pytest.mark.parametrize("column", ["n_params_total", "tokens", "val_loss"])
@@ -57,12 +57,15 @@ def test_non_positive_values(good_table, tmp_path, column):
     one_line_error(exc, column, "non-positive")
 
 
-def test_nan_values(good_table):
+def test_nan_rows_are_dropped_and_counted(good_table, tmp_path, capsys):
     bad = good_table.copy()
     bad.loc[[1, 2], "val_loss"] = np.nan
-    with pytest.raises(TableError) as exc:
-        fit.prepare(bad, loss_col="val_loss")
-    one_line_error(exc, "val_loss", "2 missing/NaN")
+    data = fit.prepare(bad, loss_col="val_loss")
+    assert data.n_nan_dropped == 2 and len(data.loss) == len(bad) - 2
+    path = tmp_path / "t.csv"
+    bad.to_csv(path, index=False)
+    assert run_cli("fit", path) == 0
+    assert "dropped 2 row(s) with NaN" in capsys.readouterr().err
 
 
 def test_too_few_points(good_table):
@@ -97,11 +100,15 @@ def test_unknown_law_and_bad_bootstrap(good_table, tmp_path):
     one_line_error(exc, "--bootstrap")
 
 
-def test_val_loss_falls_back_to_train_loss(tmp_path):
+def test_val_loss_never_falls_back_to_train_loss(tmp_path):
     df = pd.DataFrame({"val_loss": [np.nan, 2.0], "train_loss": [3.0, 2.5]})
     path = tmp_path / "t.csv"
     df.to_csv(path, index=False)
-    assert read_table(path)["pretrain_loss"].tolist() == [3.0, 2.0]
+    table = read_table(path)
+    assert "pretrain_loss" not in table
+    from moe.analysis.columns import ensure_canonical
+    assert ensure_canonical(table)["pretrain_loss"].isna().tolist() == [True, False]
+    assert "pretrain_loss" in ensure_canonical(df.drop(columns=["val_loss"])).attrs["missing"]
 
 
 def test_cli_fit_writes_fit_json(good_table, tmp_path):

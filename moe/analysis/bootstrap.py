@@ -41,9 +41,13 @@ class BootstrapResult:
     n_workers: int = 1
     extra: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        """JSON-ready summary (no raw samples)."""
-        return {"level": self.level, "n_resamples": self.n_resamples, "n_failed": self.n_failed,
+    def to_dict(self, *, with_samples: bool = False) -> dict:
+        """JSON-ready summary; ``with_samples`` adds the parameter samples (for prediction
+        intervals in `moe predict`)."""
+        extra = {"samples": {k: [float(x) for x in v] for k, v in self.samples.items()
+                             if k in ("E", "A", "B", "alpha", "beta")}} if with_samples else {}
+        return {**extra, "level": self.level, "n_resamples": self.n_resamples,
+                "n_failed": self.n_failed,
                 "seed": self.seed, "seconds": self.seconds, "n_workers": self.n_workers,
                 "se": {k: float(v) for k, v in self.se.items()},
                 "intervals": {k: [float(v[0]), float(v[1])] for k, v in self.intervals.items()}}
@@ -114,15 +118,18 @@ def _run_all(n_resamples, seed, n_workers, state):
     return thetas
 
 
-def derived_samples(thetas: np.ndarray, law: str, flops_ref: float) -> dict:
+def derived_samples(thetas: np.ndarray, law: str, flops_ref: float,
+                    fpt: tuple = (6.0, 1.0)) -> dict:
     """Named parameters (and for chinchilla a, b, tpp_opt at flops_ref) per resample."""
     rows = [theta_to_params(th, law) for th in thetas]
     out = {k: np.array([r[k] for r in rows]) for k in (rows[0] if rows else {})}
     if law == "chinchilla" and rows:
-        out["a"], out["b"] = laws.compute_optimal_exponents(out["alpha"], out["beta"])
+        out["a"], out["b"] = laws.compute_optimal_exponents_general(out["alpha"], out["beta"],
+                                                                    fpt[1])
         if np.isfinite(flops_ref):
             n_opt, d_opt = laws.compute_optimal_allocation(
-                flops_ref, out["A"], out["B"], out["alpha"], out["beta"])
+                flops_ref, out["A"], out["B"], out["alpha"], out["beta"], fpt_coef=fpt[0],
+                fpt_exp=fpt[1])
             out["tpp_opt"] = d_opt / n_opt
     return out
 
@@ -146,12 +153,13 @@ def bootstrap_fit(fit: LawFit, data: FitData, *, n_resamples: int = 1000, seed: 
     with single_thread_blas():
         thetas = _run_all(n_resamples, seed, n_workers, state)
     ok = np.all(np.isfinite(thetas), axis=1)
-    samples = derived_samples(thetas[ok], fit.law, fit.flops_ref)
+    samples = derived_samples(thetas[ok], fit.law, fit.flops_ref, fit.fpt)
     tail = 100.0 * (1.0 - level) / 2.0
-    se = {k: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
-          for k, v in samples.items()}
-    intervals = {k: tuple(np.percentile(v, [tail, 100.0 - tail])) if len(v) else
-                 (float("nan"), float("nan")) for k, v in samples.items()}
+    with np.errstate(invalid="ignore", over="ignore"):  # inf samples of unidentified fits
+        se = {k: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+              for k, v in samples.items()}
+        intervals = {k: tuple(np.percentile(v, [tail, 100.0 - tail])) if len(v) else
+                     (float("nan"), float("nan")) for k, v in samples.items()}
     return BootstrapResult(samples=samples, se=se, intervals=intervals, level=level,
                            n_resamples=n_resamples, n_failed=int((~ok).sum()), seed=seed,
                            seconds=time.perf_counter() - start, n_workers=n_workers)

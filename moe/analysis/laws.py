@@ -72,21 +72,33 @@ def compute_optimal_exponents(alpha, beta):
     return beta / s, alpha / s
 
 
-def compute_optimal_allocation(flops, A, B, alpha, beta):
-    """Compute-optimal N and D at compute C = 6 N D under the Chinchilla law (Hoffmann et al.
-    2022, eq. 4):
+def compute_optimal_allocation(flops, A, B, alpha, beta, *, fpt_coef=6.0, fpt_exp=1.0):
+    """Compute-optimal N and D at compute C = F(N) D under the Chinchilla law, where
+    F(N) = fpt_coef * N^fpt_exp is the training FLOPs per token (6 N for a dense model whose
+    N does all the compute; for an MoE fitted on total parameters F comes from the table).
 
-        N_opt = G (C/6)^a,  D_opt = G^-1 (C/6)^b,  G = (alpha A / (beta B))^(1/(alpha+beta))
-
+    Minimising L(N, C / F(N)) gives alpha A N^-alpha = v beta B (F(N)/C)^beta, so
+        N_opt = (alpha A C^beta / (v beta B k^beta))^(1/(alpha + v beta)),  D_opt = C / F(N_opt)
+    with k = fpt_coef, v = fpt_exp; k = 6, v = 1 is Hoffmann et al. 2022, eq. 4:
+    N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b, G = (alpha A / (beta B))^(1/(alpha+beta)).
     Returns (N_opt, D_opt) arrays.
     """
-    c6 = np.asarray(flops, dtype=float) / 6.0
-    a, b = compute_optimal_exponents(alpha, beta)
-    # Bootstrap resamples of a poorly identified fit can drive B to 0 (G = inf):
-    # that resample's allocation is inf, which the percentile summary reports as such.
+    c = np.asarray(flops, dtype=float)
+    k, v = float(fpt_coef), float(fpt_exp)
+    # Bootstrap resamples of a poorly identified fit can drive B to 0: that resample's
+    # allocation is inf, which the percentile summary reports as such.
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
-        return g * c6 ** a, c6 ** b / g
+        log_n = (np.log(alpha * A / (v * beta * B)) + beta * np.log(c) - beta * np.log(k)) / (
+            alpha + v * beta)
+        n_opt = np.exp(log_n)
+        return n_opt, c / (k * n_opt ** v)
+
+
+def compute_optimal_exponents_general(alpha, beta, fpt_exp=1.0):
+    """N_opt ~ C^a, D_opt ~ C^b when FLOPs per token ~ N^v: a = beta/(alpha + v beta),
+    b = 1 - v a (v = 1 gives :func:`compute_optimal_exponents`)."""
+    a = beta / (alpha + fpt_exp * beta)
+    return a, 1.0 - fpt_exp * a
 
 
 def isoflop_loss(n, flops, E, A, B, alpha, beta):

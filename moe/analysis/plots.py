@@ -17,13 +17,8 @@ from matplotlib.figure import Figure
 
 from moe.analysis import fit as fitmod
 from moe.analysis import isoflop, sparsity
-from moe.analysis.tables import (
-    PRETRAIN_LOSS,
-    TableError,
-    atomic_write_bytes,
-    finite_rows,
-    with_pretrain_loss,
-)
+from moe.analysis.columns import describe_missing, ensure_canonical
+from moe.analysis.tables import PRETRAIN_LOSS, TableError, atomic_write_bytes, finite_rows
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000")
@@ -39,10 +34,10 @@ class FigureSkipped(Exception):
 def _need(df: pd.DataFrame, cols: list[str], what: str) -> pd.DataFrame:
     missing = [c for c in cols if c not in df]
     if missing:
-        raise FigureSkipped(f"{what}: the table has no column(s) {', '.join(missing)}")
+        raise FigureSkipped(f"{what}: missing column(s) {describe_missing(df, missing)}")
     rows = finite_rows(df, [c for c in cols if c != "sparsity"])
     if len(rows) == 0:
-        raise FigureSkipped(f"{what}: no row has valid {', '.join(cols)}")
+        raise FigureSkipped(f"{what}: no row has valid {describe_missing(df, cols)}")
     return rows
 
 
@@ -64,7 +59,7 @@ def _metric_label(metric: str) -> str:
 
 def fig_loss_vs_params(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Figure:
     """(1) Pre-training loss vs parameters (log x), coloured by sparsity."""
-    df = with_pretrain_loss(df)
+    df = ensure_canonical(df)
     rows = _need(df, [n_col, PRETRAIN_LOSS], "loss vs parameters")
     fig = Figure(figsize=(5.5, 4), layout="constrained")
     ax = fig.add_subplot()
@@ -73,8 +68,7 @@ def fig_loss_vs_params(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Fi
     ax.scatter(rows[n_col], rows[PRETRAIN_LOSS], c=[colour(v) for v in s], edgecolor="k",
                linewidth=0.4)
     ax.set_xscale("log")
-    kind = "active" if "active" in n_col else "total"
-    ax.set(xlabel=f"{kind} parameters N", ylabel=LOSS_LABEL,
+    ax.set(xlabel=f"parameters N ({_n_kind(df)})", ylabel=LOSS_LABEL,
            title="Pre-training loss vs model size")
     return fig
 
@@ -82,7 +76,8 @@ def fig_loss_vs_params(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Fi
 def _long_or_skip(df: pd.DataFrame, metric: str, what: str) -> pd.DataFrame:
     long = sparsity.long_table(df, metric)
     if long.empty:
-        raise FigureSkipped(f"{what}: the table has no task/<name>/{metric} columns")
+        raise FigureSkipped(f"{what}: the table has no task/<name>/{metric} columns "
+                            "(name task loss columns with --task-col NAME=COLUMN[:KIND])")
     return long
 
 
@@ -169,13 +164,14 @@ def fig_task_vs_tpp(df: pd.DataFrame, *, metric: str | None = None) -> Figure:
 
 def fig_isoflop(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Figure:
     """(5) IsoFLOP curves: loss vs N per compute budget, parabola fits and their minima."""
-    df = with_pretrain_loss(df)
+    df = ensure_canonical(df)
     rows = _need(df, [n_col, "flops", PRETRAIN_LOSS], "IsoFLOP curves")
-    res = isoflop.fit_isoflop(rows[n_col], rows[PRETRAIN_LOSS], rows["flops"])
-    if len(res.budgets) < 2:
-        raise FigureSkipped(f"IsoFLOP curves: {len(res.budgets)} compute budget(s) with >= 3 "
-                            "model sizes and a convex profile; need 2 (one run per budget in "
-                            "a fixed-TPP sweep gives none)")
+    tokens = rows["tokens"] if "tokens" in rows and rows["tokens"].notna().all() else None
+    res = isoflop.fit_isoflop(rows[n_col], rows[PRETRAIN_LOSS], rows["flops"], tokens=tokens)
+    if not res.budgets:
+        raise FigureSkipped(f"IsoFLOP curves: no compute budget with >= 3 model sizes "
+                            f"({describe_missing(df, ['flops'])} groups the budgets; a "
+                            "fixed-TPP sweep gives one run per budget)")
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.add_subplot()
     labels = isoflop.bin_budgets(rows["flops"].to_numpy(float))
@@ -183,25 +179,36 @@ def fig_isoflop(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Figure:
         sel = np.isclose(labels, isoflop.bin_budgets(np.array([b.flops]))[0])
         n, loss = rows[n_col].to_numpy(float)[sel], rows[PRETRAIN_LOSS].to_numpy(float)[sel]
         c = OKABE_ITO[j % len(OKABE_ITO)]
-        ax.scatter(n, loss, color=c, marker=MARKERS[j % len(MARKERS)], label=f"C={b.flops:.2g}")
+        tag = "" if b.interior else " (excluded: minimum not inside)"
+        ax.scatter(n, loss, color=c, marker=MARKERS[j % len(MARKERS)],
+                   label=f"C={b.flops:.2g}{tag}")
         x = np.linspace(np.log(n.min()), np.log(n.max()), 100)
-        ax.plot(np.exp(x), np.polyval(b.coef[::-1], x), color=c, lw=1)
-        ax.plot([b.n_opt], [b.loss_opt], marker="*", color=c, ms=12, mec="k")
+        ax.plot(np.exp(x), np.polyval(b.coef[::-1], x), color=c, lw=1,
+                ls="-" if b.interior else ":")
+        if b.interior:
+            ax.plot([b.n_opt], [b.loss_opt], marker="*", color=c, ms=12, mec="k")
     ax.set_xscale("log")
-    ax.set(xlabel="parameters N", ylabel=LOSS_LABEL,
-           title=f"IsoFLOP profiles (Approach 2: a = {res.a:.3f}; parabola vertex is biased)")
+    slope = (f"a = {res.a:.3f}; parabola vertex is biased" if res.verdict.identified
+             else "a not identified")
+    ax.set(xlabel=f"parameters N ({_n_kind(df)})", ylabel=LOSS_LABEL,
+           title=f"IsoFLOP profiles (Approach 2: {slope})")
     ax.legend(title="compute (FLOPs)", fontsize=8)
     return fig
+
+
+def _n_kind(df: pd.DataFrame) -> str:
+    return str(df.attrs.get("column_names", {}).get("n_params_total", "n_params_total"))
 
 
 def fig_law_contours(df: pd.DataFrame, *, fit: fitmod.LawFit | None = None,
                      n_col: str = "n_params_total", d_col: str = "tokens") -> Figure:
     """(6) Contours of the fitted L(N, D), the data, and the compute-optimal frontier."""
-    df = with_pretrain_loss(df)
+    df = ensure_canonical(df)
     rows = _need(df, [n_col, d_col, PRETRAIN_LOSS], "L(N, D) contours")
     if fit is None:
         try:
-            fit = fitmod.fit_table(rows, n_col=n_col, d_col=d_col, loss_col=PRETRAIN_LOSS)
+            fit = fitmod.fit_table(rows, n_col=n_col, d_col=d_col, loss_col=PRETRAIN_LOSS,
+                                   flops_col="flops" if "flops" in rows else None)
         except TableError as exc:
             raise FigureSkipped(f"L(N, D) contours: {exc}") from exc
     n, d = rows[n_col].to_numpy(float), rows[d_col].to_numpy(float)
@@ -213,18 +220,21 @@ def fig_law_contours(df: pd.DataFrame, *, fit: fitmod.LawFit | None = None,
     cs = ax.contourf(nn, dd, fit.predict(nn, dd), levels=20, cmap="cividis")
     fig.colorbar(cs, ax=ax, label="fitted L(N, D) (nats/token)")
     ax.scatter(n, d, c="w", edgecolor="k", s=22, label="runs")
-    c_grid = np.logspace(np.log10(6 * gn.min() * gd.min()), np.log10(6 * gn.max() * gd.max()))
-    n_opt, d_opt = fit.allocation(c_grid)
-    inside = (n_opt >= gn.min()) & (n_opt <= gn.max()) & (d_opt >= gd.min()) & (
-        d_opt <= gd.max())
-    ax.plot(n_opt[inside], d_opt[inside], color="#D55E00", lw=2,
-            label=f"compute-optimal frontier (a = {fit.a:.3f})")
+    note = ""
+    if fit.verdict.identified:
+        k, v = fit.fpt
+        c_grid = np.logspace(np.log10(k * gn.min() ** v * gd.min()),
+                             np.log10(k * gn.max() ** v * gd.max()))
+        n_opt, d_opt = fit.allocation(c_grid)
+        inside = (n_opt >= gn.min()) & (n_opt <= gn.max()) & (d_opt >= gd.min()) & (
+            d_opt <= gd.max())
+        ax.plot(n_opt[inside], d_opt[inside], color="#D55E00", lw=2,
+                label=f"compute-optimal frontier (a = {fit.a:.3f})")
+    else:
+        note = f"\nnot identified: {fit.verdict.reasons[0]}"[:90]
     ax.set_xscale("log")
     ax.set_yscale("log")
-    note = ""
-    if np.std(np.log(d / n)) < 0.05:
-        note = "\n(one D per N: fixed TPP, so the law is poorly constrained)"
-    ax.set(xlabel="parameters N", ylabel="training tokens D",
+    ax.set(xlabel=f"parameters N ({_n_kind(df)})", ylabel="training tokens D",
            title=f"Fitted L(N, D) = E + A/N^alpha + B/D^beta{note}")
     ax.legend(fontsize=8, loc="upper left")
     return fig

@@ -9,12 +9,17 @@ top-k. Every function takes a DataFrame and returns frozen results or a DataFram
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from moe.analysis.tables import PRETRAIN_LOSS, task_kind, task_names, with_pretrain_loss
+from moe.analysis import identify
+from moe.analysis.columns import ensure_canonical
+from moe.analysis.tables import PRETRAIN_LOSS, task_kind, task_names
+
+MIN_CONVEX_SHARE = 0.9  # of bootstrap resamples, for an identified U-shape optimum
+Z95 = 1.959964
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +34,35 @@ class UShapeFit:
     interval: tuple  # percentile bootstrap interval of x* over convex resamples
     convex_fraction: float  # share of bootstrap resamples with c2 > 0
     n_boot: int
+    x_range: tuple = (float("nan"), float("nan"))  # sampled x
+    verdict: identify.Verdict = field(default_factory=lambda: identify.Verdict(identified=True))
+
+
+def ushape_issues(fit: UShapeFit) -> list:
+    """Convex, optimum and its interval inside the sampled range, convex in most resamples."""
+    lo, hi = fit.x_range
+    issues = identify.optimum_inside(fit.optimum, lo, hi, f"the {fit.x_name} optimum")
+    if fit.n_boot and fit.convex_fraction < MIN_CONVEX_SHARE:
+        issues.append(identify.Issue(message=f"only {100 * fit.convex_fraction:.0f}% of "
+                                     "bootstrap resamples are U-shaped"))
+    i_lo, i_hi = fit.interval
+    if fit.n_boot and np.isfinite(fit.optimum) and not (lo <= i_lo and i_hi <= hi):
+        issues.append(identify.Issue(message=f"the optimum's interval [{i_lo:.3g}, {i_hi:.3g}] "
+                                     f"leaves the sampled range [{lo:.3g}, {hi:.3g}]"))
+    return issues
+
+
+def linear_verdict(estimate: float, se: float, n_distinct: int, what: str) -> identify.Verdict:
+    """A regression coefficient: >= 3 distinct x values and a 95% interval no wider than the
+    estimate."""
+    issues = []
+    if n_distinct < identify.MIN_DISTINCT:
+        issues.append(identify.Issue(message=f"{n_distinct} distinct {what} value(s); need "
+                                     f"{identify.MIN_DISTINCT}"))
+    if not np.isfinite(se) or 2 * Z95 * se > abs(estimate):
+        issues.append(identify.Issue(message=f"the 95% interval (+-{Z95 * se:.2g}) is wider "
+                                     "than the estimate"))
+    return identify.Verdict.of(issues)
 
 
 def task_metric_col(task: str, metric: str) -> str:
@@ -47,7 +81,7 @@ def tasks_with(df: pd.DataFrame, metric: str = "loss") -> list[str]:
 
 def long_table(df: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:
     """One row per (run, task): run columns plus task, kind and ``value`` (the metric)."""
-    df = with_pretrain_loss(df)
+    df = ensure_canonical(df)
     keep = [c for c in ("run_id", "d_model", "n_experts", "top_k", "sparsity", "tpp", "tokens",
                         "n_params_total", "n_params_active", PRETRAIN_LOSS) if c in df]
     frames = []
@@ -86,10 +120,12 @@ def fit_ushape(x, y, *, x_name: str = "sparsity", n_boot: int = 500, seed: int =
     tail = 100 * (1 - level) / 2
     interval = (tuple(float(v) for v in np.percentile(opts, [tail, 100 - tail]))
                 if opts else (float("nan"), float("nan")))
-    return UShapeFit(x_name=x_name, coef=(float(c0), float(c1), float(c2)), n_points=len(x),
-                     optimum=float(optimum),
-                     interior=bool(np.isfinite(optimum) and x.min() <= optimum <= x.max()),
-                     interval=interval, convex_fraction=convex / max(n_boot, 1), n_boot=n_boot)
+    fit = UShapeFit(x_name=x_name, coef=(float(c0), float(c1), float(c2)), n_points=len(x),
+                    optimum=float(optimum),
+                    interior=bool(np.isfinite(optimum) and x.min() <= optimum <= x.max()),
+                    interval=interval, convex_fraction=convex / max(n_boot, 1), n_boot=n_boot,
+                    x_range=(float(x.min()), float(x.max())))
+    return replace(fit, verdict=identify.Verdict.of(ushape_issues(fit)))
 
 
 def width_groups(long: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -152,10 +188,25 @@ def pretrain_slopes(long: pd.DataFrame) -> pd.DataFrame:
     for (task, s), part in long.dropna(subset=[PRETRAIN_LOSS]).groupby(["task", "sparsity"]):
         if part[PRETRAIN_LOSS].nunique() < 2:
             continue
-        slope, intercept = np.polyfit(part[PRETRAIN_LOSS], part["value"], 1)
+        x, y = part[PRETRAIN_LOSS].to_numpy(float), part["value"].to_numpy(float)
+        (slope, intercept), cov = _line(x, y)
+        verdict = linear_verdict(slope, float(np.sqrt(cov)), len(np.unique(x)),
+                                 "pre-training loss")
         rows.append({"task": task, "kind": part["kind"].iloc[0], "sparsity": s,
-                     "slope": slope, "intercept": intercept, "n": len(part)})
+                     "slope": slope, "intercept": intercept, "se": float(np.sqrt(cov)),
+                     "n": len(part), **verdict.to_dict(), "reason": verdict.reason})
     return pd.DataFrame(rows)
+
+
+def _line(x: np.ndarray, y: np.ndarray):
+    """Least-squares line: ((slope, intercept), variance of the slope; inf with no dof)."""
+    slope, intercept = np.polyfit(x, y, 1)
+    dof = len(x) - 2
+    sxx = float(np.sum((x - x.mean()) ** 2))
+    if dof < 1 or sxx <= 0:
+        return (slope, intercept), float("inf")
+    sigma2 = float(np.sum((y - slope * x - intercept) ** 2) / dof)
+    return (slope, intercept), sigma2 / sxx
 
 
 def topk_effect(long: pd.DataFrame) -> pd.DataFrame:
@@ -183,7 +234,9 @@ def topk_effect(long: pd.DataFrame) -> pd.DataFrame:
         sigma2 = float(np.sum((y - x @ coef) ** 2) / dof)
         se = np.sqrt(np.diag(sigma2 * np.linalg.inv(x.T @ x)))
         for j, k in enumerate(ks[1:], start=2):
+            verdict = linear_verdict(coef[j], float(se[j]), part[PRETRAIN_LOSS].nunique(),
+                                     "pre-training loss")
             rows.append({"task": task, "kind": part["kind"].iloc[0], "top_k": int(k),
                          "reference_k": int(ks[0]), "effect": coef[j], "se": se[j],
-                         "n": len(y)})
+                         "n": len(y), **verdict.to_dict(), "reason": verdict.reason})
     return pd.DataFrame(rows)

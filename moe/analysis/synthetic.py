@@ -77,17 +77,27 @@ def chinchilla_table(params: dict, *, seed: int = 0, noise: float = 0.01,
 
 
 def isoflop_table(params: dict, *, seed: int = 0, noise: float = 0.003,
-                  budgets=(1e17, 1e18, 1e19), n_per_budget: int = 7) -> pd.DataFrame:
-    """IsoFLOP profiles: per budget C, N log-spaced around the law's optimum, D = C / 6N."""
+                  budgets=(1e17, 1e18, 1e19), n_per_budget: int = 7, centre_factors=None,
+                  active_fraction: float = 1.0) -> pd.DataFrame:
+    """IsoFLOP profiles: per budget C, N log-spaced over two decades around the law's
+    optimum times ``centre_factors[i]`` (default 1), D = C / FLOPs-per-token.
+
+    ``active_fraction`` f < 1 makes an MoE table: N (n_params_total) is total parameters,
+    n_params_active = f N does the compute (C = 6 f N D) and the loss follows the law in N.
+    """
+    if not 0 < active_fraction <= 1:
+        raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction}")
     rng = np.random.default_rng(seed)
+    factors = centre_factors or (1.0,) * len(budgets)
+    law = {k: params[k] for k in ("E", "A", "B", "alpha", "beta")}
     rows = []
-    for c in budgets:
-        n_opt, _ = laws.compute_optimal_allocation(c, params["A"], params["B"],
-                                                   params["alpha"], params["beta"])
-        for n in n_opt * np.logspace(-1, 1, n_per_budget):
-            d = c / (6 * n)
-            loss = laws.chinchilla(n, d, **{k: params[k] for k in ("E", "A", "B", "alpha",
-                                                                    "beta")})
-            rows.append({"n_params_total": n, "tokens": d, "tpp": d / n, "flops": c,
+    for c, factor in zip(budgets, factors, strict=True):
+        n_opt, _ = laws.compute_optimal_allocation(c, params["A"], params["B"], params["alpha"],
+                                                   params["beta"], fpt_coef=6 * active_fraction)
+        for n in factor * n_opt * np.logspace(-1, 1, n_per_budget):
+            d = c / (6 * active_fraction * n)
+            loss = laws.chinchilla(n, d, **law)
+            rows.append({"n_params_total": n, "n_params_active": active_fraction * n,
+                         "tokens": d, "tpp": d / n, "flops": c,
                          "val_loss": loss * np.exp(rng.normal(0, noise))})
     return pd.DataFrame(rows)

@@ -17,7 +17,7 @@ import pandas as pd
 from moe.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 MIN_POINTS = 5
-PRETRAIN_LOSS = "pretrain_loss"  # derived column: val_loss, falling back to train_loss per row
+PRETRAIN_LOSS = "pretrain_loss"  # the loss role in a canonical frame (moe.analysis.columns)
 TASK_PREFIX = "task/"
 
 
@@ -49,31 +49,12 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TableError(f"cannot read {path}: {first}") from exc
-    return with_pretrain_loss(df)
-
-
-def with_pretrain_loss(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``pretrain_loss`` = val_loss, or train_loss where val_loss is missing or NaN."""
-    if PRETRAIN_LOSS in df.columns:
-        return df
-    val = pd.to_numeric(df["val_loss"], errors="coerce") if "val_loss" in df else None
-    train = pd.to_numeric(df["train_loss"], errors="coerce") if "train_loss" in df else None
-    if val is None and train is None:
-        return df
-    out = df.copy()
-    if val is None:
-        out[PRETRAIN_LOSS] = train
-    elif train is None:
-        out[PRETRAIN_LOSS] = val
-    else:
-        out[PRETRAIN_LOSS] = val.where(val.notna(), train)
-    return out
+    return df
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> None:
     """Raise TableError naming every missing column (and the available ones)."""
-    missing = [c if c != PRETRAIN_LOSS else "val_loss (or train_loss)"
-               for c in columns if c not in df.columns]
+    missing = [repr(c) for c in columns if c not in df.columns]
     if missing:
         shown = ", ".join(map(str, list(df.columns)[:12]))
         more = "" if len(df.columns) <= 12 else ", ..."
@@ -81,24 +62,47 @@ def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> No
                          f"the table has: {shown}{more}")
 
 
-def positive_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> np.ndarray:
-    """Return the columns as a float array (n, len(columns)); raise on NaN, <= 0, < 5 rows."""
-    require_columns(df, columns, purpose=purpose)
-    values = np.empty((len(df), len(columns)))
-    for j, col in enumerate(columns):
-        raw = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-        bad_nan = int(np.sum(~np.isfinite(raw)))
-        if bad_nan:
-            raise TableError(f"column {col!r} has {bad_nan} missing/NaN/non-numeric value(s); "
-                             "drop or fix those rows")
-        bad_sign = int(np.sum(raw <= 0))
-        if bad_sign:
-            raise TableError(f"column {col!r} has {bad_sign} non-positive value(s); "
-                             f"{purpose} needs every value > 0")
-        values[:, j] = raw
-    if len(df) < MIN_POINTS:
-        raise TableError(f"{purpose} needs at least {MIN_POINTS} rows, the table has {len(df)}")
+def numeric_column(df: pd.DataFrame, col: str, *, purpose: str) -> np.ndarray:
+    """A used column as floats: a one-line error when it is missing, holds non-numeric
+    values or holds no value at all (never replaced by another column). NaN stays NaN."""
+    require_columns(df, [col], purpose=purpose)
+    raw = df[col]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+    bad = raw.notna().to_numpy() & np.isnan(values)
+    if bad.any():
+        example = raw[bad].iloc[0]
+        raise TableError(f"column {col!r} has {int(bad.sum())} non-numeric value(s) (e.g. "
+                         f"{example!r}); {purpose} needs numbers there")
+    if not np.isfinite(values).any():
+        raise TableError(f"column {col!r} has no numeric value (all missing/NaN); "
+                         f"{purpose} needs it filled")
     return values
+
+
+def used_columns(df: pd.DataFrame, columns: list[str], *, purpose: str,
+                 positive: bool = True,
+                 min_points: int = MIN_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """The used columns as floats (n_kept, len(columns)) and the boolean mask of kept rows.
+
+    Rows with NaN in any used column are dropped (the caller reports how many); a missing,
+    non-numeric or all-NaN column, a non-positive value (with ``positive``) or fewer than
+    ``min_points`` rows left is a one-line TableError.
+    """
+    require_columns(df, columns, purpose=purpose)
+    values = np.column_stack([numeric_column(df, c, purpose=purpose) for c in columns])
+    keep = np.all(np.isfinite(values), axis=1)
+    values = values[keep]
+    if positive:
+        for j, col in enumerate(columns):
+            bad_sign = int(np.sum(values[:, j] <= 0))
+            if bad_sign:
+                raise TableError(f"column {col!r} has {bad_sign} non-positive value(s); "
+                                 f"{purpose} needs every value > 0")
+    if len(values) < min_points:
+        dropped = f" after dropping {int((~keep).sum())} row(s) with NaN" if (~keep).any() else ""
+        raise TableError(f"{purpose} needs at least {min_points} rows, the table has "
+                         f"{len(values)}{dropped}")
+    return values, keep
 
 
 def finite_rows(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

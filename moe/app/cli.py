@@ -28,7 +28,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -51,20 +51,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eos-token", default=None, help="end-of-text token of a tokenizer file")
     q.set_defaults(func=_data_prepare)
 
-    _register_optional(sub)
+    _register_optional(sub, _command(argv))
     return parser
 
 
-def _register_optional(sub) -> None:
-    """The other subcommands (each module of `moe.app` has `register`)."""
+# Subcommand modules (each has `register`). A module that imports torch or triton at import
+# time is listed in _LAZY with the commands it registers and their help: it is imported only
+# when one of its commands runs, so `moe fit`, `moe plot`, `moe --help` never load torch.
+_MODULES = ("eval_cmd", "sweep_cmd", "analysis_cmd", "bench", "demo")
+_LAZY = {"bench": {"bench": "benchmarks (kernels)"}}
+
+
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option)."""
+    words = sys.argv[1:] if argv is None else argv
+    return next((w for w in words if not w.startswith("-")), None)
+
+
+def _register_optional(sub, command: str | None = None) -> None:
+    """The other subcommands; modules in _LAZY get a stub unless their command runs."""
     import importlib
 
-    for module in ("eval_cmd", "sweep_cmd", "analysis_cmd", "bench", "demo"):
+    for module in _MODULES:
+        stubs = _LAZY.get(module, {})
+        if stubs and command not in stubs:
+            for name, help_text in stubs.items():
+                sub.add_parser(name, help=help_text, add_help=False)
+            continue
         importlib.import_module(f"moe.app.{module}").register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
