@@ -203,8 +203,8 @@ def time_case(case: _Case, shape: BenchShape, device, *, warmup: int,
     flops = {"fwd": shape.fwd_flops, "bwd": 2 * shape.fwd_flops, "fwdbwd": 3 * shape.fwd_flops}
     out = {}
     for phase, ms in timings.items():
-        out[f"{phase}_ms"] = round(ms, 4)
-        out[f"{phase}_tflops"] = round(flops[phase] / (ms * 1e-3) / 1e12, 4)
+        out[f"{phase}_ms"] = float(f"{ms:.4g}")
+        out[f"{phase}_tflops"] = float(f"{flops[phase] / (ms * 1e-3) / 1e12:.4g}")
     return out
 
 

@@ -123,13 +123,12 @@ def loop_experts(x_TD: torch.Tensor, plan: DispatchPlan, w13_ED2H: torch.Tensor,
     return unsort_rows(y_SD, plan.slot_order_S, plan.inverse_S)
 
 
-def _grouped_mm_ok(x_SD: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """torch's grouped_mm needs 16-byte-aligned row strides, and bf16 on CUDA (SM >= 80)."""
-    if grouped_mm_fn() is None or (x_SD.is_cuda and x_SD.dtype != torch.bfloat16):
+def _grouped_mm_ok(x_TD: torch.Tensor, w2_EHD: torch.Tensor) -> bool:
+    """torch's grouped_mm needs 16-byte-aligned row strides (D and H), bf16 on CUDA (SM >= 80)."""
+    if grouped_mm_fn() is None or (x_TD.is_cuda and x_TD.dtype != torch.bfloat16):
         return False
-    size = x_SD.element_size()
-    dims = [x_SD.shape[-1]] + [w.shape[-1] for w in weights]
-    return all((d * size) % 16 == 0 for d in dims) and x_SD.shape[0] > 0
+    size = x_TD.element_size()
+    return all((d * size) % 16 == 0 for d in w2_EHD.shape[1:]) and x_TD.shape[0] > 0
 
 
 def torch_experts(x_TD: torch.Tensor, plan: DispatchPlan, w13_ED2H: torch.Tensor,
@@ -138,7 +137,7 @@ def torch_experts(x_TD: torch.Tensor, plan: DispatchPlan, w13_ED2H: torch.Tensor
 
     No host sync: grouped_mm reads the offsets on the device.
     """
-    if not _grouped_mm_ok(x_TD, w13_ED2H, w2_EHD):
+    if not _grouped_mm_ok(x_TD, w2_EHD):
         return loop_experts(x_TD, plan, w13_ED2H, w2_EHD)
     x_SD = _sorted_rows(x_TD, plan)
     h_SH = _swiglu(torch_grouped_mm(x_SD, w13_ED2H, plan.offs_E))
