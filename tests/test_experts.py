@@ -180,15 +180,17 @@ class FloatAccumulations(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _expert_pass(backend, seed=0):
-    idx_TK, weight_TK = _routing(33, 6, 3, empty_expert=True, seed=seed)
+def _expert_pass(backend, seed=0, *, device="cpu", dtype=torch.float32, n_tokens=33):
+    idx_TK, weight_TK = _routing(n_tokens, 6, 3, empty_expert=True, seed=seed)
     torch.manual_seed(seed)
-    experts = SwiGLUExperts(16, 24, 6, backend=backend)
+    experts = SwiGLUExperts(16, 24, 6, backend=backend).to(device)
     experts.reset_parameters(0.3, 0.3)
-    x = torch.randn(33, 16, requires_grad=True)
-    w = weight_TK.requires_grad_()
-    y = experts(x, idx_TK, w)
-    y.backward(torch.randn(33, 16, generator=torch.Generator().manual_seed(seed)))
+    x = torch.randn(n_tokens, 16, device=device, requires_grad=True)
+    w = weight_TK.to(device).requires_grad_()
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        y = experts(x, idx_TK.to(device), w)
+    dy = torch.randn(n_tokens, 16, generator=torch.Generator().manual_seed(seed))
+    y.backward(dy.to(device))
     return [y.detach(), x.grad, w.grad, experts.w13_ED2H.grad, experts.w2_EHD.grad]
 
 
@@ -240,3 +242,81 @@ def test_old_checkpoint_with_separate_gate_and_up_loads():
     torch.testing.assert_close(experts.dense_forward(x), (F.silu(x @ w1[0]) * (x @ w3[0])) @ w2[0])
     with pytest.raises(ValueError, match="only one of w1_EDH and w3_EDH"):
         experts.load_state_dict({"w1_EDH": w1, "w2_EHD": w2})
+
+
+# ---------------------------------------------------------------------------
+# On a GPU (benchmarks/gpu_check.sh runs these)
+# ---------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+GPU_BACKENDS = ("torch", "triton")
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bf16_on_gpu_matches_the_oracle(backend):
+    n_tokens, d_model, d_hidden, n_experts, top_k = 300, 64, 128, 8, 2
+    idx_TK, weight_TK = _routing(n_tokens, n_experts, top_k, empty_expert=True, seed=4)
+    experts = SwiGLUExperts(d_model, d_hidden, n_experts, backend=backend).cuda()
+    experts.reset_parameters(d_model ** -0.5, d_hidden ** -0.5)
+    x = torch.randn(n_tokens, d_model, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = experts(x, idx_TK.cuda(), weight_TK.cuda())
+    want = oracle_experts(x.bfloat16().float(), idx_TK, weight_TK.cuda(),
+                          experts.w13_ED2H.bfloat16().float(), experts.w2_EHD.bfloat16().float())
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_passes_are_bitwise_equal(backend):
+    first = _expert_pass(backend, device="cuda", dtype=torch.bfloat16, n_tokens=4096)
+    second = _expert_pass(backend, device="cuda", dtype=torch.bfloat16, n_tokens=4096)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_no_host_sync_in_the_moe_layer_forward(backend):
+    cfg = ModelConfig(d_model=64, n_layers=1, n_heads=2, n_experts=8, top_k=2, seq_len=64,
+                      vocab_size=100, experts_backend=backend)
+    ffn = MoELM(cfg).cuda().blocks[0].ffn
+    x = torch.randn(4, 64, 64, device="cuda")
+    mask = torch.ones(4 * 64, dtype=torch.bool, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ffn(x, mask)  # warm-up: Triton's autotuning synchronises, once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ffn(x, mask)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bf16_autocast_on_gpu_runs_the_experts_in_bf16(backend):
+    cfg = ModelConfig(d_model=64, n_layers=1, n_heads=2, n_experts=5, top_k=2, seq_len=16,
+                      vocab_size=40, experts_backend=backend)
+    model = MoELM(cfg).cuda()
+    idx = torch.randint(0, 40, (2, 16), device="cuda")
+    with MatmulDtypes() as rec, torch.autocast("cuda", dtype=torch.bfloat16):
+        model(idx, idx)
+    fp32 = [c for c in rec.calls if c[1] != {torch.bfloat16}]
+    assert [c[2][-1] for c in fp32] == [5], fp32  # the router only
+    expert_op = {"torch": "torch_grouped_mm", "triton": "grouped_mm"}[backend]
+    assert any(c[0] == expert_op for c in rec.calls), "fell back from the grouped matmul"
+
+
+@gpu
+def test_model_compiles_with_inductor_on_gpu():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=64, n_layers=1, n_heads=2, n_experts=4, top_k=2, seq_len=32,
+                      vocab_size=64, experts_backend="triton")
+    model = MoELM(cfg).cuda()
+    idx = torch.randint(0, 64, (2, 32), device="cuda")
+    want = model(idx, idx).ce_loss
+    got = torch.compile(model, fullgraph=True)(idx, idx).ce_loss
+    got.backward()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

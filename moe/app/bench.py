@@ -330,3 +330,6 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     p.add_argument("--repeats", type=int, help="timed calls; median reported (20 CUDA, 3 CPU)")
     p.set_defaults(func=_handle_kernels)
+    from moe.app import bench_train
+
+    bench_train.register(bench_sub)
