@@ -209,17 +209,22 @@ def test_two_passes_are_bitwise_equal_and_accumulate_no_float_rows(backend):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_whole_model_compiles_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("backend,compiler", [("torch", "inductor"), ("triton", "aot_eager")])
+def test_whole_model_compiles_fullgraph_and_matches_eager(backend, compiler):
+    """No graph break in forward or backward (fullgraph), same loss and gradients as eager.
+
+    `triton` runs the interpreter here, so its graph is checked with aot_eager only.
+    """
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, n_experts=4, top_k=2, seq_len=8,
-                      vocab_size=40, experts_backend="torch")
+                      vocab_size=40, experts_backend=backend)
     eager = MoELM(cfg)
     compiled_model = MoELM(cfg)
     compiled_model.load_state_dict(eager.state_dict())
     idx = torch.randint(0, 40, (2, 8))
     targets = idx.clone()
     targets[0, :3] = -100  # padding: the router losses use a mask, not boolean indexing
-    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)
 
     def loss_and_grads(fn, model):
         out = fn(idx, targets)

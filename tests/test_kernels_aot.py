@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe.kernels import aot
 
@@ -34,8 +35,12 @@ def test_every_kernel_and_config_builds_for_sm80_and_sm90_without_spills(tmp_pat
     proc = _run_compile(tmp_path, "--arch", "sm_80,sm_90", "--format", "json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     builds = json.loads(proc.stdout)
-    n_kernels = 3  # grouped_mm, grouped_mm_wT (dx through w's transposed view), grouped_mm_dw
-    assert len(builds) == n_kernels * (len(gg.AMPERE_CONFIGS) + len(gg.HOPPER_CONFIGS))
+    # grouped_mm, grouped_mm_wT (dx through w's transposed view), grouped_mm_dw; each also
+    # as *_unaligned (widths not multiples of 16) with the configs the pruner keeps for it
+    kernels = {"grouped_mm", "grouped_mm_wT", "grouped_mm_dw"}
+    assert {b["kernel"] for b in builds} == kernels | {f"{k}_unaligned" for k in kernels}
+    per_kernel = len(gg.AMPERE_CONFIGS) + len(gg.HOPPER_CONFIGS) + 2 * len(gg.UNALIGNED_CONFIGS)
+    assert len(builds) == len(kernels) * per_kernel
     for b in builds:
         where = f"{b['kernel']}.{b['config']}.{b['arch']}"
         assert b["spilled_bytes"] == 0, f"{where} spills {b['spilled_bytes']} bytes"
@@ -63,3 +68,20 @@ def test_a_spill_or_too_much_shared_memory_is_a_problem():
     assert spill.spilled_bytes == 12 and spill.problems == ["spills 12 bytes"]
     big = aot.KernelBuild(**{**ok.__dict__, "shared_bytes": 200_000})
     assert big.problems and "shared memory" in big.problems[0]
+
+
+def test_unaligned_shapes_get_only_the_configs_that_do_not_spill(monkeypatch):
+    from moe.kernels import grouped_gemm as gg
+
+    monkeypatch.setattr(gg, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    x = torch.empty(64, 512)
+    args = {"a_ptr": x, "b_ptr": x, "c_ptr": x, "N": 1024, "K": 512, "stride_am": 512,
+            "stride_ak": 1, "M": 37}
+    configs = gg.HOPPER_CONFIGS + gg.AMPERE_CONFIGS + gg.UNALIGNED_CONFIGS  # the autotune list
+    assert gg.is_aligned(args)
+    assert gg._prune_for_device(configs, args) == gg.HOPPER_CONFIGS
+    odd = {**args, "K": 520 + 4, "stride_am": 524}
+    assert not gg.is_aligned(odd)
+    assert gg._prune_for_device(configs, odd) == gg.UNALIGNED_CONFIGS
+    assert not gg.is_aligned({**args, "a_ptr": x[:, 1:]})  # base pointer off by 4 bytes

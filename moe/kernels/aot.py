@@ -11,7 +11,8 @@ allocation (`metadata.shared`), checked against the target's opt-in limit.
 The kernels are compiled as the experts use them: bf16 operands, int64 row
 indices, gather and scatter on (the most registers), 16-byte aligned pointers,
 strides that are multiples of 16 and unit inner strides (what the JIT specialises
-for the paper's shapes), E_POW2 = 256 (the paper's largest E).
+for the paper's shapes), E_POW2 = 256 (the paper's largest E); and once more
+without the alignment hints, with the configs the pruner keeps for such shapes.
 
 Triton must not be in interpreter mode (TRITON_INTERPRET unset): interpreted
 kernels cannot be compiled.
@@ -109,7 +110,8 @@ def _kernel_specs():
             ("grouped_mm_dw", gg._grouped_mm_dw_kernel.fn, dw_sig, dw_const)]
 
 
-def _compile_ptx(fn, signature: dict, constexprs: dict, cfg, capability: int):
+def _compile_ptx(fn, signature: dict, constexprs: dict, cfg, capability: int, *,
+                 aligned: bool = True):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -119,7 +121,7 @@ def _compile_ptx(fn, signature: dict, constexprs: dict, cfg, capability: int):
                 for name in fn.arg_names}
     # 16-byte alignment of pointers and divisibility of sizes/strides, as the JIT infers.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name in signature and name not in ("M", "FANOUT")}
+             if aligned and name in signature and name not in ("M", "FANOUT")}
     src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", capability, 32)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -149,9 +151,40 @@ def ptxas_usage(ptx: str, capability: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[KernelBuild]:
-    """Compile every kernel x autotune config x arch; write PTX; return resource use."""
+def _variants(capability: int):
+    """(name, fn, signature, constexprs, configs, aligned) of every build for one target."""
+    from moe.kernels import grouped_gemm as gg
+
+    arch_configs = gg.HOPPER_CONFIGS if capability >= 90 else gg.AMPERE_CONFIGS
+    for name, fn, sig, const in _kernel_specs():
+        yield name, fn, sig, const, arch_configs, True
+    for name, fn, sig, const in _kernel_specs():
+        yield f"{name}_unaligned", fn, sig, const, gg.UNALIGNED_CONFIGS, False
+
+
+def _build_one(name, fn, sig, const, cfg, arch, aligned, out_dir: Path) -> KernelBuild:
     from moe.io import atomic_write_text
+
+    capability = ARCHS[arch]
+    compiled = _compile_ptx(fn, sig, const, cfg, capability, aligned=aligned)
+    ptx = compiled.asm["ptx"]
+    path = out_dir / f"{name}.{config_name(cfg)}.{arch}.ptx"
+    atomic_write_text(path, ptx)
+    regs, spill_st, spill_ld = ptxas_usage(ptx, capability)
+    return KernelBuild(kernel=name, config=config_name(cfg), arch=arch, registers=regs,
+                       spill_store_bytes=spill_st, spill_load_bytes=spill_ld,
+                       shared_bytes=int(compiled.metadata.shared),
+                       shared_limit_bytes=SMEM_LIMIT_BYTES[capability],
+                       wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync.aligned" in ptx,
+                       ptx_path=os.fspath(path))
+
+
+def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[KernelBuild]:
+    """Compile every kernel x autotune config x arch; write PTX; return resource use.
+
+    `<kernel>_unaligned` builds have no divisibility hints: what the JIT compiles
+    for widths that are not multiples of 16 (with UNALIGNED_CONFIGS only).
+    """
     from moe.kernels import grouped_gemm as gg
 
     if gg.INTERPRET:
@@ -160,24 +193,12 @@ def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[Kerne
     out_dir.mkdir(parents=True, exist_ok=True)
     builds = []
     for arch in archs:
-        capability = ARCHS[arch]
-        configs = gg.HOPPER_CONFIGS if capability >= 90 else gg.AMPERE_CONFIGS
-        for name, fn, sig, const in _kernel_specs():
+        for name, fn, sig, const, configs, aligned in _variants(ARCHS[arch]):
             for cfg in configs:
-                compiled = _compile_ptx(fn, sig, const, cfg, capability)
-                ptx = compiled.asm["ptx"]
-                path = out_dir / f"{name}.{config_name(cfg)}.{arch}.ptx"
-                atomic_write_text(path, ptx)
-                regs, spill_st, spill_ld = ptxas_usage(ptx, capability)
-                build = KernelBuild(
-                    kernel=name, config=config_name(cfg), arch=arch, registers=regs,
-                    spill_store_bytes=spill_st, spill_load_bytes=spill_ld,
-                    shared_bytes=int(compiled.metadata.shared),
-                    shared_limit_bytes=SMEM_LIMIT_BYTES[capability],
-                    wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync.aligned" in ptx,
-                    ptx_path=os.fspath(path))
+                build = _build_one(name, fn, sig, const, cfg, arch, aligned, out_dir)
                 builds.append(build)
-                log(f"{name} {build.config} {arch}: {regs} registers")
+                log(f"{name} {build.config} {arch}: {build.registers} registers, "
+                    f"{build.spilled_bytes} bytes spilled")
     return builds
 
 

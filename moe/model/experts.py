@@ -155,12 +155,21 @@ _EAGER_BACKENDS: dict[str, ExpertFn] = {"loop": loop_experts, "torch": torch_exp
 BACKENDS = ("auto", *_EAGER_BACKENDS, *_LAZY_BACKENDS)
 
 
+_LOADED: dict[str, ExpertFn] = dict(_EAGER_BACKENDS)
+"""Backends by name once imported; a compiled graph only reads this dict (an import would
+break the graph), so SwiGLUExperts loads its backend when it is built."""
+
+
 def get_backend(name: str, device: torch.device | str = "cpu") -> ExpertFn:
     """The expert function for `name`; `auto` picks the fastest available on `device`."""
     if name == "auto":
         name = auto_backend(device)
-    if name in _EAGER_BACKENDS:
-        return _EAGER_BACKENDS[name]
+    if name not in _LOADED:
+        _LOADED[name] = _import_backend(name)
+    return _LOADED[name]
+
+
+def _import_backend(name: str) -> ExpertFn:
     if name not in _LAZY_BACKENDS:
         raise ValueError(f"unknown experts backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module_name, fn_name = _LAZY_BACKENDS[name].split(":")
@@ -191,9 +200,9 @@ def _probe_backend(device_type: str) -> str:
         return "torch"
     try:
         importlib.import_module("triton")
-        importlib.import_module(_LAZY_BACKENDS["triton"].split(":")[0])
+        get_backend("triton")
         return "triton"
-    except ImportError:
+    except (ImportError, ValueError):
         return "torch" if grouped_mm_fn() is not None else "loop"
 
 
@@ -229,6 +238,8 @@ class SwiGLUExperts(nn.Module):
         self.w13_ED2H = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_hidden))
         self.w2_EHD = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
         self.register_load_state_dict_pre_hook(_fuse_gate_up)
+        if backend != "auto":
+            get_backend(backend)  # import now: an import inside a compiled graph breaks it
 
     @property
     def n_experts(self) -> int:
