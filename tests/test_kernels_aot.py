@@ -46,7 +46,9 @@ def test_every_kernel_and_config_builds_for_sm80_and_sm90_without_spills(tmp_pat
         assert b["spilled_bytes"] == 0, f"{where} spills {b['spilled_bytes']} bytes"
         assert 0 < b["registers"] <= aot.MAX_REGISTERS, where
         assert 0 < b["shared_bytes"] <= b["shared_limit_bytes"], where
-        assert b["wgmma"] if b["arch"] == "sm_90" else b["mma_sync"], where
+        assert b["wgmma"] or b["mma_sync"], f"{where} uses no tensor cores"
+        if not b["kernel"].endswith("_unaligned"):  # unaligned dw on sm_90: mma.sync
+            assert b["wgmma"] if b["arch"] == "sm_90" else b["mma_sync"], where
         ptx = tmp_path / f"{where}.ptx"
         assert Path(b["ptx_path"]) == ptx and ".entry" in ptx.read_text()
     assert {b["arch"] for b in builds} == {"sm_80", "sm_90"}
