@@ -325,3 +325,21 @@ def test_model_compiles_with_inductor_on_gpu():
     got = torch.compile(model, fullgraph=True)(idx, idx).ce_loss
     got.backward()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_old_model_checkpoint_loads_strictly_into_the_fused_layout():
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, n_experts=3, top_k=2, seq_len=8,
+                      vocab_size=40)
+    model = MoELM(cfg)
+    old = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("w13_ED2H"):  # what version 0.1 wrote
+            w1, w3 = value.chunk(2, dim=-1)
+            old[key.replace("w13_ED2H", "w1_EDH")] = w1.clone()
+            old[key.replace("w13_ED2H", "w3_EDH")] = w3.clone()
+        else:
+            old[key] = value
+    fresh = MoELM(cfg)
+    fresh.load_state_dict(old)  # strict
+    idx = torch.randint(0, 40, (2, 8))
+    torch.testing.assert_close(fresh(idx).logits_BTV, model(idx).logits_BTV)

@@ -236,3 +236,19 @@ def test_triton_experts_bf16_equal_loop_on_gpu():
     got = _grads(lambda *t: triton_experts(t[0], plan, *t[1:]), [x, *ws], dy)
     want = _grads(lambda *t: moe_experts.loop_experts(t[0], plan, *t[1:]), [x, *ws], dy)
     _assert_all_close(got, want, torch.bfloat16)
+
+
+def test_gather_scatter_mm_autocast_rule():
+    """Autocast does not reach custom ops: the op casts its float operands itself."""
+    torch.manual_seed(6)
+    x = _leaf(12, 16, dtype=torch.float32)
+    w = _leaf(2, 16, 32, dtype=torch.float32)
+    offs = _offsets([5, 7])
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = grouped_mm(x, w, offs)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    want = grouped_mm_reference(x.detach().bfloat16().float(), w.detach().bfloat16().float(),
+                                offs)
+    torch.testing.assert_close(y.float(), want, **TOL[torch.bfloat16])

@@ -30,7 +30,7 @@ def _run_compile(out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_every_kernel_and_config_builds_for_sm80_and_sm90_without_spills(tmp_path):
-    from moe.kernels import grouped_gemm as gg
+    from moe.kernels import tiles
 
     proc = _run_compile(tmp_path, "--arch", "sm_80,sm_90", "--format", "json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -39,7 +39,8 @@ def test_every_kernel_and_config_builds_for_sm80_and_sm90_without_spills(tmp_pat
     # as *_unaligned (widths not multiples of 16) with the configs the pruner keeps for it
     kernels = {"grouped_mm", "grouped_mm_wT", "grouped_mm_dw"}
     assert {b["kernel"] for b in builds} == kernels | {f"{k}_unaligned" for k in kernels}
-    per_kernel = len(gg.AMPERE_CONFIGS) + len(gg.HOPPER_CONFIGS) + 2 * len(gg.UNALIGNED_CONFIGS)
+    per_kernel = (len(tiles.AMPERE_CONFIGS) + len(tiles.HOPPER_CONFIGS)
+                  + 2 * len(tiles.UNALIGNED_CONFIGS))
     assert len(builds) == len(kernels) * per_kernel
     for b in builds:
         where = f"{b['kernel']}.{b['config']}.{b['arch']}"
@@ -73,17 +74,17 @@ def test_a_spill_or_too_much_shared_memory_is_a_problem():
 
 
 def test_unaligned_shapes_get_only_the_configs_that_do_not_spill(monkeypatch):
-    from moe.kernels import grouped_gemm as gg
+    from moe.kernels import tiles
 
-    monkeypatch.setattr(gg, "INTERPRET", False)
+    monkeypatch.setattr(tiles, "INTERPRET", False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     x = torch.empty(64, 512)
     args = {"a_ptr": x, "b_ptr": x, "c_ptr": x, "N": 1024, "K": 512, "stride_am": 512,
             "stride_ak": 1, "M": 37}
-    configs = gg.HOPPER_CONFIGS + gg.AMPERE_CONFIGS + gg.UNALIGNED_CONFIGS  # the autotune list
-    assert gg.is_aligned(args)
-    assert gg._prune_for_device(configs, args) == gg.HOPPER_CONFIGS
+    configs = tiles.HOPPER_CONFIGS + tiles.AMPERE_CONFIGS + tiles.UNALIGNED_CONFIGS
+    assert tiles.is_aligned(args)
+    assert tiles.prune_for_device(configs, args) == tiles.HOPPER_CONFIGS
     odd = {**args, "K": 520 + 4, "stride_am": 524}
-    assert not gg.is_aligned(odd)
-    assert gg._prune_for_device(configs, odd) == gg.UNALIGNED_CONFIGS
-    assert not gg.is_aligned({**args, "a_ptr": x[:, 1:]})  # base pointer off by 4 bytes
+    assert not tiles.is_aligned(odd)
+    assert tiles.prune_for_device(configs, odd) == tiles.UNALIGNED_CONFIGS
+    assert not tiles.is_aligned({**args, "a_ptr": x[:, 1:]})  # base pointer off by 4 bytes

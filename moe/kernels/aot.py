@@ -153,13 +153,13 @@ def ptxas_usage(ptx: str, capability: int) -> tuple[int, int, int]:
 
 def _variants(capability: int):
     """(name, fn, signature, constexprs, configs, aligned) of every build for one target."""
-    from moe.kernels import grouped_gemm as gg
+    from moe.kernels import tiles
 
-    arch_configs = gg.HOPPER_CONFIGS if capability >= 90 else gg.AMPERE_CONFIGS
+    arch_configs = tiles.HOPPER_CONFIGS if capability >= 90 else tiles.AMPERE_CONFIGS
     for name, fn, sig, const in _kernel_specs():
         yield name, fn, sig, const, arch_configs, True
     for name, fn, sig, const in _kernel_specs():
-        yield f"{name}_unaligned", fn, sig, const, gg.UNALIGNED_CONFIGS, False
+        yield f"{name}_unaligned", fn, sig, const, tiles.UNALIGNED_CONFIGS, False
 
 
 def _build_one(name, fn, sig, const, cfg, arch, aligned, out_dir: Path) -> KernelBuild:
