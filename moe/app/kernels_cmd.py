@@ -12,6 +12,11 @@ def _compile(args) -> int:
     from moe.kernels import aot
 
     archs = aot.parse_archs(args.arch)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ValueError("moe kernels compile needs Triton (it bundles ptxas): "
+                         "pip install triton==3.9.0") from None
     builds = aot.build_all(archs, Path(args.out),
                            log=lambda line: print(line, file=sys.stderr))
     if args.format == "json":
