@@ -102,7 +102,7 @@ def test_grouped_mm_matches_torch_grouped_mm():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gather_scatter_mm_matches_reference(dtype):
-    """k=3 routing: rows read through the token index, written to [T, K] order."""
+    """k=3 routing: rows read through the flat slots (fanout k), written to [T, K] order."""
     torch.manual_seed(2)
     n_tokens, top_k, n_experts, k_dim, n_dim = 29, 3, 5, 40, 70
     expert_TK = torch.randint(0, n_experts - 1, (n_tokens, top_k), device=DEVICE)  # last: empty
@@ -112,13 +112,14 @@ def test_gather_scatter_mm_matches_reference(dtype):
     x = _leaf(n_tokens, k_dim, dtype=dtype)
     w = _leaf(n_experts, k_dim, n_dim, dtype=dtype, scale=k_dim ** -0.5)
     dy = torch.randn(n_tokens * top_k, n_dim, device=DEVICE).to(dtype)
-    for gather, scatter in [(token_idx_S, None), (None, slot_order_S), (token_idx_S, slot_order_S)]:
+    for gather, scatter in [(slot_order_S, None), (None, slot_order_S),
+                            (slot_order_S, slot_order_S)]:
         x_in = x if gather is not None else x[token_idx_S].detach().requires_grad_()
-        got = _grads(lambda a, b, g=gather, s=scatter: gather_scatter_mm(a, b, offs, g, s),
-                     [x_in, w], dy)
+        got = _grads(lambda a, b, g=gather, s=scatter: gather_scatter_mm(
+            a, b, offs, g, s, top_k), [x_in, w], dy)
         x32, w32 = (t.detach().float().requires_grad_() for t in (x_in, w))
         want = _grads(lambda a, b, g=gather, s=scatter: gather_scatter_mm_reference(
-            a, b, offs, g, s), [x32, w32], dy.float())
+            a, b, offs, g, s, top_k), [x32, w32], dy.float())
         _assert_all_close(got, want, dtype)
 
 
@@ -130,15 +131,14 @@ def _expert_layer_inputs(n_tokens, d_model, d_hidden, n_experts, top_k, dtype, s
     top_TK = logits_TE.topk(top_k, dim=-1)
     weight_TK = top_TK.values.softmax(-1).requires_grad_()
     x = _leaf(n_tokens, d_model, dtype=dtype)
-    ws = [_leaf(n_experts, d_model, d_hidden, dtype=dtype, scale=d_model ** -0.5),
-          _leaf(n_experts, d_model, d_hidden, dtype=dtype, scale=d_model ** -0.5),
+    ws = [_leaf(n_experts, d_model, 2 * d_hidden, dtype=dtype, scale=d_model ** -0.5),
           _leaf(n_experts, d_hidden, d_model, dtype=dtype, scale=d_hidden ** -0.5)]
     return moe_experts, top_TK.indices, weight_TK, x, ws
 
 
 @pytest.mark.parametrize("n_tokens,top_k,n_experts", [(37, 3, 6), (1, 2, 4), (16, 1, 1)])
 def test_triton_experts_equal_loop_backend(n_tokens, top_k, n_experts):
-    """The full SwiGLU expert layer: output and the gradients of x, w1, w3, w2, router weights."""
+    """The full SwiGLU expert layer: output and the gradients of x, w13, w2, router weights."""
     moe_experts, expert_TK, weight_TK, x, ws = _expert_layer_inputs(
         n_tokens, 24, 48, n_experts, min(top_k, n_experts), torch.float32, seed=3)
     if n_experts == 1:
@@ -146,9 +146,9 @@ def test_triton_experts_equal_loop_backend(n_tokens, top_k, n_experts):
     dy = torch.randn(n_tokens, 24, device=DEVICE)
 
     def layer(fn):
-        def run(x_TD, w_TK, w1, w3, w2):
+        def run(x_TD, w_TK, w13, w2):
             plan = moe_experts.make_dispatch_plan(expert_TK, w_TK, n_experts)
-            return fn(x_TD, plan, w1, w3, w2)
+            return moe_experts.combine(fn(x_TD, plan, w13, w2), plan.weight_TK)
         return run
 
     inputs = [x, weight_TK, *ws]
@@ -191,6 +191,9 @@ def _bad_calls():
         "no groups": lambda: grouped_mm(x, w[:0], offs[:0]),
         "devices differ": lambda: grouped_mm(x, w.to("meta"), offs),
         "gather out of range": lambda: gather_scatter_mm(x, w, offs, idx + 1),
+        "gather not a permutation": lambda: gather_scatter_mm(x, w, offs, idx // 2),
+        "gather wrong length for fanout": lambda: gather_scatter_mm(x, w, offs, idx, None, 2),
+        "fanout zero": lambda: gather_scatter_mm(x, w, offs, idx, None, 0),
         "scatter not a permutation": lambda: gather_scatter_mm(x, w, offs, None, idx // 2),
         "scatter wrong length": lambda: gather_scatter_mm(x, w, offs, None, idx[:9]),
     }
@@ -213,7 +216,7 @@ def test_megablocks_backend_explains_what_is_missing():
     if torch.cuda.is_available() and importlib.util.find_spec("megablocks") is not None:
         pytest.skip("megablocks is installed: nothing is missing")
     with pytest.raises(BackendUnavailableError, match="pip install megablocks"):
-        megablocks_experts(torch.randn(2, 4, device=DEVICE), None, *[torch.randn(1, 4, 4)] * 3)
+        megablocks_experts(torch.randn(2, 4, device=DEVICE), None, *[torch.randn(1, 4, 4)] * 2)
 
 
 @gpu
@@ -229,7 +232,23 @@ def test_triton_experts_bf16_equal_loop_on_gpu():
     moe_experts, expert_TK, weight_TK, x, ws = _expert_layer_inputs(
         300, 128, 256, 8, 2, torch.bfloat16, seed=5)
     plan = moe_experts.make_dispatch_plan(expert_TK, weight_TK, 8)
-    dy = torch.randn(300, 128, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(300 * 2, 128, device=DEVICE, dtype=torch.bfloat16)
     got = _grads(lambda *t: triton_experts(t[0], plan, *t[1:]), [x, *ws], dy)
     want = _grads(lambda *t: moe_experts.loop_experts(t[0], plan, *t[1:]), [x, *ws], dy)
     _assert_all_close(got, want, torch.bfloat16)
+
+
+def test_gather_scatter_mm_autocast_rule():
+    """Autocast does not reach custom ops: the op casts its float operands itself."""
+    torch.manual_seed(6)
+    x = _leaf(12, 16, dtype=torch.float32)
+    w = _leaf(2, 16, 32, dtype=torch.float32)
+    offs = _offsets([5, 7])
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = grouped_mm(x, w, offs)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    want = grouped_mm_reference(x.detach().bfloat16().float(), w.detach().bfloat16().float(),
+                                offs)
+    torch.testing.assert_close(y.float(), want, **TOL[torch.bfloat16])

@@ -46,6 +46,9 @@ def test_bench_rejects_unknown_backend():
 
 def test_paper_shapes_cover_the_grid():
     shapes = bench.paper_shapes()
-    assert len(shapes) == 18 and {s.n_tokens for s in shapes} == {16384}
-    assert {(s.d_model, s.n_experts, s.top_k) for s in shapes} >= {(512, 8, 2), (2048, 256, 8)}
+    assert len(shapes) == 12 and {s.n_tokens for s in shapes} == {16384}
+    grid = {(s.d_model, s.n_experts, s.top_k) for s in shapes}
+    assert grid >= {(512, 8, 2), (1024, 16, 4), (2048, 128, 16)}  # the configs/paper models
+    assert {s.d_model for s in shapes} == {512, 1024, 2048}
+    assert {s.top_k for s in shapes} == {2, 4, 8, 16} and max(s.n_experts for s in shapes) == 128
     assert shapes[0].fwd_flops == 6 * 16384 * 2 * 512 * 1024

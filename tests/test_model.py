@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from moe.config import ModelConfig
 from moe.model import MoELM
-from moe.model.experts import SwiGLUExperts, loop_experts, make_dispatch_plan, torch_experts
+from moe.model.experts import (
+    SwiGLUExperts,
+    combine,
+    loop_experts,
+    make_dispatch_plan,
+    torch_experts,
+)
 from moe.model.router import TopKRouter, load_balance_loss, z_loss
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5)}
@@ -34,7 +40,8 @@ def test_single_expert_equals_dense_swiglu():
     ffn = MoELM(cfg).blocks[0].ffn
     assert ffn.router is None  # a dense FFN has no router parameters
     x = torch.randn(2, 8, 16)
-    w1, w3, w2 = ffn.experts.w1_EDH[0], ffn.experts.w3_EDH[0], ffn.experts.w2_EHD[0]
+    w1, w3 = ffn.experts.w13_ED2H[0].chunk(2, dim=-1)
+    w2 = ffn.experts.w2_EHD[0]
     dense = (F.silu(x @ w1) * (x @ w3)) @ w2
     y, routed = ffn(x, None)
     assert routed is None
@@ -69,10 +76,10 @@ def test_backends_agree_on_outputs_and_all_gradients(T, D, H, E, k):
         ws = w.clone().requires_grad_(True)
         experts.zero_grad()
         plan = make_dispatch_plan(idx, ws, E)
-        y = fn(xs, plan, experts.w1_EDH, experts.w3_EDH, experts.w2_EHD)
+        y = combine(fn(xs, plan, experts.w13_ED2H, experts.w2_EHD), plan.weight_TK)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         grads[fn.__name__] = [y.detach(), xs.grad, ws.grad] + [
-            p.grad.clone() for p in (experts.w1_EDH, experts.w3_EDH, experts.w2_EHD)]
+            p.grad.clone() for p in (experts.w13_ED2H, experts.w2_EHD)]
     for a, b in zip(grads["loop_experts"], grads["torch_experts"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     if T > 1:
@@ -108,7 +115,7 @@ def test_z_loss_formula_and_router_gradient():
     torch.testing.assert_close(z_loss(logits), out.z_loss)
     out.lb_loss.backward()
     assert router.weight_ED.grad is not None and router.weight_ED.grad.abs().sum() > 0
-    assert torch.allclose(out.weight_TK.sum(-1), torch.ones(10))  # Mixtral renormalisation
+    assert torch.allclose(out.weight_TK.sum(-1), torch.ones(10))  # Mixtral renormalisation (k>1)
     raw = TopKRouter(8, 4, 2, normalize=False)
     raw.weight_ED.data.copy_(router.weight_ED.data)
     assert (raw(x).weight_TK.sum(-1) < 1).all()  # OLMoE keeps raw probabilities

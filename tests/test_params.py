@@ -27,7 +27,8 @@ def test_counts_equal_numel_of_built_model(kw):
     assert counts.total == sum(p.numel() for p in model.parameters())
     emb = model.embed.weight.numel() + (0 if cfg.tie_embeddings else model.head.weight.numel())
     assert counts.embedding == emb
-    expert_numel = sum(b.ffn.experts.w1_EDH.numel() * 3 for b in model.blocks)
+    expert_numel = sum(b.ffn.experts.w13_ED2H.numel() + b.ffn.experts.w2_EHD.numel()
+                       for b in model.blocks)
     assert counts.experts_total == expert_numel
     assert counts.active == counts.total - expert_numel * (1 - cfg.top_k / cfg.n_experts)
 

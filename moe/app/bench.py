@@ -3,14 +3,15 @@
 Shape legend: T tokens, D model width, H = 2*D expert hidden width, E experts,
 K experts per token, S = T*K routed token-slots.
 
-For each shape (paper: D in {512, 1024, 2048}, E in {8, 64, 256}, K in {2, 8},
-T = 16384) and backend (`loop`, `torch`, `triton`, `megablocks`, and `dense`: a
-dense SwiGLU over the S slot rows, the same FLOPs without routing, i.e. the
-cuBLAS ceiling) it reports the median milliseconds and TFLOP/s of the forward,
-the backward and forward+backward. The forward does 3 matmuls of 2*S*D*H FLOPs;
-the backward twice that. The routing plan is built once per shape, outside the
-timed region. CUDA: CUDA events after warm-up (the warm-up also runs Triton's
-autotuning). CPU: time.perf_counter on small shapes; backends that need a GPU
+For each shape (paper: D in {512, 1024, 2048} x (E, K) in {(8, 2), (16, 4),
+(64, 8), (128, 16)}, T = 16384) and backend (`loop`, `torch`, `triton`,
+`megablocks`, and `dense`: a dense SwiGLU over the S slot rows, the same FLOPs
+without routing, i.e. the cuBLAS ceiling) it reports the median milliseconds
+and TFLOP/s of the forward, the backward and forward+backward. The forward
+does 3 matmuls of 2*S*D*H FLOPs; the backward twice that. The routing plan is
+built once per shape, outside the timed region. CUDA: CUDA events after
+warm-up (the warm-up also runs Triton's autotuning). CPU: time.perf_counter on
+small shapes; backends that need a GPU
 are listed with the reason they were skipped.
 """
 
@@ -58,9 +59,13 @@ class BenchShape:
         return 3 * 2 * self.n_tokens * self.top_k * self.d_model * self.d_hidden
 
 
+PAPER_EXPERTS = ((8, 2), (16, 4), (64, 8), (128, 16))
+"""(E, k) pairs spanning the paper's grid (its configs: E8-k2, E16-k4, E128-k16)."""
+
+
 def paper_shapes(n_tokens: int = PAPER_TOKENS) -> list[BenchShape]:
     return [BenchShape(d_model=d, n_experts=e, top_k=k, n_tokens=n_tokens)
-            for d in (512, 1024, 2048) for e in (8, 64, 256) for k in (2, 8)]
+            for d in (512, 1024, 2048) for e, k in PAPER_EXPERTS]
 
 
 def small_shapes() -> list[BenchShape]:
@@ -126,37 +131,46 @@ class _Case:
 
 
 def _routed_case(fn, shape: BenchShape, device, dtype, seed: int) -> _Case:
-    from moe.model.experts import make_dispatch_plan
+    """The expert layer as the model runs it: dispatch, backend, fp32 weighted combine."""
+    from moe.model.experts import combine, make_dispatch_plan
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     t, d, h, e = shape.n_tokens, shape.d_model, shape.d_hidden, shape.n_experts
     logits_TE = torch.randn(t, e, generator=gen)
     top = logits_TE.topk(shape.top_k, dim=-1)
-    plan = make_dispatch_plan(top.indices.to(device), top.values.softmax(-1).to(device), e)
-    weight_S = plan.weight_S.detach().requires_grad_()  # a leaf: each repeat has its own graph
-    plan = dataclasses.replace(plan, weight_S=weight_S)
+    weight_TK = top.values.softmax(-1).to(device).requires_grad_()
+    plan = make_dispatch_plan(top.indices.to(device), weight_TK, e)
 
     def leaf(*size, scale):
         return (torch.randn(*size, generator=gen) * scale).to(device, dtype).requires_grad_()
 
     x = leaf(t, d, scale=1.0)
-    ws = [leaf(e, d, h, scale=d ** -0.5), leaf(e, d, h, scale=d ** -0.5),
-          leaf(e, h, d, scale=h ** -0.5)]
-    dy = torch.randn(t, d, generator=gen).to(device, dtype)
-    return _Case(lambda: fn(x, plan, *ws), [x, weight_S, *ws], dy)
+    ws = [leaf(e, d, 2 * h, scale=d ** -0.5), leaf(e, h, d, scale=h ** -0.5)]
+    dy = torch.randn(t, d, generator=gen).to(device)  # the combine's output is fp32
+
+    def forward():
+        # make_dispatch_plan's fp32 weight is a view of the leaf: a fresh graph per call
+        return combine(fn(x, plan, *ws), weight_TK.float())
+
+    return _Case(forward, [x, weight_TK, *ws], dy)
 
 
 def _dense_case(shape: BenchShape, device, dtype, seed: int) -> _Case:
+    """A dense SwiGLU over the S = T*K slot rows: the routed layer's FLOPs without routing."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     s, d, h = shape.n_tokens * shape.top_k, shape.d_model, shape.d_hidden
 
     def leaf(*size, scale):
         return (torch.randn(*size, generator=gen) * scale).to(device, dtype).requires_grad_()
 
-    x, w1, w3, w2 = (leaf(s, d, scale=1.0), leaf(d, h, scale=d ** -0.5),
-                     leaf(d, h, scale=d ** -0.5), leaf(h, d, scale=h ** -0.5))
+    x, w13, w2 = leaf(s, d, scale=1.0), leaf(d, 2 * h, scale=d ** -0.5), leaf(h, d, scale=h ** -0.5)
     dy = torch.randn(s, d, generator=gen).to(device, dtype)
-    return _Case(lambda: (F.silu(x @ w1) * (x @ w3)) @ w2, [x, w1, w3, w2], dy)
+
+    def forward():
+        gate, up = (x @ w13).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w2
+
+    return _Case(forward, [x, w13, w2], dy)
 
 
 def _make_case(backend: str, shape: BenchShape, device, dtype) -> _Case:
@@ -189,8 +203,8 @@ def time_case(case: _Case, shape: BenchShape, device, *, warmup: int,
     flops = {"fwd": shape.fwd_flops, "bwd": 2 * shape.fwd_flops, "fwdbwd": 3 * shape.fwd_flops}
     out = {}
     for phase, ms in timings.items():
-        out[f"{phase}_ms"] = round(ms, 4)
-        out[f"{phase}_tflops"] = round(flops[phase] / (ms * 1e-3) / 1e12, 4)
+        out[f"{phase}_ms"] = float(f"{ms:.4g}")
+        out[f"{phase}_tflops"] = float(f"{flops[phase] / (ms * 1e-3) / 1e12:.4g}")
     return out
 
 
@@ -306,7 +320,7 @@ def register(subparsers) -> None:
                     "perf_counter timing; GPU-only backends are listed with the reason.")
     p.add_argument("-o", "--out", help="write the results as JSON here (and a .md table beside)")
     p.add_argument("--shapes", choices=("paper", "small"),
-                   help="paper: the 18 paper shapes at 16k tokens (default on CUDA); "
+                   help="paper: the 12 paper shapes at 16k tokens (default on CUDA); "
                         "small: two tiny shapes (default on CPU)")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: all)")
@@ -316,3 +330,6 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     p.add_argument("--repeats", type=int, help="timed calls; median reported (20 CUDA, 3 CPU)")
     p.set_defaults(func=_handle_kernels)
+    from moe.app import bench_train
+
+    bench_train.register(bench_sub)

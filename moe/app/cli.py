@@ -58,8 +58,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 # Subcommand modules (each has `register`). A module that imports torch or triton at import
 # time is listed in _LAZY with the commands it registers and their help: it is imported only
 # when one of its commands runs, so `moe fit`, `moe plot`, `moe --help` never load torch.
-_MODULES = ("eval_cmd", "sweep_cmd", "analysis_cmd", "bench", "demo")
-_LAZY = {"bench": {"bench": "benchmarks (kernels)"}}
+_MODULES = ("eval_cmd", "sweep_cmd", "analysis_cmd", "bench", "kernels_cmd", "demo")
+_LAZY = {"bench": {"bench": "benchmarks (kernels, train)"}}
 
 
 def _command(argv: list[str] | None) -> str | None:

@@ -9,9 +9,11 @@ so group e owns rows [offs[e-1], offs[e]) and multiplies them by `w[e]`. Rows
 past `offs[-1]` come out as zeros (torch leaves them uninitialised).
 
 `gather_scatter_mm` is the MoE form (ScatterMoE's idea): sorted row s reads
-`x[gather_idx_S[s]]` straight from token order, and/or writes its result to
-row `scatter_idx_S[s]`, so neither the permuted input nor the un-permuted output
-is ever materialised as a copy.
+`x[gather_idx_S[s] // fanout]` straight from token order (gather_idx_S: the flat
+routing slots, fanout: K), and/or writes its result to row `scatter_idx_S[s]`, so
+neither the permuted input nor the un-permuted output is ever materialised as a
+copy. Both maps are permutations, so the backward writes every row to its own
+slot and reduces the K slots of a token with a reshape-sum: no atomics.
 
 Layers: `_*_kernel` (Triton) -> `launch_*` (checks, raises ValueError) ->
 `torch.library.custom_op` (opaque to torch.compile, with fake impls) ->
@@ -25,53 +27,14 @@ dots are upcast to fp32 because the interpreter's bf16 `tl.dot` is wrong.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from moe.kernels.tiles import GROUP_M, INTERPRET, autotune_configs, prune_for_device
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-# ---------------------------------------------------------------------------
-# Tile configs. Hopper (sm90+) and Ampere (sm80/86/89) get their own lists; the
-# pruner keeps the list of the running GPU. The interpreter benchmarks nothing
-# (multi-config autotune fails there), so it gets exactly one config.
-# ---------------------------------------------------------------------------
-
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                         num_warps=warps, num_stages=stages)
-
-
-HOPPER_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
-    _cfg(64, 256, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 4),
-]
-AMPERE_CONFIGS = [
-    _cfg(128, 256, 32, 8, 3), _cfg(256, 128, 32, 8, 3), _cfg(128, 128, 32, 4, 4),
-    _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4),
-    _cfg(128, 128, 64, 8, 3),
-]
-INTERPRETER_CONFIGS = [_cfg(32, 64, 64, 4, 1)]
-GROUP_M = 8  # row tiles that share L2 while sweeping the columns (see _swizzle)
-
-
-def _configs() -> list[triton.Config]:
-    return INTERPRETER_CONFIGS if INTERPRET else HOPPER_CONFIGS + AMPERE_CONFIGS
-
-
-def _prune_for_device(configs, named_args, **kwargs):
-    """Keep the config list of the GPU the kernel is about to run on."""
-    if INTERPRET:
-        return configs
-    major, _ = torch.cuda.get_device_capability(named_args["a_ptr"].device)
-    wanted = HOPPER_CONFIGS if major >= 9 else AMPERE_CONFIGS
-    return [c for c in configs if any(c is w for w in wanted)]
 
 
 # ---------------------------------------------------------------------------
@@ -125,42 +88,44 @@ def _locate_tile(pid_m, offs_ptr, M, E, E_POW2: tl.constexpr, BLOCK_M: tl.conste
     return expert, row_start, row_end, is_tail
 
 
-@triton.autotune(configs=_configs(), key=["N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_for_device})
+@triton.autotune(configs=autotune_configs(), key=["N", "K"],
+                 prune_configs_by={"early_config_prune": prune_for_device})
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr, b_ptr, c_ptr, offs_ptr, a_idx_ptr, c_idx_ptr,
-    M, N, K, E,
+    M, N, K, E, FANOUT,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, E_POW2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """c[c_idx[s]] = a[a_idx[s]] @ b[e] for every sorted row s of group e."""
+    """c[c_idx[s]] = a[a_idx[s] // FANOUT] @ b[e] for every sorted row s of group e."""
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M) + E,
                             tl.cdiv(N, BLOCK_N), GROUP_M)
     expert, row_start, row_end, is_tail = _locate_tile(pid_m, offs_ptr, M, E, E_POW2, BLOCK_M)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     if GATHER_A:
-        a_rows = tl.load(a_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        a_rows = tl.load(a_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64) // FANOUT
     else:
         a_rows = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = (b_ptr + expert.to(tl.int64) * stride_be
-              + ks[:, None] * stride_bk + cols[None, :] * stride_bn)
+    # One 64-bit pointer per row and per column, not per element: a [BLOCK_M, BLOCK_K]
+    # tensor of pointers carried through the loop costs 2 registers per element and spills.
+    a_row_ptrs = a_ptr + a_rows * stride_am
+    b_col_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.where(is_tail, 0, K)  # tail tiles only store zeros
     for k0 in range(0, k_end, BLOCK_K):
-        k_mask = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        k_idx = k0 + ks
+        k_mask = k_idx < K
+        a = tl.load(a_row_ptrs[:, None] + k_idx[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_col_ptrs[None, :] + k_idx[:, None] * stride_bk,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _dot(a, b, acc, PRECISION, UPCAST)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
     if SCATTER_C:
         c_rows = tl.load(c_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     else:
@@ -169,12 +134,12 @@ def _grouped_mm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_for_device})
+@triton.autotune(configs=autotune_configs(), key=["N", "K"],
+                 prune_configs_by={"early_config_prune": prune_for_device})
 @triton.jit
 def _grouped_mm_dw_kernel(
     a_ptr, b_ptr, c_ptr, offs_ptr, a_idx_ptr, b_idx_ptr,
-    N, K,
+    N, K, FANOUT,
     stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_ck, stride_cn,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -200,7 +165,7 @@ def _grouped_mm_dw_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         if GATHER_A:
-            a_rows = tl.load(a_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            a_rows = tl.load(a_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64) // FANOUT
         else:
             a_rows = rows.to(tl.int64)
         if GATHER_B:
@@ -252,7 +217,8 @@ def _check_index(name: str, idx: torch.Tensor | None, n_rows: int | None = None)
 
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
-                    a_idx: torch.Tensor | None, c_idx: torch.Tensor | None) -> int:
+                    a_idx: torch.Tensor | None, c_idx: torch.Tensor | None,
+                    fanout: int = 1) -> int:
     """Shape/dtype/device checks shared by the launcher and the fake impl; returns M."""
     if a.dim() != 2 or b.dim() != 3:
         raise ValueError(f"expected x [M, K] and w [E, K, N], got {tuple(a.shape)} and "
@@ -266,7 +232,9 @@ def _check_operands(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                          f"{tuple(offs.shape)}")
     if b.shape[0] == 0:
         raise ValueError("w must have at least one group (E >= 1)")
-    _check_index("gather_idx", a_idx)
+    if fanout < 1:
+        raise ValueError(f"fanout must be >= 1, got {fanout}")
+    _check_index("gather_idx", a_idx, None if a_idx is None else a.shape[0] * fanout)
     n_rows = a_idx.shape[0] if a_idx is not None else a.shape[0]
     _check_index("scatter_idx", c_idx, n_rows)
     _check_device(a, b, offs, a_idx, c_idx)
@@ -285,26 +253,24 @@ def check_offsets(offs: torch.Tensor, n_rows: int) -> None:
         raise ValueError("offs must be non-decreasing (cumulative END offsets per group)")
 
 
-def _check_index_values(a: torch.Tensor, a_idx: torch.Tensor | None,
-                        c_idx: torch.Tensor | None) -> None:
-    if a_idx is not None and a_idx.numel() and (
-            a_idx.min().item() < 0 or a_idx.max().item() >= a.shape[0]):
-        raise ValueError(f"gather_idx must lie in [0, {a.shape[0]})")
-    if c_idx is not None and c_idx.numel():
-        n = c_idx.shape[0]
-        in_range = c_idx.min().item() >= 0 and c_idx.max().item() < n
-        if not in_range or bool((torch.bincount(c_idx, minlength=n) != 1).any()):
-            raise ValueError(f"scatter_idx must be a permutation of range({n})")
+def _check_permutation(name: str, idx: torch.Tensor | None) -> None:
+    if idx is None or idx.numel() == 0:
+        return
+    n = idx.shape[0]
+    in_range = idx.min().item() >= 0 and idx.max().item() < n
+    if not in_range or bool((torch.bincount(idx, minlength=n) != 1).any()):
+        raise ValueError(f"{name} must be a permutation of range({n})")
 
 
 def launch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                       a_idx: torch.Tensor | None = None, c_idx: torch.Tensor | None = None,
-                      *, check_values: bool = True) -> torch.Tensor:
-    """c [M, N] with c[c_idx[s]] = a[a_idx[s]] @ b[group(s)]; rows past offs[-1] are zero."""
-    n_rows = _check_operands(a, b, offs, a_idx, c_idx)
+                      fanout: int = 1, *, check_values: bool = True) -> torch.Tensor:
+    """c [M, N] with c[c_idx[s]] = a[a_idx[s] // fanout] @ b[group(s)]; rows past offs[-1]: 0."""
+    n_rows = _check_operands(a, b, offs, a_idx, c_idx, fanout)
     if check_values:
         check_offsets(offs, n_rows)
-        _check_index_values(a, a_idx, c_idx)
+        _check_permutation("gather_idx", a_idx)
+        _check_permutation("scatter_idx", c_idx)
     n_groups, k_dim, n_dim = b.shape
     c = torch.empty(n_rows, n_dim, device=a.device, dtype=a.dtype)
     if n_rows == 0 or n_dim == 0:
@@ -315,7 +281,7 @@ def launch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                          * triton.cdiv(n_dim, meta["BLOCK_N"]),)
     _grouped_mm_kernel[grid](
         a, b, c, offs, a if a_idx is None else a_idx, c if c_idx is None else c_idx,
-        n_rows, n_dim, k_dim, n_groups,
+        n_rows, n_dim, k_dim, n_groups, fanout,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1),
         GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None,
@@ -327,8 +293,8 @@ def launch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
 
 def launch_grouped_mm_dw(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                          a_idx: torch.Tensor | None = None, b_idx: torch.Tensor | None = None,
-                         *, check_values: bool = True) -> torch.Tensor:
-    """c [E, K, N] with c[e] = sum over rows s of group e of a[a_idx[s]]^T b[b_idx[s]]."""
+                         fanout: int = 1, *, check_values: bool = True) -> torch.Tensor:
+    """c [E, K, N]: c[e] = sum over rows s of group e of a[a_idx[s] // fanout]^T b[b_idx[s]]."""
     if a.dim() != 2 or b.dim() != 2 or a.dtype not in DTYPES or b.dtype != a.dtype:
         raise ValueError(f"expected a [M, K] and b [M, N] of one float dtype, got {a.dtype} "
                          f"{tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
@@ -351,7 +317,7 @@ def launch_grouped_mm_dw(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                          * triton.cdiv(n_dim, meta["BLOCK_N"]),)
     _grouped_mm_dw_kernel[grid](
         a, b, c, offs, a if a_idx is None else a_idx, b if b_idx is None else b_idx,
-        n_dim, k_dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        n_dim, k_dim, fanout, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         c.stride(0), c.stride(1), c.stride(2),
         GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
         PRECISION=_precision(a.dtype), UPCAST=INTERPRET and a.dtype == torch.bfloat16,
@@ -365,25 +331,26 @@ def launch_grouped_mm_dw(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
 
 @torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
 def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
-                   a_idx: torch.Tensor | None, c_idx: torch.Tensor | None,
+                   a_idx: torch.Tensor | None, c_idx: torch.Tensor | None, fanout: int,
                    check_values: bool) -> torch.Tensor:
-    return launch_grouped_mm(a, b, offs, a_idx, c_idx, check_values=check_values)
+    return launch_grouped_mm(a, b, offs, a_idx, c_idx, fanout, check_values=check_values)
 
 
 @_grouped_mm_op.register_fake
-def _grouped_mm_fake(a, b, offs, a_idx, c_idx, check_values):
-    n_rows = _check_operands(a, b, offs, a_idx, c_idx)
+def _grouped_mm_fake(a, b, offs, a_idx, c_idx, fanout, check_values):
+    n_rows = _check_operands(a, b, offs, a_idx, c_idx, fanout)
     return a.new_empty(n_rows, b.shape[2])
 
 
 @torch.library.custom_op("moe_kernels::grouped_mm_dw", mutates_args=())
 def _grouped_mm_dw_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
-                      a_idx: torch.Tensor | None, b_idx: torch.Tensor | None) -> torch.Tensor:
-    return launch_grouped_mm_dw(a, b, offs, a_idx, b_idx, check_values=False)
+                      a_idx: torch.Tensor | None, b_idx: torch.Tensor | None,
+                      fanout: int) -> torch.Tensor:
+    return launch_grouped_mm_dw(a, b, offs, a_idx, b_idx, fanout, check_values=False)
 
 
 @_grouped_mm_dw_op.register_fake
-def _grouped_mm_dw_fake(a, b, offs, a_idx, b_idx):
+def _grouped_mm_dw_fake(a, b, offs, a_idx, b_idx, fanout):
     return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
 
 
@@ -392,41 +359,59 @@ def _grouped_mm_dw_fake(a, b, offs, a_idx, b_idx):
 # ---------------------------------------------------------------------------
 
 class _GatherScatterMM(torch.autograd.Function):
-    """y[scatter[s]] = x[gather[s]] @ w[group(s)]; both backward products in Triton."""
+    """y[scatter[s]] = x[gather[s] // fanout] @ w[group(s)]; both backward products in Triton.
+
+    The index maps are permutations, so the backward never accumulates rows with
+    atomics: dx is written to the [rows * fanout] slot buffer through `gather`
+    and summed over the fanout with a reshape (deterministic).
+    """
 
     @staticmethod
-    def forward(ctx, x, w, offs, gather_idx, scatter_idx, check_values):
+    def forward(ctx, x, w, offs, gather_idx, scatter_idx, fanout, check_values):
         ctx.save_for_backward(x, w, offs, gather_idx, scatter_idx)
-        return _grouped_mm_op(x, w, offs, gather_idx, scatter_idx, check_values)
+        ctx.fanout = fanout
+        return _grouped_mm_op(x, w, offs, gather_idx, scatter_idx, fanout, check_values)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs, gather_idx, scatter_idx = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            # dX_s = dY[scatter[s]] @ w_e^T: the forward kernel on w's transposed view.
-            dx_sorted = _grouped_mm_op(dy, w.transpose(1, 2), offs, scatter_idx, None, False)
-            if gather_idx is None:
-                dx = dx_sorted
-            else:  # a token read by k slots sums their k gradients
-                dx = torch.zeros_like(x).index_add_(0, gather_idx, dx_sorted)
+            # dX_s = dY[scatter[s]] @ w_e^T: the forward kernel on w's transposed view,
+            # each sorted row written to its slot gather[s].
+            dx_slots = _grouped_mm_op(dy, w.transpose(1, 2), offs, scatter_idx, gather_idx,
+                                      1, False)
+            dx = dx_slots.view(x.shape[0], ctx.fanout, x.shape[1]).sum(1) \
+                if gather_idx is not None and ctx.fanout > 1 else dx_slots
         if ctx.needs_input_grad[1]:
-            dw = _grouped_mm_dw_op(x, dy, offs, gather_idx, scatter_idx)
-        return dx, dw, None, None, None, None
+            dw = _grouped_mm_dw_op(x, dy, offs, gather_idx, scatter_idx, ctx.fanout)
+        return dx, dw, None, None, None, None, None
 
 
 def gather_scatter_mm(x: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
                       gather_idx_S: torch.Tensor | None = None,
-                      scatter_idx_S: torch.Tensor | None = None,
+                      scatter_idx_S: torch.Tensor | None = None, fanout: int = 1,
                       *, check_values: bool = True) -> torch.Tensor:
     """Grouped GEMM over S sorted rows, reading and writing rows through index maps.
 
-    Sorted row s (group e: offs[e-1] <= s < offs[e]) computes x[gather_idx_S[s]] @ w[e]
-    and stores it at row scatter_idx_S[s] (a permutation of range(S)) of the [S, N]
-    output. Without an index the identity is used. `check_values=False` skips the
-    value checks of offsets and indices, which need a host sync on GPU.
+    Sorted row s (group e: offs[e-1] <= s < offs[e]) computes
+    x[gather_idx_S[s] // fanout] @ w[e] and stores it at row scatter_idx_S[s] of the
+    [S, N] output. `gather_idx_S` is a permutation of range(x.shape[0] * fanout): with
+    the MoE routing's flat slots (token t's j-th choice is slot t*fanout + j) it reads
+    each token's row once per choice. `scatter_idx_S` is a permutation of range(S).
+    Without an index the identity is used. `check_values=False` skips the value
+    checks of offsets and indices, which need a host sync on GPU.
+
+    Autocast rule: autocast does not reach inside custom ops, so under autocast x and
+    w are cast to the autocast dtype here, before the autograd function saves them
+    (the backward then sees operands of one dtype).
     """
-    return _GatherScatterMM.apply(x, w_EKN, offs_E, gather_idx_S, scatter_idx_S, check_values)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w_EKN = x.to(dtype), w_EKN.to(dtype)
+    return _GatherScatterMM.apply(x, w_EKN, offs_E, gather_idx_S, scatter_idx_S, fanout,
+                                  check_values)
 
 
 def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -436,10 +421,10 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
 
 def gather_scatter_mm_reference(x: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
                                 gather_idx_S: torch.Tensor | None = None,
-                                scatter_idx_S: torch.Tensor | None = None,
+                                scatter_idx_S: torch.Tensor | None = None, fanout: int = 1,
                                 *, check_values: bool = True) -> torch.Tensor:
     """Plain-PyTorch `gather_scatter_mm`: one matmul per group."""
-    x_SK = x if gather_idx_S is None else x[gather_idx_S]
+    x_SK = x if gather_idx_S is None else x[gather_idx_S // fanout]
     y_SN = grouped_mm_reference(x_SK, w_EKN, offs_E)
     if scatter_idx_S is None:
         return y_SN

@@ -3,31 +3,38 @@
 Shape legend: T tokens, D model width, H expert hidden width, E experts,
 K experts per token, S = T*K routed token-slots.
 
-Every expert computes SwiGLU(x) = (silu(x W1_e) * (x W3_e)) W2_e with weights
-stored as `w1_EDH`, `w3_EDH` (gate, up) and `w2_EHD` (down). Dispatch sorts the
-S (token, slot) pairs by expert; a *backend* then computes, for every token,
-the router-weighted sum of its experts' outputs. All backends share one
-signature, `fn(x_TD, plan, w1_EDH, w3_EDH, w2_EHD) -> y_TD`, so a new kernel
-replaces one function:
+Every expert computes SwiGLU(x) = (silu(x W1_e) * (x W3_e)) W2_e; gate and up
+are stored side by side as one weight `w13_ED2H` = [W1 | W3] (one matmul, no
+concatenation per forward) and down as `w2_EHD`. Dispatch sorts the S (token,
+slot) pairs by expert; a *backend* computes every slot's expert output and
+returns it in flat [T*K] slot order; the combine then weights and sums each
+token's K rows in fp32 with a reshape-sum (no `index_add`, so no atomics, in
+the forward or the backward: deterministic). All backends share one signature,
+`fn(x_TD, plan, w13_ED2H, w2_EHD) -> y_SD`, so a new kernel replaces one function:
 
 - `loop`: one matmul per expert; the readable reference.
-- `torch`: `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`) on the
-  expert-sorted rows; falls back to `loop` where torch's kernel cannot take the
-  shapes (row strides must be multiples of 16 bytes).
+- `torch`: torch's grouped_mm (as the custom op `moe_kernels::torch_grouped_mm`,
+  which torch.compile traces in any dtype) on the expert-sorted rows; falls back
+  to `loop` where torch's kernel cannot take the shapes (row strides must be
+  multiples of 16 bytes; bf16 on CUDA).
 - `triton`: Triton grouped GEMM that gathers and scatters rows in the kernel
   (`moe.kernels.moe_experts`), CUDA only.
 - `megablocks`: MegaBlocks' grouped GEMM (optional, GPU only, lazily imported).
-- `auto`: `triton` on CUDA when Triton imports, else `torch` (which itself
-  falls back to `loop` where grouped_mm is missing or the shapes do not suit
-  it). On CPU, `torch` and `loop` train pocket-tiny at the same speed within
-  2% (benchmarks/bench_train.py).
+- `auto`: `triton` on CUDA when Triton imports and D, H are multiples of 16,
+  else `torch` (which itself falls back to `loop` where grouped_mm is missing or
+  the shapes do not suit it). On CPU, `torch` and `loop` train pocket-tiny at
+  the same speed within 2% (benchmarks/bench_train.py).
+
+Host syncs in a forward: none on `torch` and `triton`. The `loop` backend reads
+the per-expert row counts on the host (`counts_E.tolist()`, for torch.split) and
+`megablocks` copies them to the host (`counts_E.cpu()`, grouped_gemm's batch
+sizes); those are the only device->host transfers of the expert layer.
 
 Routing is dropless: every token reaches all of its K experts.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -37,53 +44,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.kernels.permute import dispatch_rows, unsort_rows
+from moe.kernels.torch_grouped import grouped_mm_fn, torch_grouped_mm
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """The S = T*K routed token-slots, sorted by expert."""
+    """The S = T*K routed token-slots, sorted by expert (flat slot t*K + j: token t, choice j)."""
 
-    token_idx_S: torch.Tensor
-    """int64 [S]: source token of each expert-sorted slot."""
-    weight_S: torch.Tensor
-    """[S]: router weight of each sorted slot (differentiable)."""
-    offs_E: torch.Tensor
-    """int32 [E]: cumulative END offset of each expert's slots (grouped_mm convention)."""
-    counts_E: torch.Tensor
-    """int64 [E]: slots per expert."""
     slot_order_S: torch.Tensor
-    """int64 [S]: position in the flattened [T, K] routing of each sorted slot."""
+    """int64 [S]: flat slot of each expert-sorted row."""
+    inverse_S: torch.Tensor
+    """int64 [S]: expert-sorted row of each flat slot (the inverse permutation)."""
+    offs_E: torch.Tensor
+    """int32 [E]: cumulative END offset of each expert's rows (grouped_mm convention)."""
+    counts_E: torch.Tensor
+    """int64 [E]: rows per expert."""
+    weight_TK: torch.Tensor
+    """fp32 [T, K]: router weight of each slot (differentiable)."""
+
+    @property
+    def top_k(self) -> int:
+        return self.weight_TK.shape[1]
+
+    @property
+    def token_idx_S(self) -> torch.Tensor:
+        """int64 [S]: source token of each expert-sorted row."""
+        return torch.div(self.slot_order_S, self.top_k, rounding_mode="floor")
 
 
 def make_dispatch_plan(expert_idx_TK: torch.Tensor, weight_TK: torch.Tensor,
                        n_experts: int) -> DispatchPlan:
-    """Sort the (token, slot) pairs by expert (stable: token order within an expert)."""
-    top_k = expert_idx_TK.shape[1]
+    """Sort the (token, slot) pairs by expert (stable: token order within an expert).
+
+    No host sync and no data-dependent shapes, so it compiles into one graph;
+    the counts are integer scatter-adds (exact, hence deterministic).
+    """
     flat_expert_S = expert_idx_TK.reshape(-1)
     slot_order_S = torch.argsort(flat_expert_S, stable=True)
-    counts_E = torch.bincount(flat_expert_S, minlength=n_experts)
-    return DispatchPlan(
-        token_idx_S=slot_order_S // top_k,
-        weight_S=weight_TK.reshape(-1)[slot_order_S],
-        offs_E=torch.cumsum(counts_E, dim=0).to(torch.int32),
-        counts_E=counts_E,
-        slot_order_S=slot_order_S,
-    )
+    positions_S = torch.arange(slot_order_S.shape[0], device=slot_order_S.device)
+    inverse_S = torch.empty_like(slot_order_S).scatter_(0, slot_order_S, positions_S)
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=flat_expert_S.device)
+    counts_E = counts_E.scatter_add_(0, flat_expert_S, torch.ones_like(flat_expert_S))
+    return DispatchPlan(slot_order_S=slot_order_S, inverse_S=inverse_S,
+                        offs_E=torch.cumsum(counts_E, dim=0).to(torch.int32),
+                        counts_E=counts_E, weight_TK=weight_TK.float())
 
 
-ExpertFn = Callable[[torch.Tensor, DispatchPlan, torch.Tensor, torch.Tensor, torch.Tensor],
-                    torch.Tensor]
+ExpertFn = Callable[[torch.Tensor, DispatchPlan, torch.Tensor, torch.Tensor], torch.Tensor]
+"""fn(x_TD, plan, w13_ED2H, w2_EHD) -> y_SD: every slot's unweighted expert output, in flat
+[T*K] slot order and in the dtype of its inputs (the combine happens outside)."""
 
 
-def _combine(y_SD: torch.Tensor, plan: DispatchPlan, n_tokens: int) -> torch.Tensor:
-    """Weight each slot's output by its router weight and sum back into token order."""
-    y_SD = y_SD * plan.weight_S.to(y_SD.dtype).unsqueeze(-1)
-    out_TD = y_SD.new_zeros(n_tokens, y_SD.shape[-1])
-    return out_TD.index_add(0, plan.token_idx_S, y_SD)
-
-
-def _gate_up(w1_EDH: torch.Tensor, w3_EDH: torch.Tensor) -> torch.Tensor:
-    """[E, D, 2H]: gate and up side by side, so one matmul computes both."""
-    return torch.cat([w1_EDH, w3_EDH], dim=-1)
+def combine(y_SD: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+    """sum_j weight[t, j] * y[t*K + j], in fp32: a reshape-sum, deterministic (no atomics)."""
+    n_tokens, top_k = weight_TK.shape
+    y_TKD = y_SD.view(n_tokens, top_k, y_SD.shape[-1]).float()
+    return (y_TKD * weight_TK.float().unsqueeze(-1)).sum(dim=1)
 
 
 def _swiglu(gate_up_S2H: torch.Tensor) -> torch.Tensor:
@@ -91,47 +108,41 @@ def _swiglu(gate_up_S2H: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_SH) * up_SH
 
 
-def loop_experts(x_TD: torch.Tensor, plan: DispatchPlan, w1_EDH: torch.Tensor,
-                 w3_EDH: torch.Tensor, w2_EHD: torch.Tensor) -> torch.Tensor:
-    """Reference backend: gather the sorted rows, one SwiGLU per expert, combine."""
-    x_SD = x_TD[plan.token_idx_S]
-    counts = plan.counts_E.tolist()
-    w13_ED2H = _gate_up(w1_EDH, w3_EDH)
-    outs = []
-    for e, rows_SD in enumerate(torch.split(x_SD, counts)):
-        if counts[e] == 0:
-            continue
-        outs.append(_swiglu(rows_SD @ w13_ED2H[e]) @ w2_EHD[e])
+def _sorted_rows(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    return dispatch_rows(x_TD, plan.slot_order_S, plan.inverse_S, plan.top_k)
+
+
+def loop_experts(x_TD: torch.Tensor, plan: DispatchPlan, w13_ED2H: torch.Tensor,
+                 w2_EHD: torch.Tensor) -> torch.Tensor:
+    """Reference backend: gather the sorted rows, one SwiGLU per expert, unsort."""
+    x_SD = _sorted_rows(x_TD, plan)
+    counts = plan.counts_E.tolist()  # host sync: torch.split needs the sizes on the host
+    outs = [_swiglu(rows_SD @ w13_ED2H[e]) @ w2_EHD[e]
+            for e, rows_SD in enumerate(torch.split(x_SD, counts)) if counts[e]]
     y_SD = torch.cat(outs) if outs else x_SD.new_zeros(0, w2_EHD.shape[-1])
-    return _combine(y_SD, plan, x_TD.shape[0])
+    return unsort_rows(y_SD, plan.slot_order_S, plan.inverse_S)
 
 
-def _grouped_mm_fn() -> Callable | None:
-    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    return fn
-
-
-def _grouped_mm_ok(x_SD: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """torch's grouped_mm needs 16-byte-aligned row strides, and bf16 on CUDA (SM >= 80)."""
-    if x_SD.is_cuda and x_SD.dtype != torch.bfloat16:
+def _grouped_mm_ok(x_TD: torch.Tensor, w2_EHD: torch.Tensor) -> bool:
+    """torch's grouped_mm needs 16-byte-aligned row strides (D and H), bf16 on CUDA (SM >= 80)."""
+    if grouped_mm_fn() is None or (x_TD.is_cuda and x_TD.dtype != torch.bfloat16):
         return False
-    size = x_SD.element_size()
-    dims = [x_SD.shape[-1]] + [w.shape[-1] for w in weights]
-    return all((d * size) % 16 == 0 for d in dims) and x_SD.shape[0] > 0
+    size = x_TD.element_size()
+    return all((d * size) % 16 == 0 for d in w2_EHD.shape[1:]) and x_TD.shape[0] > 0
 
 
-def torch_experts(x_TD: torch.Tensor, plan: DispatchPlan, w1_EDH: torch.Tensor,
-                  w3_EDH: torch.Tensor, w2_EHD: torch.Tensor) -> torch.Tensor:
-    """torch.nn.functional.grouped_mm over the expert-sorted rows (loop where it can't)."""
-    gmm = _grouped_mm_fn()
-    x_SD = x_TD[plan.token_idx_S]
-    if gmm is None or not _grouped_mm_ok(x_SD, w1_EDH, w2_EHD):
-        return loop_experts(x_TD, plan, w1_EDH, w3_EDH, w2_EHD)
-    dtype = x_SD.dtype  # autocast does not cover grouped_mm: cast the weights ourselves
-    w13_ED2H = _gate_up(w1_EDH, w3_EDH).to(dtype)
-    h_SH = _swiglu(gmm(x_SD, w13_ED2H, offs=plan.offs_E))
-    y_SD = gmm(h_SH, w2_EHD.to(dtype), offs=plan.offs_E)
-    return _combine(y_SD, plan, x_TD.shape[0])
+def torch_experts(x_TD: torch.Tensor, plan: DispatchPlan, w13_ED2H: torch.Tensor,
+                  w2_EHD: torch.Tensor) -> torch.Tensor:
+    """torch's grouped_mm over the expert-sorted rows (`loop` where it can't run).
+
+    No host sync: grouped_mm reads the offsets on the device.
+    """
+    if not _grouped_mm_ok(x_TD, w2_EHD):
+        return loop_experts(x_TD, plan, w13_ED2H, w2_EHD)
+    x_SD = _sorted_rows(x_TD, plan)
+    h_SH = _swiglu(torch_grouped_mm(x_SD, w13_ED2H, plan.offs_E))
+    y_SD = torch_grouped_mm(h_SH, w2_EHD, plan.offs_E)
+    return unsort_rows(y_SD, plan.slot_order_S, plan.inverse_S)
 
 
 # name -> "module:function" for lazily imported backends, so importing this
@@ -144,12 +155,21 @@ _EAGER_BACKENDS: dict[str, ExpertFn] = {"loop": loop_experts, "torch": torch_exp
 BACKENDS = ("auto", *_EAGER_BACKENDS, *_LAZY_BACKENDS)
 
 
+_LOADED: dict[str, ExpertFn] = dict(_EAGER_BACKENDS)
+"""Backends by name once imported; a compiled graph only reads this dict (an import would
+break the graph), so SwiGLUExperts loads its backend when it is built."""
+
+
 def get_backend(name: str, device: torch.device | str = "cpu") -> ExpertFn:
     """The expert function for `name`; `auto` picks the fastest available on `device`."""
     if name == "auto":
         name = auto_backend(device)
-    if name in _EAGER_BACKENDS:
-        return _EAGER_BACKENDS[name]
+    if name not in _LOADED:
+        _LOADED[name] = _import_backend(name)
+    return _LOADED[name]
+
+
+def _import_backend(name: str) -> ExpertFn:
     if name not in _LAZY_BACKENDS:
         raise ValueError(f"unknown experts backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module_name, fn_name = _LAZY_BACKENDS[name].split(":")
@@ -165,20 +185,49 @@ def auto_backend(device: torch.device | str) -> str:
     return _auto_backend(torch.device(device).type)
 
 
-@functools.cache
+_AUTO_BACKENDS: dict[str, str] = {}
+
+
+@torch.compiler.assume_constant_result  # resolved once, outside any compiled graph
 def _auto_backend(device_type: str) -> str:
+    if device_type not in _AUTO_BACKENDS:
+        _AUTO_BACKENDS[device_type] = _probe_backend(device_type)
+    return _AUTO_BACKENDS[device_type]
+
+
+def _probe_backend(device_type: str) -> str:
     if device_type != "cuda":
         return "torch"
     try:
         importlib.import_module("triton")
-        importlib.import_module(_LAZY_BACKENDS["triton"].split(":")[0])
+        get_backend("triton")
         return "triton"
-    except ImportError:
-        return "torch" if _grouped_mm_fn() is not None else "loop"
+    except (ImportError, ValueError):
+        return "torch" if grouped_mm_fn() is not None else "loop"
+
+
+TRITON_ALIGN = 16
+"""The Triton kernels are built (and checked by `moe kernels compile`) for widths that
+are multiples of 16 elements; other widths cannot vectorise their row loads and spill."""
+
+
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype where autocast is on for `device_type`, else `dtype`."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
 
 
 class SwiGLUExperts(nn.Module):
-    """E SwiGLU experts with weights [E, D, H] / [E, H, D], run by a chosen backend."""
+    """E SwiGLU experts, gate and up fused as w13 [E, D, 2H], down w2 [E, H, D].
+
+    Precision (as torchtitan): activations and weights are cast to the compute
+    dtype (the autocast dtype under autocast) where they enter the experts, and
+    every backend then runs with autocast off, so all expert matmuls run in that
+    dtype on every backend; the router weights and the weighted combine stay fp32.
+    Checkpoints with separate `w1_EDH` / `w3_EDH` (before the fused weight) are
+    converted when loaded.
+    """
 
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, *, backend: str = "auto"):
         super().__init__()
@@ -186,29 +235,58 @@ class SwiGLUExperts(nn.Module):
             raise ValueError(f"unknown experts backend {backend!r}; choose one of "
                              f"{', '.join(BACKENDS)}")
         self.backend = backend
-        self.w1_EDH = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
-        self.w3_EDH = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
+        self.w13_ED2H = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_hidden))
         self.w2_EHD = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        self.register_load_state_dict_pre_hook(_fuse_gate_up)
+        if backend != "auto":
+            get_backend(backend)  # import now: an import inside a compiled graph breaks it
 
     @property
     def n_experts(self) -> int:
-        return self.w1_EDH.shape[0]
+        return self.w13_ED2H.shape[0]
 
     def reset_parameters(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1_EDH, std=std)
-        nn.init.normal_(self.w3_EDH, std=std)
+        nn.init.normal_(self.w13_ED2H, std=std)
         nn.init.normal_(self.w2_EHD, std=out_std)
+
+    def _backend_fn(self, x_TD: torch.Tensor) -> ExpertFn:
+        name = self.backend
+        if name == "auto":
+            name = auto_backend(x_TD.device)
+            dims = (self.w2_EHD.shape[1], self.w2_EHD.shape[2])
+            if name == "triton" and any(d % TRITON_ALIGN for d in dims):
+                name = "torch"
+        return get_backend(name, x_TD.device)
+
+    def _cast(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = compute_dtype(x_TD.device.type, x_TD.dtype)
+        return x_TD.to(dtype), self.w13_ED2H.to(dtype), self.w2_EHD.to(dtype)
 
     def forward(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor,
                 weight_TK: torch.Tensor) -> torch.Tensor:
+        """fp32 [T, D]: sum over each token's K experts of weight * SwiGLU_e(x)."""
         plan = make_dispatch_plan(expert_idx_TK, weight_TK, self.n_experts)
-        fn = get_backend(self.backend, x_TD.device)
-        return fn(x_TD, plan, self.w1_EDH, self.w3_EDH, self.w2_EHD)
+        fn = self._backend_fn(x_TD)
+        x_TD, w13_ED2H, w2_EHD = self._cast(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return combine(fn(x_TD, plan, w13_ED2H, w2_EHD), plan.weight_TK)
 
     def dense_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """The single expert applied to every token with weight 1 (a dense SwiGLU FFN)."""
-        w13_D2H = _gate_up(self.w1_EDH[0], self.w3_EDH[0]).to(x_TD.dtype)
-        return _swiglu(x_TD @ w13_D2H) @ self.w2_EHD[0].to(x_TD.dtype)
+        x_TD, w13_ED2H, w2_EHD = self._cast(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return _swiglu(x_TD @ w13_ED2H[0]) @ w2_EHD[0]
+
+
+def _fuse_gate_up(module, state_dict, prefix, *_args) -> None:
+    """Load-time conversion of checkpoints with separate gate (w1) and up (w3) weights."""
+    w1, w3 = prefix + "w1_EDH", prefix + "w3_EDH"
+    if w1 not in state_dict and w3 not in state_dict:
+        return
+    if w1 not in state_dict or w3 not in state_dict:
+        raise ValueError(f"checkpoint has only one of {w1} and {w3}; both are needed to build "
+                         f"{prefix}w13_ED2H (re-save it with both, or retrain)")
+    state_dict[prefix + "w13_ED2H"] = torch.cat([state_dict.pop(w1), state_dict.pop(w3)], -1)
 
 
 def init_std_for_output(init_std: float, n_layers: int) -> float:

@@ -55,6 +55,20 @@ class RouterOutput:
     stats: RoutingStats
 
 
+def _token_weights(n_tokens: int, mask_T: torch.Tensor | None,
+                   like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [T] 1.0 for real tokens else 0.0, number of real tokens >= 1, as a tensor).
+
+    Masks are applied as weights, never by boolean indexing: indexing has a
+    data-dependent shape, which syncs with the device and breaks torch.compile graphs.
+    """
+    if mask_T is None:
+        keep_T = torch.ones(n_tokens, dtype=torch.float32, device=like.device)
+    else:
+        keep_T = mask_T.to(torch.float32)
+    return keep_T, keep_T.sum().clamp_min(1.0)
+
+
 def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
                       mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer (Fedus et al. 2021) / GShard load-balance loss.
@@ -63,39 +77,43 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
     (T*K of them) that go to expert i and P_i the mean router probability of
     expert i, both over the real tokens (`mask_T`). f is a count, so the
     gradient flows through P only, pushing probability away from overloaded
-    experts. Perfectly uniform routing gives exactly 1.0.
+    experts. Perfectly uniform routing gives exactly 1.0; no real token gives 0.
     """
-    n_experts = probs_TE.shape[-1]
-    if mask_T is not None:
-        probs_TE = probs_TE[mask_T]
-        expert_idx_TK = expert_idx_TK[mask_T]
-    n_slots = expert_idx_TK.numel()
-    if n_slots == 0:
-        return probs_TE.sum() * 0.0
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=n_experts)
-    f_E = counts_E.to(probs_TE.dtype) / n_slots
-    p_E = probs_TE.mean(dim=0)
+    n_tokens, n_experts = probs_TE.shape
+    top_k = expert_idx_TK.shape[1]
+    keep_T, n_real = _token_weights(n_tokens, mask_T, probs_TE)
+    counts_E = _expert_counts(expert_idx_TK, keep_T, n_experts)
+    f_E = counts_E.to(probs_TE.dtype) / (n_real * top_k)
+    p_E = (probs_TE * keep_T.unsqueeze(-1)).sum(dim=0) / n_real
     return n_experts * torch.sum(f_E * p_E)
 
 
+def _expert_counts(expert_idx_TK: torch.Tensor, keep_T: torch.Tensor,
+                   n_experts: int) -> torch.Tensor:
+    """int64 [E]: routed slots of real tokens per expert (an exact integer scatter-add)."""
+    keep_S = keep_T.to(torch.int64).unsqueeze(-1).expand_as(expert_idx_TK).reshape(-1)
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=expert_idx_TK.device)
+    return counts_E.scatter_add_(0, expert_idx_TK.reshape(-1), keep_S)
+
+
 def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """Router z-loss (Zoph et al. 2022, ST-MoE): mean_t logsumexp(logits_t)^2.
+    """Router z-loss (Zoph et al. 2022, ST-MoE): mean_t logsumexp(logits_t)^2 over real tokens.
 
     Keeps router logits small, which keeps the softmax numerically stable.
     """
-    if mask_T is not None:
-        logits_TE = logits_TE[mask_T]
-    if logits_TE.shape[0] == 0:
-        return logits_TE.sum() * 0.0
-    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+    keep_T, n_real = _token_weights(logits_TE.shape[0], mask_T, logits_TE)
+    return (torch.logsumexp(logits_TE, dim=-1).pow(2) * keep_T).sum() / n_real
 
 
 class TopKRouter(nn.Module):
     """Linear D -> E (no bias), softmax over experts, top-k.
 
-    `normalize=True` renormalises the k weights to sum to 1 (Mixtral);
-    `normalize=False` keeps the raw softmax probabilities (OLMoE). The router
-    runs in fp32 even under autocast: small logit differences decide routing.
+    `normalize=True` renormalises the k weights to sum to 1 (Mixtral) when
+    k > 1; with k = 1 the weight is always the router probability (Switch
+    Transformer), since a renormalised single weight is exactly 1 and the
+    language-model loss would give the router no gradient. `normalize=False`
+    keeps the raw softmax probabilities (OLMoE). Logits, softmax and weights are
+    fp32 even under autocast: small logit differences decide routing.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, *, normalize: bool = True):
@@ -112,7 +130,7 @@ class TopKRouter(nn.Module):
             logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
             probs_TE = torch.softmax(logits_TE, dim=-1)
             weight_TK, expert_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-            if self.normalize:
+            if self.normalize and self.top_k > 1:
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
             lb = load_balance_loss(probs_TE, expert_idx_TK, mask_T)
             zl = z_loss(logits_TE, mask_T)
@@ -123,10 +141,10 @@ class TopKRouter(nn.Module):
 
 def routing_stats(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
                   mask_T: torch.Tensor | None = None) -> RoutingStats:
-    if mask_T is not None:
-        probs_TE = probs_TE[mask_T]
-        expert_idx_TK = expert_idx_TK[mask_T]
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[-1])
+    n_tokens, n_experts = probs_TE.shape
+    keep_T, n_real = _token_weights(n_tokens, mask_T, probs_TE)
+    counts_E = _expert_counts(expert_idx_TK, keep_T, n_experts)
     entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1)
-    entropy = entropy_T.mean() if entropy_T.numel() else probs_TE.new_tensor(float("nan"))
+    entropy = (entropy_T * keep_T).sum() / n_real
+    entropy = torch.where(keep_T.sum() > 0, entropy, torch.full_like(entropy, float("nan")))
     return RoutingStats(tokens_per_expert_E=counts_E.detach(), entropy_mean=entropy.detach())

@@ -1,0 +1,67 @@
+"""torch's grouped matmul as a `torch.library` custom op, so torch.compile sees through it.
+
+Shape legend: M sorted rows, K input width, N output width, E groups.
+
+`torch.nn.functional.grouped_mm` runs fp32 and bf16 on CPU, but its meta
+function (what torch.compile traces with) accepts bf16 only, so an fp32 model
+would break the graph. Wrapped as an opaque custom op with a fake impl, the
+compiled graph calls the eager kernel for any dtype. The backward is two more
+calls of the same ops (dA with B transposed; dB as the 2-D x 2-D grouped form),
+so it compiles too. Neither op reads `offs` on the host: no device sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_mm_fn():
+    """torch's grouped matmul, or None in a torch that has none."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@torch.library.custom_op("moe_kernels::torch_grouped_mm", mutates_args=())
+def _torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """[M, K] x [E, K, N] -> [M, N]; rows of group e are [offs[e-1], offs[e])."""
+    return grouped_mm_fn()(a, b, offs=offs)
+
+
+@_torch_grouped_mm.register_fake
+def _torch_grouped_mm_fake(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("moe_kernels::torch_grouped_mm_dw", mutates_args=())
+def _torch_grouped_mm_dw(a: torch.Tensor, dy: torch.Tensor,
+                         offs: torch.Tensor) -> torch.Tensor:
+    """[M, K], [M, N] -> [E, K, N] with dw[e] = a[rows_e]^T dy[rows_e] (0 for empty groups)."""
+    return grouped_mm_fn()(a.t(), dy, offs=offs)
+
+
+@_torch_grouped_mm_dw.register_fake
+def _torch_grouped_mm_dw_fake(a, dy, offs):
+    return a.new_empty(offs.shape[0], a.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _backward(ctx, dy):
+    a, b, offs = ctx.saved_tensors
+    da = db = None
+    if ctx.needs_input_grad[0]:
+        da = _torch_grouped_mm(dy, b.transpose(1, 2), offs)
+    if ctx.needs_input_grad[1]:
+        db = _torch_grouped_mm_dw(a, dy, offs)
+    return da, db, None
+
+
+_torch_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def torch_grouped_mm(a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """`torch.nn.functional.grouped_mm(a, b, offs=offs)`, differentiable and compilable."""
+    return _torch_grouped_mm(a_MK, b_EKN, offs_E)
