@@ -70,10 +70,17 @@ def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu
     run = RunDir(run_dir)
     cfg = run.read_config()
     state = load_latest_checkpoint(run, map_location=device)
+    model = MoELM(cfg.model).to(device)
+    from moe.checkpoint_dcp import load_sharded_model, newest_checkpoint
+
+    newest = newest_checkpoint(run)  # a run trained sharded (FSDP2) has .dcp checkpoints
+    if newest is not None and newest[0] == "dcp" and (state is None or
+                                                      newest[1] > int(state["step"])):
+        load_sharded_model(run, model, newest[1])
+        return model.eval(), cfg, newest[1]
     if state is None:
         raise ValueError(f"{run.path} has no loadable checkpoint; train it first with "
                          f"`moe train {run.config_path} --out {run.path}`")
-    model = MoELM(cfg.model).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg, int(state["step"])

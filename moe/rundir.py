@@ -52,6 +52,7 @@ RESULT = "result.json"
 
 STATES = ("pending", "running", "done", "failed")
 _CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
+_SHARDED = re.compile(r"^step-(\d{8})\.dcp$")
 
 
 class RunDir:
@@ -173,6 +174,32 @@ class RunDir:
         for _, old in self.list_checkpoints()[keep:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".sha256").unlink(missing_ok=True)
+
+    # Sharded checkpoints (torch.distributed.checkpoint, `moe.checkpoint_dcp`): a directory
+    # step-NNNNNNNN.dcp per step, written under a temporary name and renamed when complete.
+
+    def sharded_checkpoint_path(self, step: int, *, partial: bool = False) -> Path:
+        return self.checkpoints_dir / f"step-{step:08d}.dcp{'.partial' if partial else ''}"
+
+    def list_sharded_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, directory) of every complete sharded checkpoint, newest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir()
+                 if (m := _SHARDED.match(p.name)) and p.is_dir()]
+        return sorted(found, reverse=True)
+
+    def publish_sharded_checkpoint(self, step: int, keep: int) -> Path:
+        """Rename a fully written sharded checkpoint into place; keep the newest `keep`."""
+        import shutil
+
+        final = self.sharded_checkpoint_path(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.sharded_checkpoint_path(step, partial=True), final)
+        for _, old in self.list_sharded_checkpoints()[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
 
     # ------------------------------------------------------------------ eval and result
 

@@ -27,6 +27,7 @@ EXPERT_BACKENDS = ("auto", "loop", "torch", "triton", "megablocks")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL_DATA = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +257,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig())
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -267,8 +269,31 @@ class RunConfig:
         return dataclasses.replace(self, **sections)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How one run is spread over processes (`torchrun` or a multi-task SLURM job).
+
+    Not part of the run id: the same run trained on other layouts optimises the same
+    objective (`moe.train.balance`) on the same global batches.
+    """
+
+    data: str = "ddp"
+    """ddp (every rank holds all weights) | fsdp (FSDP2: weights, gradients and optimizer
+    states sharded over the data-parallel ranks)."""
+    expert: int = 1
+    """Expert-parallel degree: each rank holds n_experts / expert experts (1 = off)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~1/3 more
+    compute)."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "data", PARALLEL_DATA)
+        _positive(self, "expert")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig,
+    "parallel": ParallelConfig,
 }
 
 
