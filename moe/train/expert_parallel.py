@@ -10,7 +10,8 @@ the forward becomes
     expert with weight 1) -> all_to_all the outputs back -> weight by the router and sum
     into token order.
 
-Both exchanges are `torch.distributed.nn.functional.all_to_all_single`, which is
+Both exchanges are torch's autograd all-to-all (`all_to_all_single_autograd`, what
+`torch.distributed.nn.functional.all_to_all_single` now defers to), which is
 differentiable, so gradients take the same way back. Dropless: every slot reaches its
 expert (the split sizes come from an all-to-all of the per-expert counts). The source
 rank sorts and combines exactly like `moe.model.experts` does on one process, so an
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 
 class ExpertParallel:
@@ -50,13 +51,11 @@ class ExpertParallel:
         send_splits = counts_E.view(self.ep_size, n_local).sum(1).tolist()
         recv_splits = recv_PL.sum(1).tolist()
         x_SD = x_TD[token_S]
-        x_RD = all_to_all_single(x_SD.new_empty(sum(recv_splits), x_SD.shape[1]), x_SD,
-                                 recv_splits, send_splits, group=self.ep_group)
+        x_RD = _all_to_all(x_SD, recv_splits, send_splits, self.ep_group)
         local_R = torch.arange(n_local, device=x_TD.device).repeat(self.ep_size)
         local_R = torch.repeat_interleave(local_R, recv_PL.reshape(-1))
         y_RD = self._local_experts(x_RD, local_R)
-        y_SD = all_to_all_single(y_RD.new_empty(x_SD.shape[0], y_RD.shape[1]), y_RD,
-                                 send_splits, recv_splits, group=self.ep_group)
+        y_SD = _all_to_all(y_RD, send_splits, recv_splits, self.ep_group)
         weight_S = weight_TK.reshape(-1)[order_S]
         y_SD = y_SD * weight_S.to(y_SD.dtype).unsqueeze(-1)
         return y_SD.new_zeros(n_tokens, y_SD.shape[1]).index_add(0, token_S, y_SD)
@@ -67,6 +66,15 @@ class ExpertParallel:
             return x_RD + anchor * 0.0
         ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_RD.device)
         return super().forward(x_RD, local_R.unsqueeze(1), ones_R1)  # type: ignore[misc]
+
+
+def _all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable all-to-all of rows (the backward sends the gradients the other way)."""
+    from torch.distributed._functional_collectives import wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x_ND.contiguous(), out_splits, in_splits,
+                                                  group))
 
 
 def expert_block(n_experts: int, ep_size: int, ep_rank: int) -> slice:

@@ -11,8 +11,9 @@
   E/P experts (`moe.train.expert_parallel`) and is sharded by FSDP over its `dp` ranks
   only; everything else is sharded over all W. Every rank is a data-parallel rank (draws
   its own rows), so an expert's gradient sums the contributions of the P ranks of its
-  group (they arrive by all-to-all) and FSDP averages over the W/P others: the expert
-  layers divide by W, not W/P, to get the same mean as the rest.
+  group (they arrive by all-to-all) and FSDP averages over the W/P others, so
+  `clip_grad_norm` first divides expert gradients by P to get the same mean over W
+  as every other weight.
 - `activation_checkpointing`: each block's activations are recomputed in the backward
   pass (`torch.distributed._composable.checkpoint`, which keeps parameter names).
 
@@ -114,7 +115,6 @@ def _fully_shard(model: nn.Module, par: Parallel, device: torch.device, bf16: bo
         if par.expert > 1 and block.ffn.router is not None:
             experts = make_expert_parallel(block.ffn.experts, par.expert_mesh["ep"].get_group())
             fully_shard(experts, mesh=par.expert_mesh["dp"], mp_policy=mp_experts)
-            experts.set_gradient_divide_factor(float(par.world))
             par.expert_modules[f"blocks.{i}.ffn.experts"] = experts
         fully_shard(block, mesh=par.world_mesh, mp_policy=mp)
     fully_shard(model, mesh=par.world_mesh, mp_policy=mp)
@@ -131,9 +131,16 @@ def grad_sync(model: nn.Module, par: Parallel, sync: bool):
 
 
 def clip_grad_norm(model: nn.Module, par: Parallel, max_norm: float) -> float:
-    """Clip the global gradient norm to `max_norm` (inf = only measure); returns the norm."""
+    """Clip the global gradient norm to `max_norm` (inf = only measure); returns the norm.
+
+    Runs after the last backward of a step: it also completes the expert gradients' mean.
+    """
     if not par.distributed_state:
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    for module in par.expert_modules.values():
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.to_local().div_(par.expert)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total_sq = torch.zeros((), dtype=torch.float32, device=grads[0].to_local().device)
     for g in grads:  # every shard once: sum of squares over all ranks is the full norm^2
