@@ -1,4 +1,4 @@
-"""Run a function on W gloo ranks on 127.0.0.1 (torch.multiprocessing spawn), for tests."""
+"""Run a function on W gloo ranks on 127.0.0.1 (forked: nothing is imported again), for tests."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def run_ranks(world: int, fn, *args) -> None:
     """fn(*args) on `world` processes of one gloo group; raises if any of them fails."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    mp.start_processes(_rank_main, args=(world, free_port(), fn, args), nprocs=world, join=True,
+                       start_method="fork")
 
 
 def train_in(run_dir: str, overrides: list[str]) -> None:

@@ -108,7 +108,6 @@ def test_micro_batch_rows_of_any_split_cover_the_same_global_batch():
 # ------------------------------------------------------------------ gloo ranks vs 1 process
 
 
-@pytest.mark.slow
 def test_fsdp_on_two_ranks_equals_one_process_then_resumes_on_one(reference, tmp_path):
     run_dir = tmp_path / "fsdp"
     run_ranks(2, train_in, str(run_dir), [*STEPS, "parallel.data=fsdp"])
@@ -120,7 +119,6 @@ def test_fsdp_on_two_ranks_equals_one_process_then_resumes_on_one(reference, tmp
     _assert_same_run(resumed, reference)
 
 
-@pytest.mark.slow
 def test_expert_parallel_on_two_ranks_equals_one_process_and_resumes_from_one(reference,
                                                                               tmp_path):
     run_dir = tmp_path / "ep"
@@ -132,7 +130,6 @@ def test_expert_parallel_on_two_ranks_equals_one_process_and_resumes_from_one(re
     _assert_same_run(resumed, reference)
 
 
-@pytest.mark.slow
 def test_one_process_accum_two_equals_two_ranks_accum_one(tmp_path):
     one = tmp_path / "accum2"
     train_run(tiny_config(*STEPS, "train.grad_accum=2"), one)
@@ -147,3 +144,31 @@ def test_fsdp_two_by_expert_two_on_four_ranks_equals_one_process(reference, tmp_
     run_ranks(4, train_in, str(run_dir), [*STEPS, "parallel.data=fsdp", "parallel.expert=2",
                                           "parallel.activation_checkpointing=true"])
     _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_one_run_on_two_processes_and_eval_reads_its_shards(tmp_path):
+    import subprocess
+    import sys
+
+    from moe.checkpoint import load_run_model
+    from tests.helpers import TINY
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_config().to_toml())
+    out = tmp_path / "run"
+    sets = [a for kv in [*TINY, *STEPS, "parallel.data=fsdp"] for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "moe", "train", str(config), "--out", str(out), "--quiet", *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _result(out)["world_size"] == 2
+    assert [s for s, _ in RunDir(out).list_sharded_checkpoints()] == [20, 10]
+    model, cfg, step = load_run_model(out)  # `moe eval` on a run trained sharded
+    assert step == 20 and cfg.parallel.data == "fsdp"
+    from moe.data.shards import load_data
+    from moe.train import validation_loss
+
+    data = load_data(cfg.data, cfg.model.seq_len)
+    assert validation_loss(model, data, cfg, torch.device("cpu")) == pytest.approx(
+        _result(out)["val_loss"], abs=1e-5)

@@ -83,7 +83,6 @@ def current_job_id() -> str | None:
 
 def _init_distributed() -> bool:
     """Start a process group when this job has several ranks; True if we started it."""
-    import torch
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -93,14 +92,9 @@ def _init_distributed() -> bool:
             return False
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True)
-    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
+    from moe.train.distributed import init_from_env
+
+    return init_from_env()
 
 
 def _rank() -> int:
