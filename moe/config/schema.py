@@ -285,10 +285,15 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~1/3 more
     compute)."""
+    micro_batch: int = 0
+    """Sequences per rank per forward pass; 0 = train.batch_size / train.grad_accum / ranks.
+    When set (a planned layout sets it) the step accumulates batch_size / (ranks x
+    micro_batch) micro-batches, whatever train.grad_accum says."""
 
     def __post_init__(self) -> None:
         _choice(self, "data", PARALLEL_DATA)
         _positive(self, "expert")
+        _nonnegative(self, "micro_batch")
 
 
 SECTIONS: dict[str, type] = {

@@ -75,13 +75,24 @@ class StepStats:
         return [s.max_over_mean_load for s in self.routing]
 
 
+def grad_accum_steps(cfg: RunConfig, world: int) -> int:
+    """Micro-batches per step: train.grad_accum, or what parallel.micro_batch implies."""
+    micro = cfg.parallel.micro_batch
+    if not micro:
+        return cfg.train.grad_accum
+    if cfg.train.batch_size % (micro * world):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                         f"parallel.micro_batch={micro} x {world} ranks")
+    return cfg.train.batch_size // (micro * world)
+
+
 def _micro_rows(cfg: RunConfig, ddp: Dist, micro: int) -> slice:
     """This rank's rows of the step's global batch in micro-batch `micro`.
 
     The global batch is a pure function of (seed, step); micro-batch m on rank r takes
     rows [m * B/A + r * B/(A W), ...) of it, so any (A, W) split covers the same rows.
     """
-    micro_bs = cfg.train.batch_size // cfg.train.grad_accum
+    micro_bs = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     per_rank = micro_bs // ddp.world
     start = micro * micro_bs + ddp.rank * per_rank
     return slice(start, start + per_rank)
@@ -94,6 +105,7 @@ def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float
     The load-balance loss is the step's (all micro-batches, all ranks: `moe.train.balance`).
     """
     tcfg = cfg.train
+    n_micro = grad_accum_steps(cfg, ddp.world)
     par = par or Parallel(world=ddp.world)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -107,24 +119,24 @@ def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float
             return model(x, y)
 
     counts = None
-    if tcfg.grad_accum > 1 and tcfg.aux_loss_coef > 0 and not cfg.model.is_dense:
-        counts = count_step_routing(model, map(micro_batch, range(tcfg.grad_accum)), ddp.world,
+    if n_micro > 1 and tcfg.aux_loss_coef > 0 and not cfg.model.is_dense:
+        counts = count_step_routing(model, map(micro_batch, range(n_micro)), ddp.world,
                                     forward)
     totals = torch.zeros(4, device=device)  # loss, ce, lb, z
     routing: tuple = ()
-    for micro in range(tcfg.grad_accum):
+    for micro in range(n_micro):
         x, y = micro_batch(micro)
-        with grad_sync(model, par, micro == tcfg.grad_accum - 1):
+        with grad_sync(model, par, micro == n_micro - 1):
             out: ModelOutput = forward(x, y)
             step_counts = counts if counts is not None else all_ranks_sum(
                 routing_counts(out), ddp.world)
             lb = step_balance_term(out, step_counts, cfg.model.top_k,
-                                   tcfg.grad_accum * ddp.world)
+                                   n_micro * ddp.world)
             loss = out.ce_loss + tcfg.aux_loss_coef * lb + tcfg.z_loss_coef * out.z_loss
-            (loss / tcfg.grad_accum).backward()
+            (loss / n_micro).backward()
         parts = torch.stack([loss.detach(), out.ce_loss.detach(), lb.detach(),
                              out.z_loss.detach()]).float()
-        totals += parts / tcfg.grad_accum
+        totals += parts / n_micro
         routing = out.routing
     grad_norm = clip_grad_norm(model, par, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
     totals = ddp.mean(totals)
@@ -148,7 +160,7 @@ def validation_loss(model: torch.nn.Module, data: TokenData, cfg: RunConfig,
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # CE x tokens, tokens
-    n_micro = cfg.train.grad_accum
+    n_micro = grad_accum_steps(cfg, ddp.world)
     for i in range(cfg.data.val_batches):
         for micro in range(n_micro):
             rows = _micro_rows(cfg, ddp, micro)
@@ -233,7 +245,7 @@ def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
     """The model laid out by [parallel], and its optimizer (built on the sharded weights)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    per_micro = cfg.train.batch_size // cfg.train.grad_accum
+    per_micro = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     if per_micro % ddp.world:
         raise ValueError(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
                          f"divisible by the {ddp.world} data-parallel ranks")
