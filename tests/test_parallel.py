@@ -172,3 +172,44 @@ def test_torchrun_trains_one_run_on_two_processes_and_eval_reads_its_shards(tmp_
     data = load_data(cfg.data, cfg.model.seq_len)
     assert validation_loss(model, data, cfg, torch.device("cpu")) == pytest.approx(
         _result(out)["val_loss"], abs=1e-5)
+
+
+def test_stop_warning_checkpoints_at_the_next_step_boundary_before_the_requeue(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from moe.train.preempt import PreemptionWatch
+
+    cfg = tiny_config("train.tokens=16384", "train.checkpoint_every=1000", "train.log_every=1")
+    run_dir = tmp_path / "run"
+    seen: dict = {}
+
+    class Requeued(Exception):
+        pass
+
+    def submitit_handler(signum, frame):  # what submitit does: RunJob.checkpoint(), requeue
+        seen["checkpoints"] = [s for s, _ in RunDir(run_dir).list_checkpoints()]
+        seen["logged"] = [r["step"] for r in RunDir(run_dir).read_metrics()]
+        raise Requeued
+
+    def warn_after_three_steps():
+        deadline = time.monotonic() + 60
+        while len(RunDir(run_dir).read_metrics()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        threading.Thread(target=warn_after_three_steps, daemon=True).start()
+        with PreemptionWatch(signal.SIGUSR2), pytest.raises(Requeued):
+            train_run(cfg, run_dir)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    (step,) = seen["checkpoints"]  # written at the boundary, before the handler ran
+    assert 3 <= step < 64 and seen["logged"][-1] == step
+    resumed = train_run(cfg, run_dir)
+    uninterrupted = train_run(cfg, tmp_path / "reference")
+    assert resumed["train_loss"] == uninterrupted["train_loss"]
+    assert resumed["val_loss"] == uninterrupted["val_loss"]

@@ -38,9 +38,11 @@ class RunJob(submitit.helpers.Checkpointable):
         return run_in_dir(self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        # Called by submitit on rank 0 when the job is preempted or times out. The
-        # training state is already on disk (checkpoints/), so the requeued job is
-        # just a fresh RunJob for the same directory: it resumes from there.
+        # Called by submitit on rank 0 when the job is preempted or times out. During
+        # training the signal first made every rank write a checkpoint at the step
+        # boundary (`moe.train.preempt`), so the requeued job is just a fresh RunJob for
+        # the same directory: it resumes from there. How often a timed-out job requeues
+        # is `max_num_timeout` (the cluster profile's, or `plan.requeue_limit`).
         record_requeue(self.run_dir, reason="requeued after preemption or timeout",
                        job_id=current_job_id())
         return submitit.helpers.DelayedSubmission(RunJob(self.run_dir))
@@ -49,6 +51,7 @@ class RunJob(submitit.helpers.Checkpointable):
 def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) the run whose config.toml is in `run_dir`; return its result record."""
     from moe.train import TrainingFailed, train_run  # torch is imported only inside jobs
+    from moe.train.preempt import Preempted
 
     run = RunDir(run_dir)
     cfg = run.read_config()
@@ -58,7 +61,10 @@ def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
         if rank0 and not run.is_done():
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
             record_start(run.path, current_job_id(), restarts)
-        return train_run(cfg, run.path)
+        with _preemption_watch():
+            return train_run(cfg, run.path)
+    except Preempted:
+        return {}  # a rank other than 0 after the checkpoint; rank 0's handler requeued
     except TrainingFailed:
         raise  # train_run already wrote state=failed with its reason
     except Exception as exc:
@@ -70,6 +76,20 @@ def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _preemption_watch():
+    """Under submitit: its stop warning (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says
+    otherwise) makes training checkpoint at the next step boundary before the requeue."""
+    import contextlib
+    import signal
+
+    from moe.train.preempt import PreemptionWatch
+
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return contextlib.nullcontext()
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return PreemptionWatch(getattr(signal, f"SIG{name}", signal.SIGUSR2))
 
 
 def current_job_id() -> str | None:

@@ -38,6 +38,7 @@ from moe.rundir import RunDir
 from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts, step_balance_term
 from moe.train.distributed import Dist
 from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize
+from moe.train.preempt import active_watch
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 
 
@@ -289,6 +290,9 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
     last_step = start
     recent_ce: list[float] = []
     bar = _progress_bar(n_steps, start, progress and ddp.is_main)
+    watch = active_watch()  # under submitit: a stop warning checkpoints at the step's end
+    if watch is not None:
+        watch.in_loop = True
     for step in range(start, n_steps):
         lr = lr_at(step, cfg.train, n_steps)
         stats = train_step(model, opt, data, cfg, step, lr, device, ddp, par)
@@ -312,8 +316,13 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
             if par.distributed_state:  # rank 0 evaluates a whole copy read back from disk
                 _checkpoint(run, done, model, opt, cfg, ddp, par)
             _periodic_eval(model, data, cfg, device, run, done, ddp, par)
-        if done % cfg.train.checkpoint_every == 0 or done == n_steps:
+        stop = watch is not None and watch.poll(ddp.world)
+        if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
             _checkpoint(run, done, model, opt, cfg, ddp, par)
+        if stop:
+            watch.hand_over(ddp.rank)
+    if watch is not None:
+        watch.in_loop = False
     if bar is not None:
         bar.close()
     return _finish(run, cfg, model, data, device, ddp, recent_ce,
