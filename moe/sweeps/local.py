@@ -23,7 +23,7 @@ from moe.sweeps.scheduler import EXECUTOR_ENV, local_job_id
 
 POLL_S = 0.5
 WORKER_LOG = "worker.log"
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so workers import this checkout
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so workers import this checkout
 
 
 @dataclass
