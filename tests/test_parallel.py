@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,10 +141,34 @@ def test_one_process_accum_two_equals_two_ranks_accum_one(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_two_by_expert_two_on_four_ranks_equals_one_process(reference, tmp_path):
-    run_dir = tmp_path / "mesh"
+    run_dir = tmp_path / "mesh"  # with accumulation: the step's routing counted first
     run_ranks(4, train_in, str(run_dir), [*STEPS, "parallel.data=fsdp", "parallel.expert=2",
-                                          "parallel.activation_checkpointing=true"])
+                                          "parallel.activation_checkpointing=true",
+                                          "train.grad_accum=2"])
     _assert_same_run(run_dir, reference)
+
+
+def _validate(out_path: str, overrides: list[str]) -> None:
+    import torch.distributed as dist
+
+    from moe.data.shards import load_data
+    from moe.train import validation_loss
+    from moe.train.distributed import Dist
+
+    cfg = tiny_config(*overrides)
+    torch.manual_seed(0)
+    model = MoELM(cfg.model)
+    data = load_data(cfg.data, cfg.model.seq_len)
+    loss = validation_loss(model, data, cfg, torch.device("cpu"), Dist.current())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(out_path).write_text(repr(loss))
+
+
+def test_sharded_validation_equals_single_process_validation(tmp_path):
+    run_ranks(2, _validate, str(tmp_path / "two"), ["train.grad_accum=2"])  # 2 chunks a rank
+    _validate(str(tmp_path / "one"), [])  # one process, whole batches
+    two, one = (float((tmp_path / n).read_text()) for n in ("two", "one"))
+    assert two == pytest.approx(one, abs=1e-6)
 
 
 @pytest.mark.slow
