@@ -69,6 +69,7 @@ def test_parallel_section_round_trips_and_is_not_in_the_run_id():
         apply_overrides(cfg, ["parallel.expert=0"])
     with pytest.raises(ValueError, match="needs parallel.data"):
         check_layout(apply_overrides(cfg, ["parallel.expert=2"]), 2)
+    check_layout(other, 1)  # one process runs any layout's checkpoint
     with pytest.raises(ValueError, match="must divide the 3 processes"):
         check_layout(other, 3)
     with pytest.raises(ValueError, match="n_experts=4 must be divisible"):
@@ -125,6 +126,10 @@ def test_expert_parallel_on_two_ranks_equals_one_process_and_resumes_from_one(re
     run_dir = tmp_path / "ep"
     run_ranks(2, train_in, str(run_dir), [*STEPS, "parallel.data=fsdp", "parallel.expert=2"])
     _assert_same_run(run_dir, reference)
+    on_one = tmp_path / "on-one"  # experts saved by 2 ranks (DCP), resumed on 1 process
+    _cut_back_to_step_10(run_dir, on_one)
+    train_run(tiny_config(*STEPS, "parallel.data=fsdp", "parallel.expert=2"), on_one)
+    _assert_same_run(on_one, reference)
     resumed = tmp_path / "from-one"  # saved by 1 process (.pt), resumed on 2 expert ranks
     _cut_back_to_step_10(reference, resumed)
     run_ranks(2, train_in, str(resumed), [*STEPS, "parallel.data=fsdp", "parallel.expert=2"])

@@ -102,6 +102,8 @@ def make_expert_parallel(experts: nn.Module, group: dist.ProcessGroup) -> nn.Mod
     experts.__class__ = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
     experts.ep_group, experts.ep_size, experts.ep_rank = group, ep_size, ep_rank
     experts.n_experts_global = n_experts
+    if isinstance(experts.__dict__.get("n_experts"), int):  # a stored count, not a property
+        experts.n_experts = rows.stop - rows.start
     return experts
 
 

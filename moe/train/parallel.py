@@ -67,6 +67,8 @@ def check_layout(cfg: RunConfig, world: int) -> None:
     if p.expert > 1 and p.data != "fsdp":
         raise ValueError(f"parallel.expert={p.expert} needs parallel.data=\"fsdp\" (the "
                          "non-expert weights are sharded with FSDP2)")
+    if world == 1:
+        return  # one process holds everything, whatever the layout it was planned for
     if world % p.expert:
         raise ValueError(f"parallel.expert={p.expert} must divide the {world} processes of "
                          "the job")
