@@ -95,3 +95,46 @@ def test_requeue_limit_covers_the_longest_run_and_profile_keys_are_checked():
     with pytest.raises(SpecError, match="gpu_mem_gib"):
         profile_from_dict({"gpu_mem_gib": -1})
     assert profile_from_dict({"max_num_timeout": 50}).max_num_timeout == 50
+
+
+def test_launch_submits_one_array_per_planned_node_count_with_the_requeue_limit(tmp_path,
+                                                                                  monkeypatch):
+    import contextlib
+
+    import submitit
+
+    from moe.rundir import RunDir
+    from moe.sweeps.launch import launch
+
+    calls: dict = {"ctor": {}, "arrays": []}
+
+    class FakeExecutor:  # records what would go to sbatch
+        def __init__(self, folder, cluster, **kwargs):
+            calls["ctor"] = kwargs
+            self.nodes = None
+
+        def update_parameters(self, **params):
+            self.nodes = params["nodes"]
+
+        @contextlib.contextmanager
+        def batch(self):
+            calls["arrays"].append([self.nodes, 0])
+            yield
+
+        def submit(self, fn):
+            calls["arrays"][-1][1] += 1
+            return type("Job", (), {"job_id": f"{len(calls['arrays'])}_{calls['arrays'][-1][1]}"})
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    spec, profile = load_spec(ROOT / "sweeps" / "paper.toml"), load_profile(H100)
+    report = launch(spec, tmp_path, executor="slurm", profile=profile)
+    runs = plan(spec, with_estimate(spec, profile.mfu, profile.gpu_peak_tflops), profile)
+    want = {}
+    for r in runs:
+        want[r.layout["nodes"]] = want.get(r.layout["nodes"], 0) + 1
+    assert sorted(map(tuple, calls["arrays"])) == sorted(want.items())
+    assert calls["ctor"]["slurm_max_num_timeout"] == requeue_limit(runs, profile)
+    assert len(report.submitted) == 69
+    big = max(runs, key=lambda r: r.n_params_total)
+    written = RunDir(tmp_path / "runs" / big.run_id).read_config()
+    assert written.parallel == big.config.parallel and written.parallel.data == "fsdp"
