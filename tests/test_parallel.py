@@ -107,6 +107,12 @@ def test_micro_batch_rows_of_any_split_cover_the_same_global_batch():
         assert torch.equal(torch.cat(rows), whole), (accum, world)
 
 
+def test_activation_checkpointing_recomputes_the_same_gradients(reference, tmp_path):
+    run_dir = tmp_path / "ac"
+    train_run(tiny_config(*STEPS, "parallel.activation_checkpointing=true"), run_dir)
+    _assert_same_run(run_dir, reference, tol=1e-6)
+
+
 # ------------------------------------------------------------------ gloo ranks vs 1 process
 
 
