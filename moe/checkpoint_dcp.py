@@ -109,14 +109,18 @@ def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Opti
 
 
 def load_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None,
-                 experts: dict[str, ExpertLayout]) -> dict[str, Any]:
-    """Load a sharded checkpoint into `model` (and `opt`) on any layout; returns its extra."""
+                 experts: dict[str, ExpertLayout], *, alone: bool = False) -> dict[str, Any]:
+    """Load a sharded checkpoint into `model` (and `opt`) on any layout; returns its extra.
+
+    Every rank of the job calls it, unless `alone`: one process reading a whole model
+    (rank 0 evaluating), which must not wait for the others.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     msd, osd, state = _state(model, opt, experts)
     state["extra"] = {"step": 0, "rng_cpu": torch.get_rng_state(), "run_id": ""}
-    dcp.load(state, checkpoint_id=path, no_dist=not _is_dist())
+    dcp.load(state, checkpoint_id=path, no_dist=alone or not _is_dist())
     # DCP wrote the tensors in place, so torch's own dicts hold the loaded values
     if opt is None:
         set_model_state_dict(model, msd)
@@ -128,4 +132,4 @@ def load_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None
 
 def load_sharded_model(run: RunDir, model: nn.Module, step: int) -> None:
     """Weights only, into a plain single-process model (evaluation, export)."""
-    load_sharded(run.sharded_checkpoint_path(step), model, None, {})
+    load_sharded(run.sharded_checkpoint_path(step), model, None, {}, alone=True)

@@ -117,9 +117,12 @@ def test_activation_checkpointing_recomputes_the_same_gradients(reference, tmp_p
 
 
 def test_fsdp_on_two_ranks_equals_one_process_then_resumes_on_one(reference, tmp_path):
-    run_dir = tmp_path / "fsdp"
-    run_ranks(2, train_in, str(run_dir), [*STEPS, "parallel.data=fsdp"])
+    run_dir = tmp_path / "fsdp"  # rank 0 evaluates a task on the whole model read back
+    run_ranks(2, train_in, str(run_dir), [*STEPS, "parallel.data=fsdp",
+                                          'eval.tasks=["pocket-memorization"]',
+                                          "eval.max_items=4", "eval.accuracy=false"])
     _assert_same_run(run_dir, reference)  # losses step by step, and sharded validation
+    assert "task/pocket-memorization/loss" in _result(run_dir)
     assert [s for s, _ in RunDir(run_dir).list_sharded_checkpoints()] == [20, 10]
     resumed = tmp_path / "resumed-on-one"
     _cut_back_to_step_10(run_dir, resumed)
