@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from moe.model import MoELM
+from moe.model.experts import upgrade_state_dict
 from moe.rundir import RunDir
 
 
@@ -61,6 +62,7 @@ def _load_verified(run: RunDir, step: int, path: Path, map_location: str | torch
     state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise ValueError("not a training checkpoint")
+    upgrade_state_dict(state["model"])  # written before the fused gate/up weight
     if state["step"] != step:
         raise ValueError(f"it stores step {state['step']!r}, its file name says {step}")
     if run_ids is not None and state.get("run_id") not in run_ids:
@@ -117,6 +119,13 @@ def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu
     model = MoELM(cfg.model).to(device)
     state = load_latest_checkpoint(run, map_location=device, run_ids=run_ids_of(cfg),
                                    accept=lambda s: check_fits(model, s["model"]))
+    from moe.checkpoint_dcp import load_sharded_model, newest_checkpoint
+
+    newest = newest_checkpoint(run)  # a run trained sharded (FSDP2) has .dcp checkpoints
+    if newest is not None and newest[0] == "dcp" and (state is None or
+                                                      newest[1] > int(state["step"])):
+        load_sharded_model(run, model, newest[1])
+        return model.eval(), cfg, newest[1]
     if state is None:
         raise ValueError(f"{run.path} has no loadable checkpoint; train it first with "
                          f"`moe train {run.config_path} --out {run.path}`")

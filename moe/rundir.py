@@ -83,6 +83,7 @@ def _read_run_json(path: Path, default: Any) -> Any:
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
         raise UnreadableRunFile(f"{path.name} is unreadable: {what} ({path})") from None
+_SHARDED = re.compile(r"^step-(\d{8})\.dcp$")
 
 
 class RunDir:
@@ -261,6 +262,32 @@ class RunDir:
                 m = re.match(r"^step-(\d{8})\.sha256$", digest.name)
                 if m and int(m.group(1)) < kept[-1] and not digest.with_suffix(".pt").exists():
                     digest.unlink(missing_ok=True)
+
+    # Sharded checkpoints (torch.distributed.checkpoint, `moe.checkpoint_dcp`): a directory
+    # step-NNNNNNNN.dcp per step, written under a temporary name and renamed when complete.
+
+    def sharded_checkpoint_path(self, step: int, *, partial: bool = False) -> Path:
+        return self.checkpoints_dir / f"step-{step:08d}.dcp{'.partial' if partial else ''}"
+
+    def list_sharded_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, directory) of every complete sharded checkpoint, newest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir()
+                 if (m := _SHARDED.match(p.name)) and p.is_dir()]
+        return sorted(found, reverse=True)
+
+    def publish_sharded_checkpoint(self, step: int, keep: int) -> Path:
+        """Rename a fully written sharded checkpoint into place; keep the newest `keep`."""
+        import shutil
+
+        final = self.sharded_checkpoint_path(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.sharded_checkpoint_path(step, partial=True), final)
+        for _, old in self.list_sharded_checkpoints()[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
 
     # ------------------------------------------------------------------ eval and result
 

@@ -22,7 +22,7 @@ RANKS = {
     "moe": 0, "moe.io": 0, "moe.config": 0, "moe.params": 0, "moe.rundir": 0,
     "moe.kernels": 1,
     "moe.model": 2, "moe.data": 2, "moe.tasks": 2,
-    "moe.checkpoint": 3,
+    "moe.checkpoint": 3, "moe.checkpoint_dcp": 3,
     "moe.eval": 4,
     "moe.train": 5, "moe.recipes": 5,
     "moe.sweeps": 6, "moe.analysis": 6,

@@ -11,9 +11,19 @@ from pathlib import Path
 def _train(args: argparse.Namespace) -> int:
     from moe.config import load_config
     from moe.train import train_run
+    from moe.train.distributed import init_from_env
 
     cfg = load_config(args.config, args.set or [])
-    result = train_run(cfg, args.out, progress=not args.quiet)
+    owns_group = init_from_env()  # under torchrun: one rank of the job
+    try:
+        result = train_run(cfg, args.out, progress=not args.quiet)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not result:  # ranks other than 0 return no record
+        return 0
     print(f"done: {args.out}  train_loss={result.get('train_loss', float('nan')):.4f}  "
           f"val_loss={result.get('val_loss', float('nan')):.4f}")
     return 0

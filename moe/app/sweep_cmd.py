@@ -50,11 +50,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moe.sweeps.spec import load_spec
 
     spec = load_spec(args.spec)
-    estimate = None
+    estimate = profile = None
     if args.cluster:
         profile = load_profile(args.cluster)
         estimate = with_estimate(spec, profile.mfu, profile.gpu_peak_tflops)
-    sys.stdout.write(format_plan(plan(spec, estimate), args.format))
+    sys.stdout.write(format_plan(plan(spec, estimate, profile), args.format))
     return 0
 
 

@@ -10,6 +10,7 @@ from moe.config.run_id import config_hash, legacy_config_hash, weight_fields
 from moe.config.schema import (
     DEVICES,
     EXPERT_BACKENDS,
+    PARALLEL_DATA,
     PRECISIONS,
     SCHEDULES,
     SECTIONS,
@@ -17,6 +18,7 @@ from moe.config.schema import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    ParallelConfig,
     RunConfig,
     TrainConfig,
     field_names,
@@ -24,8 +26,9 @@ from moe.config.schema import (
 from moe.config.tomlio import dumps_toml, read_toml
 
 __all__ = [
-    "DEVICES", "EXPERT_BACKENDS", "PRECISIONS", "SCHEDULES", "SECTIONS", "ConfigError",
-    "DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "TrainConfig", "apply_overrides",
+    "DEVICES", "EXPERT_BACKENDS", "PARALLEL_DATA", "PRECISIONS", "SCHEDULES", "SECTIONS",
+    "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "ParallelConfig", "RunConfig",
+    "TrainConfig", "apply_overrides",
     "config_from_dict", "config_hash", "dumps_toml", "field_names", "legacy_config_hash",
     "load_config", "parse_value", "read_toml", "set_dotted", "valid_keys", "weight_fields",
 ]

@@ -18,6 +18,8 @@ from typing import Any
 from moe.config.schema import RunConfig
 
 HASHED_SECTIONS = ("model", "train", "data")
+LEGACY_SECTIONS = ("model", "train", "data", "eval")
+"""Version 0.1's sections: sections added later never change its hash."""
 NOT_HASHED: dict[str, frozenset[str]] = {
     "model": frozenset({"experts_backend"}),
     "train": frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device",
@@ -40,7 +42,8 @@ def config_hash(cfg: RunConfig, length: int = 10) -> str:
 
 def legacy_config_hash(cfg: RunConfig, length: int = 10) -> str:
     """Version 0.1's run id (a hash of every field), to find sweep runs launched by it."""
-    return _digest(cfg.to_dict(), length)
+    full = cfg.to_dict()
+    return _digest({s: full[s] for s in LEGACY_SECTIONS}, length)
 
 
 def _digest(obj: Any, length: int) -> str:

@@ -27,6 +27,7 @@ EXPERT_BACKENDS = ("auto", "loop", "torch", "triton", "megablocks")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL_DATA = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +257,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig())
 
     def __post_init__(self) -> None:
         from moe.config.limits import check_limits
@@ -272,8 +274,36 @@ class RunConfig:
         return dataclasses.replace(self, **sections)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How one run is spread over processes (`torchrun` or a multi-task SLURM job).
+
+    Not part of the run id: the same run trained on other layouts optimises the same
+    objective (`moe.train.balance`) on the same global batches.
+    """
+
+    data: str = "ddp"
+    """ddp (every rank holds all weights) | fsdp (FSDP2: weights, gradients and optimizer
+    states sharded over the data-parallel ranks)."""
+    expert: int = 1
+    """Expert-parallel degree: each rank holds n_experts / expert experts (1 = off)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~1/3 more
+    compute)."""
+    micro_batch: int = 0
+    """Sequences per rank per forward pass; 0 = train.batch_size / train.grad_accum / ranks.
+    When set (a planned layout sets it) the step accumulates batch_size / (ranks x
+    micro_batch) micro-batches, whatever train.grad_accum says."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "data", PARALLEL_DATA)
+        _positive(self, "expert")
+        _nonnegative(self, "micro_batch")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig,
+    "parallel": ParallelConfig,
 }
 
 

@@ -207,10 +207,15 @@ class TokenSplit:
     def n_tokens(self) -> int:
         return int(sum(a.size for a in self.arrays))
 
-    def batch(self, seed: int, index: int, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch `index` of the stream seeded by `seed`: (inputs, targets) int64 [n, seq_len]."""
+    def batch(self, seed: int, index: int, n_seqs: int, rows: slice | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `index` of the stream seeded by `seed`: (inputs, targets) int64 [n, seq_len].
+
+        `rows` picks some of the batch's n_seqs rows (a rank's or a micro-batch's share):
+        they equal those rows of the whole batch.
+        """
         rng = np.random.default_rng([seed, index])
-        flat = rng.integers(0, self.cum[-1], size=n_seqs)
+        flat = rng.integers(0, self.cum[-1], size=n_seqs)[rows if rows is not None else slice(None)]
         which = np.searchsorted(self.cum, flat, side="right")
         offsets = flat - np.concatenate([[0], self.cum[:-1]])[which]
         rows = np.stack([self.arrays[w][o: o + self.seq_len + 1]

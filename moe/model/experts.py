@@ -278,6 +278,14 @@ class SwiGLUExperts(nn.Module):
             return _swiglu(x_TD @ w13_ED2H[0]) @ w2_EHD[0]
 
 
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """Fuse every layer's separate gate/up weights (checkpoints before the fused `w13`), in
+    place, so a whole model's saved tensors compare with today's parameters."""
+    for key in [k for k in state_dict if k.endswith("w1_EDH")]:
+        _fuse_gate_up(None, state_dict, key[: -len("w1_EDH")])
+    return state_dict
+
+
 def _fuse_gate_up(module, state_dict, prefix, *_args) -> None:
     """Load-time conversion of checkpoints with separate gate (w1) and up (w3) weights."""
     w1, w3 = prefix + "w1_EDH", prefix + "w3_EDH"

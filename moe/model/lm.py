@@ -38,6 +38,8 @@ class ModelOutput:
     """Router z-loss averaged over MoE layers (0 for a dense model)."""
     routing: tuple[RoutingStats, ...]
     """One entry per MoE layer (empty for a dense model)."""
+    prob_sums: tuple[torch.Tensor, ...] = ()
+    """Per MoE layer: router probabilities summed over the real tokens [E] (differentiable)."""
 
 
 class RMSNorm(nn.Module):
@@ -163,13 +165,14 @@ class MoELM(nn.Module):
         # Routing losses count only real tokens: those with a target to predict.
         mask_N = None if targets_BT is None else (targets_BT != IGNORE_INDEX).reshape(-1)
         x_BTD = self.embed(idx_BT)
-        lb_terms, z_terms, stats = [], [], []
+        lb_terms, z_terms, stats, prob_sums = [], [], [], []
         for block in self.blocks:
             x_BTD, routed = block(x_BTD, self.rope_cos, self.rope_sin, mask_N)
             if routed is not None:
                 lb_terms.append(routed.lb_loss)
                 z_terms.append(routed.z_loss)
                 stats.append(routed.stats)
+                prob_sums.append(routed.prob_sum_E)
         logits_BTV = self.head(self.norm(x_BTD))
         ce = None
         if targets_BT is not None:
@@ -179,4 +182,4 @@ class MoELM(nn.Module):
         lb = torch.stack(lb_terms).mean() if lb_terms else zero
         zl = torch.stack(z_terms).mean() if z_terms else zero
         return ModelOutput(logits_BTV=logits_BTV, ce_loss=ce, lb_loss=lb, z_loss=zl,
-                           routing=tuple(stats))
+                           routing=tuple(stats), prob_sums=tuple(prob_sums))

@@ -53,6 +53,10 @@ class RouterOutput:
     z_loss: torch.Tensor
     """Router z-loss: mean over tokens of logsumexp(logits)^2 (scalar)."""
     stats: RoutingStats
+    prob_sum_E: torch.Tensor | None = None
+    """Sum over the real tokens of the router probabilities [E] (fp32, differentiable): with
+    the token counts in `stats` it forms a load-balance loss over many batches
+    (`moe.train.balance`)."""
 
 
 def _token_weights(n_tokens: int, mask_T: torch.Tensor | None,
@@ -135,8 +139,9 @@ class TopKRouter(nn.Module):
             lb = load_balance_loss(probs_TE, expert_idx_TK, mask_T)
             zl = z_loss(logits_TE, mask_T)
         stats = routing_stats(probs_TE.detach(), expert_idx_TK, mask_T)
+        prob_sum_E = (probs_TE if mask_T is None else probs_TE[mask_T]).sum(dim=0)
         return RouterOutput(expert_idx_TK=expert_idx_TK, weight_TK=weight_TK, lb_loss=lb,
-                            z_loss=zl, stats=stats)
+                            z_loss=zl, stats=stats, prob_sum_E=prob_sum_E)
 
 
 def routing_stats(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,

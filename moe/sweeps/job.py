@@ -38,9 +38,11 @@ class RunJob(submitit.helpers.Checkpointable):
         return run_in_dir(self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        # Called by submitit on rank 0 when the job is preempted or times out. The
-        # training state is already on disk (checkpoints/), so the requeued job is
-        # just a fresh RunJob for the same directory: it resumes from there.
+        # Called by submitit on rank 0 when the job is preempted or times out. During
+        # training the signal first made every rank write a checkpoint at the step
+        # boundary (`moe.train.preempt`), so the requeued job is just a fresh RunJob for
+        # the same directory: it resumes from there. How often a timed-out job requeues
+        # is `max_num_timeout` (the cluster profile's, or `plan.requeue_limit`).
         record_requeue(self.run_dir, reason="requeued after preemption or timeout",
                        job_id=current_job_id())
         return submitit.helpers.DelayedSubmission(RunJob(self.run_dir))
@@ -49,6 +51,7 @@ class RunJob(submitit.helpers.Checkpointable):
 def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) the run whose config.toml is in `run_dir`; return its result record."""
     from moe.train import TrainingFailed, train_run  # torch is imported only inside jobs
+    from moe.train.preempt import Preempted
 
     run = RunDir(run_dir)
     cfg = run.read_config()
@@ -60,7 +63,10 @@ def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
                 pass
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
             record_start(run.path, current_job_id(), restarts)
-        return train_run(cfg, run.path)
+        with _preemption_watch():
+            return train_run(cfg, run.path)
+    except Preempted:
+        return {}  # a rank other than 0 after the checkpoint; rank 0's handler requeued
     except (TrainingFailed, RunLocked):
         raise  # failed: train_run wrote why; locked: the status is the other writer's
     except Exception as exc:
@@ -74,6 +80,20 @@ def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _preemption_watch():
+    """Under submitit: its stop warning (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says
+    otherwise) makes training checkpoint at the next step boundary before the requeue."""
+    import contextlib
+    import signal
+
+    from moe.train.preempt import PreemptionWatch
+
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return contextlib.nullcontext()
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return PreemptionWatch(getattr(signal, f"SIG{name}", signal.SIGUSR2))
+
+
 def current_job_id() -> str | None:
     """The id of the job we run in, as the launcher records it (None in-process)."""
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
@@ -85,7 +105,6 @@ def current_job_id() -> str | None:
 
 def _init_distributed() -> bool:
     """Start a process group when this job has several ranks; True if we started it."""
-    import torch
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -95,14 +114,9 @@ def _init_distributed() -> bool:
             return False
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True)
-    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
+    from moe.train.distributed import init_from_env
+
+    return init_from_env()
 
 
 def _rank() -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from moe.config import ConfigError, config_hash, legacy_config_hash
 from moe.io import atomic_write_text, file_lock
 from moe.rundir import RunDir, UnreadableRunFile, clean_stale_tmp
-from moe.sweeps.plan import RunPlan, plan, with_estimate
+from moe.sweeps.plan import RunPlan, plan, requeue_limit, with_estimate
 from moe.sweeps.profile import ClusterProfile, check_no_control_chars
 from moe.sweeps.records import record_failure, record_submission
 from moe.sweeps.scheduler import ACTIVE, LOCAL_ALIVE, SchedulerError, job_states
@@ -81,7 +81,7 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
         raise LaunchError(f"--max-parallel {max_parallel} must be at least 1")
     check_sweep_name(spec.name)
     estimate = with_estimate(spec, profile.mfu, profile.gpu_peak_tflops) if profile else None
-    runs = plan(spec, estimate)
+    runs = plan(spec, estimate, profile)
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(sweep_dir / LOCK, blocking=False) as held:
@@ -99,7 +99,12 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
         if not todo:
             return report
         if executor == "slurm":
-            job_ids = submit_slurm(todo, sweep_dir, profile or ClusterProfile(), spec.name)
+            profile = profile or ClusterProfile()
+            nodes = {d.name: (r.layout or {}).get("nodes", profile.nodes)
+                     for d, r in zip(dirs, runs, strict=True)}
+            job_ids = submit_slurm(todo, sweep_dir, profile, spec.name, nodes=nodes,
+                                   max_num_timeout=profile.max_num_timeout or
+                                   requeue_limit(runs, profile))
             return replace(report, job_ids=job_ids)
         if executor == "local":
             from moe.sweeps.local import run_local
@@ -182,9 +187,11 @@ def select_runs(dirs: list[Path]
     return todo, done, in_flight, bad
 
 
-def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile,
-                 name: str) -> dict[str, str]:
-    """Submit every run as one task of ONE job array (one sbatch call); return job ids."""
+def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile, name: str,
+                 nodes: dict[str, int] | None = None, max_num_timeout: int = 3
+                 ) -> dict[str, str]:
+    """Submit every run as one task of a job array (one sbatch call per planned node count:
+    `nodes` maps a run dir's name to it); return job ids."""
     import submitit
 
     from moe.sweeps.job import RunJob
@@ -192,22 +199,30 @@ def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile,
 
     check_no_control_chars("sweep directory", str(sweep_dir.resolve()))
     check_no_control_chars("checkout path", str(PACKAGE_ROOT))
-    executor = submitit.AutoExecutor(folder=sweep_dir / SLURM_LOGS / "%j", cluster="slurm")
+    executor = submitit.AutoExecutor(folder=sweep_dir / SLURM_LOGS / "%j", cluster="slurm",
+                                     slurm_max_num_timeout=max_num_timeout)
     params = profile.executor_parameters(job_name=f"moe-{check_sweep_name(name)}")
     # Jobs unpickle RunJob, so they must import this checkout even if it is not installed;
     # the path is quoted (a space or a `$` in it must not split or expand).
     root = shlex.quote(str(PACKAGE_ROOT))
     params["slurm_setup"] = [f"export PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}",
                              *params["slurm_setup"]]
-    try:
-        executor.update_parameters(**params)
-    except ValueError as exc:
-        raise LaunchError(f"cluster profile rejected by submitit: {exc}") from None
+    groups: dict[int, list[Path]] = {}
+    for d in dirs:
+        groups.setdefault((nodes or {}).get(d.name, profile.nodes), []).append(d)
+    dirs = [d for group in groups.values() for d in group]  # jobs come back in this order
     jobs = []
     try:
-        with executor.batch():
-            for d in dirs:
-                jobs.append(executor.submit(RunJob(d.resolve())))
+        for n_nodes, group in groups.items():
+            try:
+                executor.update_parameters(**{**params, "nodes": n_nodes})
+            except ValueError as exc:
+                raise LaunchError(f"cluster profile rejected by submitit: {exc}") from None
+            with executor.batch():
+                for d in group:
+                    jobs.append(executor.submit(RunJob(d.resolve())))
+    except LaunchError:
+        raise
     except Exception as exc:
         for d in dirs:
             record_failure(d, f"submission failed: {exc}"[:500])

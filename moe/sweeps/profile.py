@@ -70,6 +70,14 @@ class ClusterProfile:
     """Assumed model FLOPs utilisation (None = the spec's)."""
     source: str = ""
     """Path the profile was read from."""
+    gpu_mem_gib: float | None = None
+    """Memory of one GPU in GiB; when set, `plan` picks every run's layout to fit it."""
+    max_nodes: int | None = None
+    """The most nodes one run may use (None = nodes); `nodes` stays the default for runs
+    that fit on it."""
+    max_num_timeout: int | None = None
+    """Requeues after a timeout before submitit gives up (None = enough for the longest
+    planned run: `requeue_limit`)."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min",
@@ -89,6 +97,15 @@ class ClusterProfile:
             raise SpecError("profile setup must be a list of shell lines (strings)")
         if not isinstance(self.additional_parameters, dict):
             raise SpecError("profile additional_parameters must be a table")
+        if self.gpu_mem_gib is not None and not (
+                isinstance(self.gpu_mem_gib, (int, float)) and self.gpu_mem_gib > 0):
+            raise SpecError(f"profile gpu_mem_gib={self.gpu_mem_gib!r} must be a positive number")
+        for name in ("max_nodes", "max_num_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise SpecError(f"profile {name}={value!r} must be a positive integer")
+        if self.max_nodes is not None and self.max_nodes < self.nodes:
+            raise SpecError(f"profile max_nodes={self.max_nodes} must be >= nodes={self.nodes}")
         self._check_strings()
 
     def _check_strings(self) -> None:
@@ -132,6 +149,12 @@ class ClusterProfile:
             if getattr(self, key):  # None or "" = the cluster's default
                 params[f"slurm_{key}"] = getattr(self, key)
         return params
+
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """(fewest, most) nodes one run may use."""
+        return self.nodes, self.max_nodes or self.nodes
 
 
 PROFILE_KEYS = tuple(f.name for f in fields(ClusterProfile) if f.name != "source")

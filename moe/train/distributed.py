@@ -1,7 +1,8 @@
-"""This process's place in a data-parallel group."""
+"""This process's place in a data-parallel group, and joining one from the environment."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,3 +32,21 @@ class Dist:
             dist.all_reduce(value)
             value /= self.world
         return value
+
+
+def init_from_env() -> bool:
+    """Join the process group described by the environment (torchrun, or a SLURM job's
+    exported WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT); True if this call started it.
+
+    nccl with one GPU per local rank when CUDA is available, else gloo.
+    """
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True

@@ -27,20 +27,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.checkpoint import (
-    check_fits,
-    check_optimizer_fits,
-    load_latest_checkpoint,
-    run_ids_of,
-    save_checkpoint,
-)
+from moe.checkpoint import save_checkpoint
 from moe.config import RunConfig, TrainConfig, config_hash
 from moe.data.shards import TokenData, load_data
 from moe.eval import evaluate_tasks, flat_results, load_tasks
 from moe.model import ModelOutput, MoELM
+from moe.model.lm import IGNORE_INDEX
 from moe.params import count_params, resolve_tokens, train_flops_per_token
 from moe.rundir import RunDir
+from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts, step_balance_term
 from moe.train.distributed import Dist
+from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize
+from moe.train.preempt import active_watch
 from moe.train.resources import check_resources
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 
@@ -79,32 +77,70 @@ class StepStats:
         return [s.max_over_mean_load for s in self.routing]
 
 
+def grad_accum_steps(cfg: RunConfig, world: int) -> int:
+    """Micro-batches per step: train.grad_accum, or what parallel.micro_batch implies."""
+    micro = cfg.parallel.micro_batch
+    if not micro:
+        return cfg.train.grad_accum
+    if cfg.train.batch_size % (micro * world):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                         f"parallel.micro_batch={micro} x {world} ranks")
+    return cfg.train.batch_size // (micro * world)
+
+
+def _micro_rows(cfg: RunConfig, ddp: Dist, micro: int) -> slice:
+    """This rank's rows of the step's global batch in micro-batch `micro`.
+
+    The global batch is a pure function of (seed, step); micro-batch m on rank r takes
+    rows [m * B/A + r * B/(A W), ...) of it, so any (A, W) split covers the same rows.
+    """
+    micro_bs = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
+    per_rank = micro_bs // ddp.world
+    start = micro * micro_bs + ddp.rank * per_rank
+    return slice(start, start + per_rank)
+
+
 def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float,
-               device: torch.device, ddp: Dist) -> StepStats:
-    """One optimizer step over grad_accum micro-batches of this rank's share of the batch."""
+               device: torch.device, ddp: Dist, par: Parallel | None = None) -> StepStats:
+    """One optimizer step over grad_accum micro-batches of this rank's share of the batch.
+
+    The load-balance loss is the step's (all micro-batches, all ranks: `moe.train.balance`).
+    """
     tcfg = cfg.train
+    n_micro = grad_accum_steps(cfg, ddp.world)
+    par = par or Parallel(world=ddp.world)
     for group in opt.param_groups:
         group["lr"] = lr
-    micro_bs = tcfg.batch_size // tcfg.grad_accum
-    per_rank = micro_bs // ddp.world
+
+    def micro_batch(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = data.train.batch(tcfg.seed, step, tcfg.batch_size, _micro_rows(cfg, ddp, micro))
+        return x.to(device), y.to(device)
+
+    def forward(x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+        with autocast_for(tcfg, device):
+            return model(x, y)
+
+    counts = None
+    if n_micro > 1 and tcfg.aux_loss_coef > 0 and not cfg.model.is_dense:
+        counts = count_step_routing(model, map(micro_batch, range(n_micro)), ddp.world,
+                                    forward)
     totals = torch.zeros(4, device=device)  # loss, ce, lb, z
     routing: tuple = ()
-    for micro in range(tcfg.grad_accum):
-        x, y = data.train.batch(tcfg.seed, step * tcfg.grad_accum + micro, micro_bs)
-        rows = slice(ddp.rank * per_rank, (ddp.rank + 1) * per_rank)
-        x, y = x[rows].to(device), y[rows].to(device)
-        sync = micro == tcfg.grad_accum - 1 or ddp.world == 1
-        with (contextlib.nullcontext() if sync else model.no_sync()):
-            with autocast_for(tcfg, device):
-                out: ModelOutput = model(x, y)
-            loss = out.ce_loss + tcfg.aux_loss_coef * out.lb_loss + tcfg.z_loss_coef * out.z_loss
-            (loss / tcfg.grad_accum).backward()
-        parts = torch.stack([loss.detach(), out.ce_loss.detach(), out.lb_loss.detach(),
+    for micro in range(n_micro):
+        x, y = micro_batch(micro)
+        with grad_sync(model, par, micro == n_micro - 1):
+            out: ModelOutput = forward(x, y)
+            step_counts = counts if counts is not None else all_ranks_sum(
+                routing_counts(out), ddp.world)
+            lb = step_balance_term(out, step_counts, cfg.model.top_k,
+                                   n_micro * ddp.world)
+            loss = out.ce_loss + tcfg.aux_loss_coef * lb + tcfg.z_loss_coef * out.z_loss
+            (loss / n_micro).backward()
+        parts = torch.stack([loss.detach(), out.ce_loss.detach(), lb.detach(),
                              out.z_loss.detach()]).float()
-        totals += parts / tcfg.grad_accum
+        totals += parts / n_micro
         routing = out.routing
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+    grad_norm = clip_grad_norm(model, par, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
     totals = ddp.mean(totals)
     loss_v, ce_v, lb_v, z_v = totals.tolist()
     if math.isfinite(loss_v) and math.isfinite(float(grad_norm)):
@@ -116,17 +152,30 @@ def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, data: TokenData, cfg: RunConfig,
-                    device: torch.device) -> float:
-    """Mean CE (nats/token) over data.val_batches fixed batches of the held-out split."""
+                    device: torch.device, ddp: Dist | None = None) -> float:
+    """Mean CE (nats/token) over data.val_batches fixed batches of the held-out split.
+
+    Every rank evaluates its rows of each batch, a micro-batch of rows at a time (so
+    full-vocabulary logits exist for one micro-batch only), and the sums are reduced.
+    """
+    ddp = ddp or Dist()
     was_training = model.training
     model.eval()
-    losses = []
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # CE x tokens, tokens
+    n_micro = grad_accum_steps(cfg, ddp.world)
     for i in range(cfg.data.val_batches):
-        x, y = data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size)
-        with autocast_for(cfg.train, device):
-            losses.append(float(model(x.to(device), y.to(device)).ce_loss))
+        for micro in range(n_micro):
+            rows = _micro_rows(cfg, ddp, micro)
+            x, y = data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size, rows)
+            x, y = x.to(device), y.to(device)
+            with autocast_for(cfg.train, device):
+                ce = model(x, y).ce_loss
+            n_tokens = (y != IGNORE_INDEX).sum()
+            sums += torch.stack([ce.double() * n_tokens, n_tokens.double()])
+    if ddp.world > 1:
+        dist.all_reduce(sums)
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return float(sums[0] / sums[1])
 
 
 def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
@@ -175,28 +224,22 @@ def _fail(run: RunDir, ddp: Dist, step: int, reason: str) -> TrainingFailed:
     return TrainingFailed(f"run {run.path} failed at step {step}: {reason}")
 
 
-def _resume(run: RunDir, model, opt, device, ddp: Dist, cfg: RunConfig
+def _resume(run: RunDir, model, opt, device, ddp: Dist, par: Parallel, cfg: RunConfig
             ) -> tuple[int, list[float]]:
-    """Load the newest valid checkpoint of this run that fits model and optimizer;
-    returns its step and the window of recent train losses (0, [] if none)."""
-    def fits(state: dict[str, Any]) -> None:
-        check_fits(model, state["model"])
-        check_optimizer_fits(opt, state.get("optimizer"))
+    """Load the newest valid checkpoint of this run that fits model and optimizer; returns
+    its step and the window of recent train losses (0, [] if none)."""
+    from moe.train import resume
 
-    state = load_latest_checkpoint(run, map_location=device, run_ids=run_ids_of(cfg),
-                                   accept=fits)
-    if state is None:
-        if ddp.is_main and run.list_checkpoints():
-            run.update_status(reason="no loadable checkpoint; restarted from step 0")
-        return 0, []
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    return int(state["step"]), [float(x) for x in state.get("recent_ce", [])]
+    return resume.load_newest(run, model, opt, device, ddp, par, cfg)
 
 
 def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist,
-                recent_ce: list[float]) -> None:
+                par: Parallel, recent_ce: list[float]) -> None:
+    if par.distributed_state:
+        from moe.train import resume
+
+        resume.save_sharded_step(run, step, model, opt, cfg, par, recent_ce)
+        return
     if ddp.is_main:
         state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                  "step": step, "rng_cpu": torch.get_rng_state(), "run_id": config_hash(cfg),
@@ -211,16 +254,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
+    """The model laid out by [parallel], and its optimizer (built on the sharded weights)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    per_micro = cfg.train.batch_size // cfg.train.grad_accum
+    per_micro = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     if per_micro % ddp.world:
         raise ValueError(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
                          f"divisible by the {ddp.world} data-parallel ranks")
     torch.manual_seed(cfg.train.seed)
     model = MoELM(cfg.model).to(device)
+    bf16 = not isinstance(autocast_for(cfg.train, device), contextlib.nullcontext)
+    model, par = parallelize(model, cfg, device, ddp, bf16)
     opt = build_optimizer(model, cfg.train)
-    return model, opt
+    return model, opt, par
 
 
 def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = False
@@ -283,24 +329,23 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
         prepare_run_dir(cfg, run)
     if run.is_done():
         return _evaluate_missing(run, cfg, data, device, ddp)
-    model, opt = _setup(cfg, device, ddp)
-    start, recent_ce = _resume(run, model, opt, device, ddp, cfg)
+    model, opt, par = _setup(cfg, device, ddp)
+    start, recent_ce = _resume(run, model, opt, device, ddp, par, cfg)
     n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
     if ddp.is_main:
         run.truncate_metrics(start)
         run.update_status(state="running", step=start, steps_total=n_steps,
                           tokens_total=tokens_total, reason=None)
-    if ddp.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model)
     model.train()
     t0 = t_last = time.time()
     last_step = start
     bar = _progress_bar(n_steps, start, progress and ddp.is_main)
+    watch = active_watch()  # under submitit: a stop warning checkpoints at the step's end
+    if watch is not None:
+        watch.in_loop = True
     for step in range(start, n_steps):
         lr = lr_at(step, cfg.train, n_steps)
-        stats = train_step(model, opt, data, cfg, step, lr, device, ddp)
+        stats = train_step(model, opt, data, cfg, step, lr, device, ddp, par)
         if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
             raise _fail(run, ddp, step + 1, f"diverged: non-finite loss or gradient at step "
                         f"{step + 1} (loss {stats.loss:.4g}, grad norm {stats.grad_norm:.4g}, "
@@ -318,13 +363,20 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
             run.update_status(step=done, tokens_done=min(tokens_total, done *
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
-            _periodic_eval(model, data, cfg, device, run, done, ddp)
-        if done % cfg.train.checkpoint_every == 0 or done == n_steps:
-            _checkpoint(run, done, model, opt, cfg, ddp, recent_ce)
+            if par.distributed_state:  # rank 0 evaluates a whole copy read back from disk
+                _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce)
+            _periodic_eval(model, data, cfg, device, run, done, ddp, par)
+        stop = watch is not None and watch.poll(ddp.world)
+        if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
+            _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce)
+        if stop:
+            watch.hand_over(ddp.rank)
+    if watch is not None:
+        watch.in_loop = False
     if bar is not None:
         bar.close()
-    return _finish(run, cfg, _unwrap(model), data, device, ddp, recent_ce,
-                   n_steps - start, time.time() - t0)
+    return _finish(run, cfg, model, data, device, ddp, recent_ce,
+                   n_steps - start, time.time() - t0, par)
 
 
 def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device,
@@ -333,9 +385,20 @@ def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device,
     return evaluate_tasks(model, data.tokenizer, cfg, names, device=device)
 
 
-def _periodic_eval(model, data, cfg, device, run: RunDir, step: int, ddp: Dist) -> None:
+def _whole_model(model, run: RunDir, cfg: RunConfig, device, par: Parallel):
+    """A single-process model for rank 0's task evaluation (sharded: from the newest checkpoint)."""
+    if not par.distributed_state:
+        return _unwrap(model)
+    from moe.checkpoint import load_run_model
+
+    return load_run_model(run.path, device=device)[0]
+
+
+def _periodic_eval(model, data, cfg, device, run: RunDir, step: int, ddp: Dist,
+                   par: Parallel) -> None:
     if ddp.is_main:
-        run.append_metrics({"step": step, "eval": _run_tasks(_unwrap(model), data, cfg, device)})
+        whole = _whole_model(model, run, cfg, device, par)
+        run.append_metrics({"step": step, "eval": _run_tasks(whole, data, cfg, device)})
     if ddp.world > 1:
         dist.barrier()
 
@@ -383,10 +446,10 @@ def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
 
 
 def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Dist,
-            recent_ce: list[float], steps_run: int, train_s: float) -> dict:
+            recent_ce: list[float], steps_run: int, train_s: float, par: Parallel) -> dict:
     result: dict[str, Any] = {}
+    val = validation_loss(model, data, cfg, device, ddp)  # every rank its share
     if ddp.is_main:
-        val = validation_loss(model, data, cfg, device)
         rows = [r for r in run.read_metrics() if "ce" in r]
         train_loss = (sum(recent_ce) / len(recent_ce)) if recent_ce else (
             rows[-1]["ce"] if rows else float("nan"))
@@ -396,7 +459,7 @@ def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Di
                               device=str(device), world_size=ddp.world)
         if cfg.eval.tasks:
             run.update_status(state="running", reason="evaluating tasks")
-            tasks = _run_tasks(model, data, cfg, device)
+            tasks = _run_tasks(_whole_model(model, run, cfg, device, par), data, cfg, device)
             run.merge_eval(tasks, flat_results(tasks))  # result.json does not exist yet
             result.update(flat_results(tasks))
         run.write_result(result)
