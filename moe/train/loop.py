@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.checkpoint import save_checkpoint
+from moe.checkpoint import run_ids_of, save_checkpoint
 from moe.config import RunConfig, TrainConfig, config_hash
 from moe.data.shards import TokenData, load_data
 from moe.eval import evaluate_tasks, flat_results, load_tasks
