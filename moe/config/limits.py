@@ -14,6 +14,8 @@ import dataclasses
 import math
 from typing import Any
 
+from moe.config.errors import ConfigError
+
 MAX_INT = 2**63 - 1
 
 LIMITS: dict[str, dict[str, float]] = {
@@ -36,8 +38,6 @@ NONNEGATIVE = {("train", "seed"), ("data", "pocket_seed")}
 
 def check_limits(cfg: Any) -> None:
     """ConfigError naming the first field of `cfg` (a RunConfig) outside its bounds."""
-    from moe.config.schema import ConfigError
-
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(values):

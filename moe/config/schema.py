@@ -16,12 +16,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe.config.errors import ConfigError
+from moe.config.limits import check_limits
 from moe.config.tomlio import dumps_toml
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message says which and why."""
-
 
 EXPERT_BACKENDS = ("auto", "loop", "torch", "triton", "megablocks")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -260,8 +257,6 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig())
 
     def __post_init__(self) -> None:
-        from moe.config.limits import check_limits
-
         check_limits(self)  # every numeric value bounded and finite (moe.config.limits)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

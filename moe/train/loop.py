@@ -40,6 +40,7 @@ from moe.train.distributed import Dist
 from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize
 from moe.train.preempt import active_watch
 from moe.train.resources import check_resources
+from moe.train.resume import load_newest, save_sharded_step
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 
 
@@ -228,17 +229,13 @@ def _resume(run: RunDir, model, opt, device, ddp: Dist, par: Parallel, cfg: RunC
             ) -> tuple[int, list[float]]:
     """Load the newest valid checkpoint of this run that fits model and optimizer; returns
     its step and the window of recent train losses (0, [] if none)."""
-    from moe.train import resume
-
-    return resume.load_newest(run, model, opt, device, ddp, par, cfg)
+    return load_newest(run, model, opt, device, ddp, par, cfg)
 
 
 def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist,
                 par: Parallel, recent_ce: list[float]) -> None:
     if par.distributed_state:
-        from moe.train import resume
-
-        resume.save_sharded_step(run, step, model, opt, cfg, par, recent_ce)
+        save_sharded_step(run, step, model, opt, cfg, par, recent_ce)
         return
     if ddp.is_main:
         state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
