@@ -103,6 +103,25 @@ def test_checkpoint_of_a_version_0_1_run_dir_is_accepted(run):
         assert _newest(run) == 40
 
 
+def test_model_of_a_version_0_1_checkpoint_with_separate_gate_and_up_loads(run):
+    """0.1 stored each expert layer's gate (w1) and up (w3) weights apart; the fused layout
+    must still read them (the fit check sees the converted tensors)."""
+    state = _state(run, 32)
+    want = load_run_model(run.path)[0].state_dict()
+    for key in [k for k in state["model"] if k.endswith("w13_ED2H")]:
+        w1, w3 = state["model"].pop(key).chunk(2, dim=-1)
+        prefix = key[: -len("w13_ED2H")]
+        state["model"][prefix + "w1_EDH"], state["model"][prefix + "w3_EDH"] = w1, w3
+    state["step"], state["run_id"] = 40, legacy_config_hash(CFG)
+    save_checkpoint(run, 40, state, keep=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _, step = load_run_model(run.path)
+    assert step == 40
+    got = model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_stored_step_must_match_the_file_name(run):
     state = _state(run, 16)  # step 16's weights under a newer name
     save_checkpoint(run, 40, state, keep=10)
