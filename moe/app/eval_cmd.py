@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--n-shots", type=int, help="few-shot examples (-1 = each task's default)")
     p.add_argument("--no-accuracy", action="store_true", help="task losses only (no generation)")
     p.add_argument("--batch-size", type=int, help="items per forward pass")
+    p.add_argument("--samples", type=int, metavar="K",
+                   help="also sample K answers per item and report task/<name>/maj@K")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
     p.set_defaults(func=handler)
@@ -68,7 +70,7 @@ def _eval_config(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     else:
         raise ValueError("no tasks: pass --tasks (see `moe eval --list`)")
     overrides = {"tasks": tasks, "accuracy": cfg.eval.accuracy and not args.no_accuracy}
-    for key in ("max_items", "n_shots", "batch_size"):
+    for key in ("max_items", "n_shots", "batch_size", "samples"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     return cfg.replace(eval=dataclasses.replace(cfg.eval, **overrides))

@@ -240,12 +240,24 @@ class EvalConfig:
     """Items per forward pass."""
     accuracy: bool = True
     """Also compute accuracy by greedy generation (slower than the loss)."""
+    samples: int = 0
+    """Self-consistency: sample this many answers per item and report maj@samples (0 = off)."""
+    temperature: float = 0.7
+    """Sampling temperature of the maj@samples answers."""
+    top_p: float = 0.95
+    """Nucleus (top-p) mass of the maj@samples answers."""
+    seed: int = 0
+    """Seed of the maj@samples sampling."""
 
     def __post_init__(self) -> None:
         _nonnegative(self, "every", "max_items")
         _positive(self, "batch_size")
         if self.n_shots < -1:
             raise ConfigError(f"eval.n_shots={self.n_shots} must be >= 0, or -1 for the default")
+        _nonnegative(self, "samples")
+        _positive(self, "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"eval.top_p={self.top_p} must be in (0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)
