@@ -7,6 +7,9 @@ RUN_DIR/config.toml    the resolved run config (reproduces the run alone)
        /checkpoints/   step-NNNNNNNN.pt (+ .sha256), written atomically
        /eval.json      task results
        /result.json    one flat record: config keys, counts, final metrics
+       /export-hf/     the transformers export `moe eval --harness` runs (cached)
+       /harness.json   lm-evaluation-harness results
+       /tb/            TensorBoard events ([log] tracker = "tensorboard")
 ```
 
 The training loop, the evaluator and the sweep launcher call this class and never
@@ -49,6 +52,9 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval.json"
 RESULT = "result.json"
+EXPORT_HF = "export-hf"
+HARNESS = "harness.json"
+TENSORBOARD = "tb"
 
 STATES = ("pending", "running", "done", "failed")
 _CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
@@ -91,6 +97,18 @@ class RunDir:
     @property
     def result_path(self) -> Path:
         return self.path / RESULT
+
+    @property
+    def hf_export_dir(self) -> Path:
+        return self.path / EXPORT_HF
+
+    @property
+    def harness_path(self) -> Path:
+        return self.path / HARNESS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
 
     # ------------------------------------------------------------------ config
 
