@@ -38,9 +38,21 @@ def config_hash(cfg: RunConfig, length: int = 10) -> str:
     return _digest(weight_fields(cfg), length)
 
 
+# Fields added after 0.1: left out of its id, so 0.1's runs are still found.
+_NEW_SINCE_01: dict[str, frozenset[str] | None] = {
+    "eval": frozenset({"samples", "temperature", "top_p", "seed"}), "log": None,
+}
+
+
 def legacy_config_hash(cfg: RunConfig, length: int = 10) -> str:
-    """Version 0.1's run id (a hash of every field), to find sweep runs launched by it."""
-    return _digest(cfg.to_dict(), length)
+    """Version 0.1's run id (a hash of every field it had), to find sweep runs launched by it."""
+    full = cfg.to_dict()
+    for section, names in _NEW_SINCE_01.items():
+        if names is None:
+            full.pop(section, None)
+        else:
+            full[section] = {k: v for k, v in full[section].items() if k not in names}
+    return _digest(full, length)
 
 
 def _digest(obj: Any, length: int) -> str:

@@ -260,6 +260,26 @@ class EvalConfig:
             raise ConfigError(f"eval.top_p={self.top_p} must be in (0, 1]")
 
 
+TRACKERS = ("none", "tensorboard", "wandb", "trackio")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """Experiment tracking: metrics.jsonl scalars also go to a tracker (not in the run id)."""
+
+    tracker: str = "none"
+    """none | tensorboard (RUN_DIR/tb) | wandb | trackio; the package is imported only when used."""
+    project: str = "moe-sparsity"
+    """Project of the wandb / trackio runs."""
+    group: str = ""
+    """Group of the run ("" = the sweep's name for a run of a sweep)."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "tracker", TRACKERS)
+        if not self.project:
+            raise ConfigError("log.project must be a non-empty name")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything that defines one run; its TOML is the run's `config.toml`."""
@@ -268,6 +288,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -281,6 +302,7 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig,
+    "log": LogConfig,
 }
 
 

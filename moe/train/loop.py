@@ -36,6 +36,7 @@ from moe.params import count_params, resolve_tokens, train_flops_per_token
 from moe.rundir import RunDir
 from moe.train.distributed import Dist
 from moe.train.schedule import build_optimizer, lr_at, total_steps
+from moe.train.tracking import Tracker, open_tracker
 
 
 class TrainingFailed(RuntimeError):
@@ -220,6 +221,7 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
         prepare_run_dir(cfg, run)
     if run.is_done():
         return _evaluate_missing(run, cfg, data, device, ddp)
+    tracker = open_tracker(cfg, run) if ddp.is_main else Tracker()
     model, opt = _setup(cfg, device, ddp)
     start = _resume(run, model, opt, device, ddp)
     n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
@@ -252,15 +254,18 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
             now = time.time()
             tps = (done - last_step) * cfg.train.batch_size * cfg.model.seq_len / (now - t_last)
             t_last, last_step = now, done
-            run.append_metrics(_metrics_row(done, n_steps, cfg, stats, lr, tps))
+            row = _metrics_row(done, n_steps, cfg, stats, lr, tps)
+            run.append_metrics(row)
+            tracker.log(row)
             run.update_status(step=done, tokens_done=min(tokens_total, done *
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
-            _periodic_eval(model, data, cfg, device, run, done, ddp)
+            _periodic_eval(model, data, cfg, device, run, done, ddp, tracker)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps:
             _checkpoint(run, done, model, opt, cfg, ddp)
     if bar is not None:
         bar.close()
+    tracker.close()
     return _finish(run, cfg, _unwrap(model), data, device, ddp, recent_ce,
                    n_steps - start, time.time() - t0)
 
@@ -271,9 +276,12 @@ def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device,
     return evaluate_tasks(model, data.tokenizer, cfg, names, device=device)
 
 
-def _periodic_eval(model, data, cfg, device, run: RunDir, step: int, ddp: Dist) -> None:
+def _periodic_eval(model, data, cfg, device, run: RunDir, step: int, ddp: Dist,
+                   tracker: Tracker) -> None:
     if ddp.is_main:
-        run.append_metrics({"step": step, "eval": _run_tasks(_unwrap(model), data, cfg, device)})
+        row = {"step": step, "eval": _run_tasks(_unwrap(model), data, cfg, device)}
+        run.append_metrics(row)
+        tracker.log(row)
     if ddp.world > 1:
         dist.barrier()
 
