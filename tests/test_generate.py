@@ -113,3 +113,13 @@ def test_majority_at_k_with_a_fixed_seed():
     assert m["maj@15"] == expected == 0.5
     assert majority_vote([" 7", " x", " 4", " 4.0", " 7"], number_key) == " 7"  # tie: earliest
     assert majority_vote([" x", " y"], number_key) == " x"  # nobody voted
+
+
+def test_a_prompt_too_long_for_its_budget_keeps_its_newest_tokens():
+    model, tok = random_model(), ByteTokenizer()  # seq_len 64
+    prompts = prompts_of([60, 20])
+    kw = dict(tokenizer=tok, stop=(), seq_len=64, batch_size=2)
+    got = generate_ids(model, prompts, [10, 10], **kw)
+    cut = [p[-54:] for p in prompts]  # 64 - 10 positions left for the prompt
+    assert got == generate_ids(model, cut, [10, 10], use_cache=False, **kw)
+    assert [len(g) for g in got] == [10, 10]

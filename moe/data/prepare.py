@@ -11,8 +11,8 @@ Inputs (documents, in order):
 Memory is bounded by one shard plus the batches in flight, whatever the corpus
 size: the main process reads batches of documents (about `batch_chars`
 characters each) and hands them to `workers` processes, at most two per worker
-in flight; each worker parses and tokenises its batch with the `tokenizers` fast
-batch API (`encode_batch_fast`; bytes for the byte tokenizer) and returns the
+in flight; each worker parses and tokenises its batch with the `tokenizers` batch
+API (`encode_batch`; bytes for the byte tokenizer) and returns the
 ids with EOS after every document. Results are consumed in input order, so the
 shards do not depend on the number of workers.
 
@@ -173,8 +173,7 @@ class BatchEncoder:
         if self.hf is None:
             seqs = [t.encode("utf-8") for t in texts]
         else:
-            fast = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
-            seqs = [e.ids for e in fast(texts, add_special_tokens=False)]
+            seqs = [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         lens = np.fromiter((len(s) + 1 for s in seqs), dtype=np.int64, count=len(seqs))
         ids = np.empty(int(lens.sum()), dtype=self.dtype)
         ends = np.cumsum(lens)
@@ -297,7 +296,7 @@ class ShardWriter:
         self._pending = self._io.submit(self._store, name, buffer[:count], json.dumps(self.state))
 
     def _store(self, name: str, shard: np.ndarray, state_json: str) -> None:
-        atomic_write_bytes(self.out / name, shard.tobytes())
+        atomic_write_bytes(self.out / name, memoryview(shard))  # no copy of the shard
         atomic_write_text(self.out / STATE, state_json)
 
     def _advance(self, count: int) -> None:
