@@ -21,6 +21,7 @@ corpus size.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -63,7 +64,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     with open(corpus) as f:
-        texts = [json.loads(line)["text"] for line, _ in zip(f, range(20000))]
+        texts = [json.loads(line)["text"] for line in itertools.islice(f, 20000)]
     tok.train_from_iterator(texts, trainer)
     tok.save(str(out))
 
