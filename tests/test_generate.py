@@ -123,3 +123,25 @@ def test_a_prompt_too_long_for_its_budget_keeps_its_newest_tokens():
     cut = [p[-54:] for p in prompts]  # 64 - 10 positions left for the prompt
     assert got == generate_ids(model, cut, [10, 10], use_cache=False, **kw)
     assert [len(g) for g in got] == [10, 10]
+
+
+def test_moe_eval_samples_reports_maj_at_k_on_a_pocket_task(tmp_path):
+    from helpers import tiny_config
+    from moe.app.cli import main as moe_main
+    from moe.checkpoint import save_checkpoint
+    from moe.io import read_json
+    from moe.rundir import RunDir
+
+    cfg = tiny_config("model.seq_len=64", "data.pocket_eval_items=6")
+    run = RunDir(tmp_path / "run")
+    run.write_config(cfg)
+    torch.manual_seed(0)
+    save_checkpoint(run, 0, {"model": MoELM(cfg.model).state_dict(), "step": 0})
+    argv = ["eval", str(run.path), "--tasks", "pocket-reasoning", "--max-items", "6",
+            "--samples", "3"]
+    results = []
+    for out in ("a.json", "b.json"):
+        assert moe_main([*argv, "--out", str(tmp_path / out)]) == 0
+        results.append(read_json(tmp_path / out)["tasks"]["pocket-reasoning"])
+    assert results[0] == results[1]  # seeded: the same samples, the same vote
+    assert 0.0 <= results[0]["maj@3"] <= 1.0 and results[0]["accuracy"] is not None
