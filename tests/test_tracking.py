@@ -69,3 +69,36 @@ def test_sweep_runs_are_grouped_by_the_sweep_name(tmp_path):
            "eval": {"t": {"loss": 3.0, "kind": "reasoning", "accuracy": None}}}
     assert scalars(row) == {"loss": 2.0, "max_over_mean_load/0": 1.5,
                             "max_over_mean_load/1": 2.0, "task/t/loss": 3.0}
+
+
+def test_trackio_gets_the_metrics_rows(tmp_path, monkeypatch):
+    import json
+    import sqlite3
+    import sys
+
+    if "trackio" in sys.modules:
+        pytest.skip("trackio reads TRACKIO_DIR on import; it was imported already")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read on import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("trackio")
+    run = RunDir(tmp_path / "sweep" / "runs" / "abc")
+    (tmp_path / "sweep" / "sweep.toml").parent.mkdir(parents=True)
+    (tmp_path / "sweep" / "sweep.toml").write_text('name = "tiny-sweep"\n')
+    train_run(tiny_config("log.tracker=trackio", "train.tokens=2048"), run.path)
+    db = sqlite3.connect(tmp_path / "trackio" / "moe-sparsity.db")
+    cur = db.execute("select * from metrics")
+    cols = [d[0] for d in cur.description]
+    logged = {r[cols.index("step")]: json.loads(r[cols.index("metrics")]) for r in cur}
+    rows = [r for r in run.read_metrics() if "loss" in r]
+    assert sorted(logged) == [r["step"] for r in rows]
+    for r in rows:
+        assert logged[r["step"]]["loss"] == pytest.approx(r["loss"])
+
+
+def test_wandb_offline_run_lives_in_the_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = RunDir(tmp_path / "run")
+    train_run(tiny_config("log.tracker=wandb", "train.tokens=2048"), run.path)
+    assert list((run.path / "wandb").glob("offline-run-*"))
