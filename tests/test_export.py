@@ -48,6 +48,7 @@ def hf_logits(out: Path, idx_BT: torch.Tensor) -> torch.Tensor:
     (("model.n_experts=4", "model.top_k=3", "model.n_kv_heads=1"), "MixtralForCausalLM"),
     (("model.n_experts=1", "model.top_k=1"), "LlamaForCausalLM"),
     (("model.n_experts=1", "model.top_k=1", "model.tie_embeddings=true"), "LlamaForCausalLM"),
+    (("model.n_experts=4", "model.top_k=2", "model.norm_topk_prob=false"), "Qwen2MoeForCausalLM"),
 ])
 def test_transformers_logits_equal_the_toolkits(tmp_path, overrides, arch):
     run_dir = saved_run(tmp_path, *overrides)
@@ -63,12 +64,11 @@ def test_transformers_logits_equal_the_toolkits(tmp_path, overrides, arch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_norm_topk_prob_false_is_refused(tmp_path):
-    run_dir = saved_run(tmp_path, "model.norm_topk_prob=false")
-    with pytest.raises(ExportError, match="norm_topk_prob=false"):
-        export_hf(run_dir, tmp_path / "hf")
+def test_bad_dtype_is_refused(tmp_path):
+    run_dir = saved_run(tmp_path)
+    with pytest.raises(ExportError, match="float32 or bfloat16"):
+        export_hf(run_dir, tmp_path / "hf", dtype="float16")
     assert not (tmp_path / "hf").exists()
-    assert moe_main(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 2
 
 
 def test_fused_gate_up_layout_maps_to_the_same_weights(tmp_path):

@@ -1,18 +1,21 @@
 """Export a run to the Hugging Face transformers format.
 
-| run                  | architecture (config.json)  | weights (model.safetensors)              |
-|----------------------|-----------------------------|------------------------------------------|
-| MoE (n_experts > 1)  | MixtralForCausalLM          | `block_sparse_moe.experts.<e>.w1/w2/w3`,  |
-|                      |                             | `block_sparse_moe.gate` (the Hub layout   |
-|                      |                             | of mistralai/Mixtral-8x7B)               |
-| dense (n_experts = 1)| LlamaForCausalLM            | `mlp.gate_proj/up_proj/down_proj`        |
+- MoE, `norm_topk_prob = true`: **MixtralForCausalLM**; weights
+  `block_sparse_moe.gate` and `block_sparse_moe.experts.<e>.w1/w2/w3`;
+- MoE, `norm_topk_prob = false`: **Qwen2MoeForCausalLM**; weights `mlp.gate`,
+  `mlp.experts.<e>.gate_proj/up_proj/down_proj` and an inert shared expert;
+- dense (`n_experts = 1`): **LlamaForCausalLM**; `mlp.gate_proj/up_proj/down_proj`.
 
-Both match this model exactly: pre-norm RMSNorm blocks, RoPE rotating the two
+All match this model exactly: pre-norm RMSNorm blocks, RoPE rotating the two
 halves of each head (`rotate_half`), grouped-query attention without biases,
-SwiGLU FFNs, and (Mixtral) softmax over all experts, top-k, renormalised. The
-Hub layout is what vLLM and every transformers version read (transformers 5
-fuses the experts on load). A model that Mixtral cannot express is refused:
-`model.norm_topk_prob = false` (Mixtral always renormalises the top-k weights).
+SwiGLU FFNs, softmax over all experts then top-k. Mixtral always renormalises the
+top-k weights, so a run that does not (`model.norm_topk_prob = false`, OLMoE's
+choice) exports as Qwen2-MoE with `norm_topk_prob: false`, `qkv_bias: false` and
+its always-present shared expert made inert: width 1 and all-zero weights, so it
+adds exactly 0. (OLMoE and Qwen3-MoE, which also leave the weights unnormalised,
+apply a norm to queries and keys that this model does not have.) The layouts are
+the Hub's, which vLLM and every transformers version read (transformers 5 fuses
+the experts on load).
 
 Tokenizer: a run on shards written with a `tokenizers` JSON file exports that
 file as `tokenizer.json`; a byte-level run (the pocket corpus) exports an exact
@@ -37,18 +40,19 @@ from moe.io import atomic_write_json, atomic_write_text
 
 
 class ExportError(ValueError):
-    """The run cannot be expressed in the target format; the message says why."""
+    """The export cannot be written as asked; the message says why."""
 
 
-def check_exportable(cfg: ModelConfig) -> None:
-    if not cfg.is_dense and not cfg.norm_topk_prob:
-        raise ExportError("model.norm_topk_prob=false cannot be exported: transformers' Mixtral "
-                          "always renormalises the top-k router weights (norm_topk_prob=true)")
+def target_architecture(cfg: ModelConfig) -> str:
+    """llama | mixtral | qwen2_moe (see the module docstring)."""
+    if cfg.is_dense:
+        return "llama"
+    return "mixtral" if cfg.norm_topk_prob else "qwen2_moe"
 
 
 def hf_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict[str, Any]:
     """config.json of the exported model."""
-    check_exportable(cfg)
+    arch = target_architecture(cfg)
     common = {
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_hidden, "num_hidden_layers": cfg.n_layers,
@@ -62,12 +66,19 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict[
         "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "torch_dtype": dtype,
         "use_cache": True,
     }
-    if cfg.is_dense:
+    if arch == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
                 "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
-    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
-            "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k,
-            "sliding_window": None, "router_jitter_noise": 0.0, "output_router_logits": False}
+    moe = {"num_experts_per_tok": cfg.top_k, "output_router_logits": False}
+    if arch == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
+                **moe, "num_local_experts": cfg.n_experts, "sliding_window": None,
+                "router_jitter_noise": 0.0}
+    return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **common,
+            **moe, "num_experts": cfg.n_experts, "moe_intermediate_size": cfg.d_hidden,
+            "norm_topk_prob": False, "qkv_bias": False, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "use_sliding_window": False, "sliding_window": None,
+            "max_window_layers": cfg.n_layers, "shared_expert_intermediate_size": 1}
 
 
 def expert_weights(state: dict[str, torch.Tensor], prefix: str):
@@ -85,23 +96,29 @@ def expert_weights(state: dict[str, torch.Tensor], prefix: str):
 def _ffn_weights(state: dict[str, torch.Tensor], ours: str, theirs: str,
                  cfg: ModelConfig) -> dict[str, torch.Tensor]:
     w1_EDH, w3_EDH, w2_EHD = expert_weights(state, ours + "experts.")
-    if cfg.is_dense:  # nn.Linear stores [out, in]
+    arch = target_architecture(cfg)
+    if arch == "llama":  # nn.Linear stores [out, in]
         return {theirs + "mlp.gate_proj.weight": w1_EDH[0].T,
                 theirs + "mlp.up_proj.weight": w3_EDH[0].T,
                 theirs + "mlp.down_proj.weight": w2_EHD[0].T}
-    moe = theirs + "block_sparse_moe."
+    moe = theirs + ("block_sparse_moe." if arch == "mixtral" else "mlp.")
+    names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     out = {moe + "gate.weight": state[ours + "router.weight_ED"]}
     for e in range(cfg.n_experts):
-        out[f"{moe}experts.{e}.w1.weight"] = w1_EDH[e].T
-        out[f"{moe}experts.{e}.w3.weight"] = w3_EDH[e].T
-        out[f"{moe}experts.{e}.w2.weight"] = w2_EHD[e].T
+        for name, w in zip(names, (w1_EDH[e].T, w3_EDH[e].T, w2_EHD[e].T), strict=True):
+            out[f"{moe}experts.{e}.{name}.weight"] = w
+    if arch == "qwen2_moe":  # the inert shared expert: width 1, zero weights, adds 0
+        D = cfg.d_model  # four tensors (safetensors refuses shared storage)
+        out.update({moe + "shared_expert.gate_proj.weight": w1_EDH.new_zeros(1, D),
+                    moe + "shared_expert.up_proj.weight": w1_EDH.new_zeros(1, D),
+                    moe + "shared_expert.down_proj.weight": w1_EDH.new_zeros(D, 1),
+                    moe + "shared_expert_gate.weight": w1_EDH.new_zeros(1, D)})
     return out
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The toolkit's `MoELM.state_dict()` renamed and transposed to transformers' names."""
-    check_exportable(cfg)
     out = {"model.embed_tokens.weight": state["embed.weight"],
            "model.norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
@@ -183,7 +200,6 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if torch_dtype is None:
         raise ExportError(f"--dtype {dtype!r} must be float32 or bfloat16")
     model, cfg, step = load_run_model(run_dir)
-    check_exportable(cfg.model)
     try:
         import safetensors  # noqa: F401
     except ImportError:
