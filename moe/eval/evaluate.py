@@ -24,15 +24,16 @@ token budget, then judged by the task (final number, alias match, exact match).
 Multiple-choice tasks (HellaSwag) instead pick the choice with the highest
 log-likelihood per character (lm-eval's acc_norm).
 
-**Self-consistency.** With `eval.samples = K > 0`, K more answers per item are
-sampled (`eval.temperature`, `eval.top_p`, `eval.seed`); the most frequent
-final answer (the task's `vote_key`: the final number for GSM8K-like tasks; the
-earliest sample wins a tie; samples without an answer do not vote) is judged,
-giving `maj@K` (Wang et al. 2023) beside the greedy `accuracy`.
+**Self-consistency.** With `eval.samples = K > 0` (generation tasks, with
+`eval.accuracy` on), K more answers per item are sampled (`eval.temperature`,
+`eval.top_p`, `eval.seed`); the most frequent final answer (the task's
+`vote_key`: the final number for GSM8K-like tasks; the earliest sample wins a
+tie; samples without an answer do not vote) is judged, giving `maj@K` (Wang et
+al. 2023) beside the greedy `accuracy`.
 
 Results: `evaluate_tasks` -> {task: {kind, loss, bits_per_token, bits_per_byte,
-accuracy, n_items[, maj@K]}}; `write_eval` stores them in the run's eval.json and as flat
-`task/<name>/<metric>` keys in its result.json.
+accuracy, n_items[, maj@K]}}; `write_eval` stores them in the run's eval.json and as
+flat `task/<name>/<metric>` keys in its result.json.
 """
 
 from __future__ import annotations
