@@ -8,6 +8,9 @@ RUN_DIR/config.toml    the resolved run config (reproduces the run alone)
        /eval.json      task results
        /result.json    one flat record: config keys, counts, final metrics
        /.train.lock    held (flock) by the one process training the run; holds its PID
+       /export-hf/     the transformers export `moe eval --harness` runs (cached)
+       /harness.json   lm-evaluation-harness results
+       /tb/            TensorBoard events ([log] tracker = "tensorboard")
 ```
 
 The training loop, the evaluator and the sweep launcher call this class and never
@@ -59,6 +62,9 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval.json"
 RESULT = "result.json"
+EXPORT_HF = "export-hf"
+HARNESS = "harness.json"
+TENSORBOARD = "tb"
 
 WRITER_LOCK = ".train.lock"
 
@@ -126,6 +132,18 @@ class RunDir:
     @property
     def result_path(self) -> Path:
         return self.path / RESULT
+
+    @property
+    def hf_export_dir(self) -> Path:
+        return self.path / EXPORT_HF
+
+    @property
+    def harness_path(self) -> Path:
+        return self.path / HARNESS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
 
     # ------------------------------------------------------------------ config
 

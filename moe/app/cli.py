@@ -33,7 +33,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
     from moe.data.shards import prepare_shards
 
     meta = prepare_shards(args.inputs, args.out, tokenizer=args.tokenizer,
-                          text_key=args.text_key, eos_token=args.eos_token)
+                          text_key=args.text_key, eos_token=args.eos_token,
+                          shard_tokens=args.shard_tokens, workers=args.workers, progress=True)
     print(f"wrote {meta['n_tokens']} tokens in {len(meta['shards'])} shard(s) to {args.out}")
     return 0
 
@@ -52,13 +53,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="token data")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    q = data_sub.add_parser("prepare", help="tokenise .txt/.jsonl files into token shards")
-    q.add_argument("inputs", nargs="+", help=".txt (blank-line separated) or .jsonl files")
+    q = data_sub.add_parser("prepare", help="tokenise a corpus into token shards (streaming, "
+                                            "parallel, resumable: rerun after a kill)")
+    q.add_argument("inputs", nargs="+", help=".txt (blank-line separated), .jsonl(.gz|.zst), "
+                                             ".parquet, or a `datasets` save_to_disk directory")
     q.add_argument("--out", required=True, type=Path, help="new shard directory")
     q.add_argument("--tokenizer", default="byte",
                    help='"byte" (built in) or a HuggingFace tokenizers JSON file')
     q.add_argument("--text-key", default="text", help="JSONL field holding the text")
     q.add_argument("--eos-token", default=None, help="end-of-text token of a tokenizer file")
+    q.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard file")
+    q.add_argument("--workers", type=int, default=None,
+                   help="tokenising processes (default: one per CPU; 0 = this process)")
     q.set_defaults(func=_data_prepare)
 
     _register_optional(sub, _command(argv))
@@ -68,7 +74,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 # Subcommand modules (each has `register`). A module that imports torch or triton at import
 # time is listed in _LAZY with the commands it registers and their help: it is imported only
 # when one of its commands runs, so `moe fit`, `moe plot`, `moe --help` never load torch.
-_MODULES = ("eval_cmd", "sweep_cmd", "analysis_cmd", "bench", "kernels_cmd", "demo")
+_MODULES = ("eval_cmd", "export_cmd", "sweep_cmd", "analysis_cmd", "bench", "kernels_cmd",
+            "demo")
 _LAZY = {"bench": {"bench": "benchmarks (kernels, train)"}}
 
 

@@ -23,7 +23,14 @@ def register(subparsers) -> None:
     p.add_argument("--n-shots", type=int, help="few-shot examples (-1 = each task's default)")
     p.add_argument("--no-accuracy", action="store_true", help="task losses only (no generation)")
     p.add_argument("--batch-size", type=int, help="items per forward pass")
+    p.add_argument("--samples", type=int, metavar="K",
+                   help="also sample K answers per item and report task/<name>/maj@K")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--harness", metavar="TASKS",
+                   help="run lm-evaluation-harness tasks (comma-separated) on the run's "
+                        "transformers export instead (needs: pip install 'moe-sparsity[eval]')")
+    p.add_argument("--harness-include", type=Path, metavar="DIR",
+                   help="directory of extra lm-eval task YAML files (tasks on local data)")
     p.add_argument("--list", action="store_true", help="list the tasks and exit")
     p.set_defaults(func=handler)
 
@@ -38,6 +45,8 @@ def handler(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise ValueError("moe eval needs a RUN_DIR (or --list)")
+    if args.harness:
+        return _harness(args)
     import torch
 
     from moe.checkpoint import load_run_model
@@ -55,6 +64,28 @@ def handler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harness(args: argparse.Namespace) -> int:
+    from moe.export.harness import run_harness
+    from moe.rundir import RunDir
+
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = run_harness(args.run_dir, tasks, device=device, batch_size=args.batch_size or 8,
+                      limit=args.max_items or None,
+                      num_fewshot=None if args.n_shots in (None, -1) else args.n_shots,
+                      include_path=args.harness_include)
+    for task, metrics in out["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        print(f"{task:<20} {shown}")
+    print(f"wrote {RunDir(args.run_dir).harness_path}")
+    return 0
+
+
 def _eval_config(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     """The run's config with the command line's task list and eval overrides."""
     if args.tasks:
@@ -68,7 +99,7 @@ def _eval_config(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     else:
         raise ValueError("no tasks: pass --tasks (see `moe eval --list`)")
     overrides = {"tasks": tasks, "accuracy": cfg.eval.accuracy and not args.no_accuracy}
-    for key in ("max_items", "n_shots", "batch_size"):
+    for key in ("max_items", "n_shots", "batch_size", "samples"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     return cfg.replace(eval=dataclasses.replace(cfg.eval, **overrides))

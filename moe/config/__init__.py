@@ -17,6 +17,7 @@ from moe.config.schema import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    LogConfig,
     ModelConfig,
     ParallelConfig,
     RunConfig,
@@ -27,8 +28,8 @@ from moe.config.tomlio import dumps_toml, read_toml
 
 __all__ = [
     "DEVICES", "EXPERT_BACKENDS", "PARALLEL_DATA", "PRECISIONS", "SCHEDULES", "SECTIONS",
-    "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "ParallelConfig", "RunConfig",
-    "TrainConfig", "apply_overrides",
+    "ConfigError", "DataConfig", "EvalConfig", "LogConfig", "ModelConfig", "ParallelConfig",
+    "RunConfig", "TrainConfig", "apply_overrides",
     "config_from_dict", "config_hash", "dumps_toml", "field_names", "legacy_config_hash",
     "load_config", "parse_value", "read_toml", "set_dotted", "valid_keys", "weight_fields",
 ]

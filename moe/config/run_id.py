@@ -18,7 +18,19 @@ from typing import Any
 from moe.config.schema import RunConfig
 
 HASHED_SECTIONS = ("model", "train", "data")
-LEGACY_SECTIONS = ("model", "train", "data", "eval")
+LEGACY_FIELDS: dict[str, tuple[str, ...]] = {  # version 0.1's config, section by section
+    "model": ("d_model", "n_layers", "n_heads", "n_kv_heads", "n_experts", "top_k", "ffn_mult",
+              "vocab_size", "seq_len", "experts_backend", "tie_embeddings", "norm_topk_prob",
+              "rope_theta", "norm_eps", "init_std"),
+    "train": ("tokens", "tpp", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
+              "schedule", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip",
+              "aux_loss_coef", "z_loss_coef", "seed", "checkpoint_every", "keep_checkpoints",
+              "log_every", "precision", "device", "num_threads"),
+    "data": ("source", "val_fraction", "val_batches", "pocket_seed", "pocket_entities",
+             "pocket_attributes", "pocket_fact_repeats", "pocket_arith_problems",
+             "pocket_arith_steps", "pocket_arith_max", "pocket_eval_items"),
+    "eval": ("tasks", "every", "max_items", "n_shots", "batch_size", "accuracy"),
+}
 """Version 0.1's sections: sections added later never change its hash."""
 NOT_HASHED: dict[str, frozenset[str]] = {
     "model": frozenset({"experts_backend"}),
@@ -40,10 +52,13 @@ def config_hash(cfg: RunConfig, length: int = 10) -> str:
     return _digest(weight_fields(cfg), length)
 
 
+# Fields added after 0.1: left out of its id, so 0.1's runs are still found.
 def legacy_config_hash(cfg: RunConfig, length: int = 10) -> str:
-    """Version 0.1's run id (a hash of every field), to find sweep runs launched by it."""
+    """Version 0.1's run id: a hash of every field version 0.1 had (`LEGACY_FIELDS`), to find
+    the sweep runs it launched. Fields and sections added since do not enter it."""
     full = cfg.to_dict()
-    return _digest({s: full[s] for s in LEGACY_SECTIONS}, length)
+    return _digest({s: {k: full[s][k] for k in names} for s, names in LEGACY_FIELDS.items()},
+                   length)
 
 
 def _digest(obj: Any, length: int) -> str:

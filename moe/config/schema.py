@@ -238,12 +238,44 @@ class EvalConfig:
     """Items per forward pass."""
     accuracy: bool = True
     """Also compute accuracy by greedy generation (slower than the loss)."""
+    samples: int = 0
+    """Self-consistency: sample this many answers per item and report maj@samples (0 = off)."""
+    temperature: float = 0.7
+    """Sampling temperature of the maj@samples answers."""
+    top_p: float = 0.95
+    """Nucleus (top-p) mass of the maj@samples answers."""
+    seed: int = 0
+    """Seed of the maj@samples sampling."""
 
     def __post_init__(self) -> None:
         _nonnegative(self, "every", "max_items")
         _positive(self, "batch_size")
         if self.n_shots < -1:
             raise ConfigError(f"eval.n_shots={self.n_shots} must be >= 0, or -1 for the default")
+        _nonnegative(self, "samples")
+        _positive(self, "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"eval.top_p={self.top_p} must be in (0, 1]")
+
+
+TRACKERS = ("none", "tensorboard", "wandb", "trackio")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """Experiment tracking: metrics.jsonl scalars also go to a tracker (not in the run id)."""
+
+    tracker: str = "none"
+    """none | tensorboard (RUN_DIR/tb) | wandb | trackio; the package is imported only when used."""
+    project: str = "moe-sparsity"
+    """Project of the wandb / trackio runs."""
+    group: str = ""
+    """Group of the run ("" = the sweep's name for a run of a sweep)."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "tracker", TRACKERS)
+        if not self.project:
+            raise ConfigError("log.project must be a non-empty name")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +287,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig())
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         check_limits(self)  # every numeric value bounded and finite (moe.config.limits)
@@ -299,6 +332,7 @@ class ParallelConfig:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig,
     "parallel": ParallelConfig,
+    "log": LogConfig,
 }
 
 

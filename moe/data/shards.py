@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moe.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_for_data
-from moe.io import atomic_write_bytes, atomic_write_json
+from moe.data.prepare import check_token_ids, token_dtype
+from moe.data.tokenizer import Tokenizer, tokenizer_for_data
 
 SHARD_TOKENS = 1 << 26  # 64M tokens (128 MiB as uint16) per shard file
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
 def encode_documents(docs: Iterable[str], tok: Tokenizer) -> np.ndarray:
@@ -42,86 +38,22 @@ def encode_documents(docs: Iterable[str], tok: Tokenizer) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def iter_text_documents(paths: list[Path], text_key: str = "text") -> Iterator[str]:
-    """Documents from .txt files (blank-line separated) and .jsonl files (one object a line)."""
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"input file not found: {path}")
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise ValueError(f"{path}:{n} is not valid JSON") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-                        raise ValueError(f"{path}:{n} has no string field {text_key!r} "
-                                         "(choose it with --text-key)")
-                    yield obj[text_key]
-        else:
-            text = path.read_text(encoding="utf-8")
-            for doc in text.split("\n\n"):
-                if doc.strip():
-                    yield doc.strip()
-
-
 def prepare_shards(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, *,
                    tokenizer: str = "byte", text_key: str = "text",
-                   eos_token: str | None = None, shard_tokens: int = SHARD_TOKENS) -> dict:
-    """Tokenise text/JSONL files into a shard directory; returns its meta.json."""
-    out = Path(out_dir)
-    if (out / "meta.json").exists():
-        raise ValueError(f"{out} already holds shards (meta.json); choose a new --out directory")
-    tok = load_tokenizer(tokenizer, eos_token=eos_token)
-    dtype = token_dtype(tok.vocab_size)
-    buffer: list[np.ndarray] = []
-    shards, n_tokens, buffered = [], 0, 0
+                   eos_token: str | None = None, shard_tokens: int = SHARD_TOKENS,
+                   workers: int | None = None, progress: bool = False) -> dict:
+    """Tokenise a corpus into a shard directory, streaming and resumable
+    (`moe.data.prepare`); returns its meta.json."""
+    from moe.data.prepare import prepare_corpus
 
-    def flush() -> None:
-        nonlocal buffered
-        name = f"shard-{len(shards):05d}.bin"
-        arr = np.concatenate(buffer).astype(dtype)
-        check_token_ids(arr, tok.vocab_size, str(out / name))
-        atomic_write_bytes(out / name, arr.tobytes())
-        shards.append({"file": name, "tokens": int(arr.size)})
-        buffer.clear()
-        buffered = 0
-
-    for doc in iter_text_documents([Path(p) for p in inputs], text_key):
-        arr = encode_documents([doc], tok)
-        buffer.append(arr)
-        buffered += arr.size
-        n_tokens += arr.size
-        if buffered >= shard_tokens:
-            flush()
-    if buffered:
-        flush()
-    if not shards:
-        raise ValueError("the input files hold no documents")
-    tok_spec = "byte"
-    if tokenizer != "byte":
-        tok_spec = "tokenizer.json"
-        atomic_write_bytes(out / tok_spec, Path(tokenizer).read_bytes())
-    meta = {"format": 1, "dtype": dtype.name, "tokenizer": tok_spec, "eos_token": eos_token,
-            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "n_tokens": n_tokens,
-            "shards": shards}
-    atomic_write_json(out / "meta.json", meta)
-    return meta
+    return prepare_corpus(inputs, out_dir, tokenizer=tokenizer, text_key=text_key,
+                          eos_token=eos_token, shard_tokens=shard_tokens, workers=workers,
+                          progress=progress)
 
 
 TOKEN_DTYPES = ("uint16", "uint32")
 SAMPLE_TOKENS = 1 << 16
 """Token ids checked against the vocabulary per shard when loading (a fixed sample)."""
-
-
-def check_token_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
-    """ValueError when any id in `ids` is outside [0, vocab_size) (for preparing and loading)."""
-    if ids.size and int(ids.max()) >= vocab_size:
-        bad = int(ids.max())
-        raise ValueError(f"{where} holds token id {bad}, outside the vocabulary of {vocab_size} "
-                         "ids: the shards do not match their tokenizer")
 
 
 def read_meta(directory: Path) -> dict:

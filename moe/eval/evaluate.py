@@ -18,15 +18,22 @@ dropped first, then tokens from the left; an answer that alone does not fit is
 an error. Batches are right-padded: the model is causal, so padding after a
 sequence cannot change its scores, and batched equals one-at-a-time.
 
-**Accuracy.** Greedy generation (no sampling) from the same prompt, stopped at
-EOS, at the task's stop strings, or after its token budget, then judged by the
-task (final number, alias match, exact match). Multiple-choice tasks
-(HellaSwag) instead pick the choice with the highest log-likelihood per
-character (lm-eval's acc_norm).
+**Accuracy.** Greedy generation (no sampling, KV-cached: `moe.eval.generate`)
+from the same prompt, stopped at EOS, at the task's stop strings, or after its
+token budget, then judged by the task (final number, alias match, exact match).
+Multiple-choice tasks (HellaSwag) instead pick the choice with the highest
+log-likelihood per character (lm-eval's acc_norm).
+
+**Self-consistency.** With `eval.samples = K > 0` (generation tasks, with
+`eval.accuracy` on), K more answers per item are sampled (`eval.temperature`,
+`eval.top_p`, `eval.seed`); the most frequent final answer (the task's
+`vote_key`: the final number for GSM8K-like tasks; the earliest sample wins a
+tie; samples without an answer do not vote) is judged, giving `maj@K` (Wang et
+al. 2023) beside the greedy `accuracy`.
 
 Results: `evaluate_tasks` -> {task: {kind, loss, bits_per_token, bits_per_byte,
-accuracy, n_items}}; `write_eval` stores them in the run's eval.json and as flat
-`task/<name>/<metric>` keys in its result.json.
+accuracy, n_items[, maj@K]}}; `write_eval` stores them in the run's eval.json and as
+flat `task/<name>/<metric>` keys in its result.json.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch
 
 from moe.config import EvalConfig, RunConfig
 from moe.data.tokenizer import Tokenizer
+from moe.eval.generate import Sampling, batches_by_length, generate_texts, greedy_generate
 from moe.io import atomic_write_json
 from moe.model import IGNORE_INDEX
 from moe.rundir import RunDir
@@ -110,17 +118,11 @@ def encode_item(task: Task, tokenizer: Tokenizer, item: TaskItem, shots: list[Ta
 # --------------------------------------------------------------------------- scoring
 
 
-def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length (less padding), in batches of batch_size."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def answer_logprobs(model: torch.nn.Module, examples: list[Encoded], *, batch_size: int,
                     pad_id: int, device: torch.device | str = "cpu") -> list[float]:
     """Summed log-probability (nats) of each example's answer tokens."""
     out = [0.0] * len(examples)
-    for chunk in _batches([len(e.ids) for e in examples], batch_size):
+    for chunk in batches_by_length([len(e.ids) for e in examples], batch_size):
         T = max(len(examples[i].ids) for i in chunk) - 1
         idx_BT = torch.full((len(chunk), T), pad_id, dtype=torch.long)
         tgt_BT = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
@@ -138,47 +140,6 @@ def answer_logprobs(model: torch.nn.Module, examples: list[Encoded], *, batch_si
         for i, value in zip(chunk, sums_B.tolist(), strict=True):
             out[i] = value
     return out
-
-
-def greedy_generate(model: torch.nn.Module, prompts: list[tuple[int, ...]],
-                    budgets: list[int], *, tokenizer: Tokenizer, stop: tuple[str, ...],
-                    seq_len: int, batch_size: int, device: torch.device | str = "cpu"
-                    ) -> list[str]:
-    """Greedy continuations, each cut at EOS, at the first stop string, or after its budget."""
-    texts = [""] * len(prompts)
-    for chunk in _batches([len(p) for p in prompts], batch_size):
-        gen: dict[int, list[int]] = {i: [] for i in chunk}
-        active = [i for i in chunk if budgets[i] > 0]
-        while active:
-            # Right-padded like the loss (causal: padding after a row cannot change it); a row
-            # longer than the context keeps its newest seq_len tokens.
-            windows = [[*prompts[i], *gen[i]][-seq_len:] for i in active]
-            idx_BT = torch.full((len(active), max(map(len, windows))), tokenizer.pad_id,
-                                dtype=torch.long)
-            for r, w in enumerate(windows):
-                idx_BT[r, : len(w)] = torch.tensor(w)
-            last_B = torch.tensor([len(w) - 1 for w in windows], device=device)
-            logits_BTV = model(idx_BT.to(device)).logits_BTV
-            rows_B = torch.arange(len(active), device=device)
-            next_B = logits_BTV[rows_B, last_B].argmax(-1).tolist()
-            still = []
-            for i, tok in zip(active, next_B, strict=True):
-                if tok == tokenizer.eos_id:
-                    continue
-                gen[i].append(tok)
-                text = tokenizer.decode(gen[i])
-                if len(gen[i]) < budgets[i] and not any(s in text for s in stop):
-                    still.append(i)
-            active = still
-        for i in chunk:
-            texts[i] = cut_at_stop(tokenizer.decode(gen[i]), stop)
-    return texts
-
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """`text` up to the earliest stop string."""
-    cut = min((text.find(s) for s in stop if s in text), default=len(text))
-    return text[:cut]
 
 
 # --------------------------------------------------------------------------- tasks
@@ -204,16 +165,19 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data
     nats = -sum(lp[p] for lp, p in zip(per_item, pick, strict=True))
     n_tokens = sum(e.n_answer_tokens for e in gold)
     n_bytes = sum(e.n_bytes for e in gold)
-    accuracy = None
+    accuracy, extra = None, {}
     if multiple_choice:
         accuracy = _choice_accuracy(data.items, per_item)
     elif eval_cfg.accuracy:
         accuracy = _generation_accuracy(model, tokenizer, task, data.items, gold, seq_len,
                                         eval_cfg.batch_size, device)
+        if eval_cfg.samples:
+            extra[f"maj@{eval_cfg.samples}"] = majority_accuracy(
+                model, tokenizer, task, data.items, gold, seq_len, eval_cfg, device)
     return {"kind": task.kind, "loss": nats / n_tokens,
             "bits_per_token": nats / n_tokens / math.log(2),
             "bits_per_byte": nats / n_bytes / math.log(2), "accuracy": accuracy,
-            "n_items": len(data.items)}
+            "n_items": len(data.items), **extra}
 
 
 def _choice_accuracy(items: tuple[TaskItem, ...], logps: list[list[float]]) -> float:
@@ -225,15 +189,48 @@ def _choice_accuracy(items: tuple[TaskItem, ...], logps: list[list[float]]) -> f
     return hits / len(items)
 
 
-def _generation_accuracy(model, tokenizer: Tokenizer, task: Task, items: tuple[TaskItem, ...],
-                         gold: list[Encoded], seq_len: int, batch_size: int, device) -> float:
+def _budgets(task: Task, gold: list[Encoded]) -> list[int]:
     if task.is_correct is None:
         raise ValueError(f"task {task.name} has neither choices nor an answer checker")
-    budgets = [task.max_new_tokens or 2 * e.n_answer_tokens + 8 for e in gold]
-    texts = greedy_generate(model, [e.ids[: e.start] for e in gold], budgets,
+    return [task.max_new_tokens or 2 * e.n_answer_tokens + 8 for e in gold]
+
+
+def _generation_accuracy(model, tokenizer: Tokenizer, task: Task, items: tuple[TaskItem, ...],
+                         gold: list[Encoded], seq_len: int, batch_size: int, device) -> float:
+    texts = greedy_generate(model, [e.ids[: e.start] for e in gold], _budgets(task, gold),
                             tokenizer=tokenizer, stop=task.stop, seq_len=seq_len,
                             batch_size=batch_size, device=device)
     return sum(task.is_correct(t, item) for t, item in zip(texts, items, strict=True)) / len(items)
+
+
+def majority_accuracy(model, tokenizer: Tokenizer, task: Task, items: tuple[TaskItem, ...],
+                      gold: list[Encoded], seq_len: int, eval_cfg: EvalConfig, device) -> float:
+    """maj@K: K sampled answers per item, the most frequent final answer judged."""
+    K = eval_cfg.samples
+    budgets = [b for b in _budgets(task, gold) for _ in range(K)]
+    prompts = [e.ids[: e.start] for e in gold for _ in range(K)]
+    sampling = Sampling(temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
+                        seed=eval_cfg.seed)
+    texts = generate_texts(model, prompts, budgets, tokenizer=tokenizer, stop=task.stop,
+                           seq_len=seq_len, batch_size=eval_cfg.batch_size, device=device,
+                           sampling=sampling)
+    hits = 0
+    for n, item in enumerate(items):
+        hits += task.is_correct(majority_vote(texts[n * K: (n + 1) * K], task.vote_key), item)
+    return hits / len(items)
+
+
+def majority_vote(texts: list[str], key) -> str:
+    """The first text whose key is the most frequent (texts whose key is None do not vote)."""
+    counts: dict[Any, int] = {}
+    for t in texts:
+        k = key(t)
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    if not counts:
+        return texts[0]
+    best = max(counts.values())
+    return next(t for t in texts if (k := key(t)) is not None and counts[k] == best)
 
 
 def load_tasks(cfg: RunConfig, tasks: list[str] | tuple[str, ...] | None = None
@@ -273,7 +270,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, cfg: RunConfig,
 def flat_results(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """`task/<name>/<metric>` keys for result.json (columns of `moe sweep collect`)."""
     return {f"task/{name}/{key}": metrics.get(key) for name, metrics in results.items()
-            for key in METRICS}
+            for key in (*METRICS, *sorted(k for k in metrics if k.startswith("maj@")))}
 
 
 def write_eval(run_dir: str | Path, results: dict[str, dict[str, Any]],
@@ -288,5 +285,6 @@ def write_eval(run_dir: str | Path, results: dict[str, dict[str, Any]],
 
 def summary_line(m: dict[str, Any]) -> str:
     acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
+    acc += "".join(f"  {k} {v:.3f}" for k, v in m.items() if k.startswith("maj@"))
     return (f"{m['kind']:<12} loss {m['loss']:.4f} nats/token  {m['bits_per_byte']:.4f} "
             f"bits/byte  accuracy {acc}  ({m['n_items']} items)")

@@ -4,6 +4,6 @@
 its MoE pieces (Router -> Dispatch -> Experts -> Combine).
 """
 
-from moe.model.lm import IGNORE_INDEX, ModelOutput, MoELM
+from moe.model.lm import IGNORE_INDEX, KVCache, ModelOutput, MoELM
 
-__all__ = ["IGNORE_INDEX", "ModelOutput", "MoELM"]
+__all__ = ["IGNORE_INDEX", "KVCache", "ModelOutput", "MoELM"]

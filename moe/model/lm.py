@@ -10,6 +10,9 @@ K top-k, nh/nkv query/key-value heads, hs head size. N = B*T flattened tokens.
 
 The forward pass returns a `ModelOutput`: logits plus the auxiliary losses and
 per-layer routing statistics as values; the model holds no state between calls.
+Generation passes a `KVCache` (the caller's object, not module state): keys and
+values of earlier positions are kept, each call runs only the new tokens, and
+left-padded rows get per-row RoPE positions and a mask that hides their padding.
 """
 
 from __future__ import annotations
@@ -65,10 +68,76 @@ def rope_tables(seq_len: int, head_dim: int, theta: float,
 
 def apply_rope(x_BhTs: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) by position-dependent angles."""
+    T = x_BhTs.shape[-2]
+    return rotate(x_BhTs, cos_TF[:T], sin_TF[:T])
+
+
+def rotate(x_BhTs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with angle tables broadcastable to x's [..., T, hs/2] (per-row positions too)."""
     x1, x2 = x_BhTs.float().chunk(2, dim=-1)
-    cos, sin = cos_TF[: x_BhTs.shape[-2]], sin_TF[: x_BhTs.shape[-2]]
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x_BhTs.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of left-padded rows, pre-allocated.
+
+    Row b holds `pad_B[b]` padding tokens, then its tokens; all rows advance together,
+    so one `length` counts the filled positions. Each layer's buffers [B, nkv, L, hs]
+    are allocated on first use in the dtype of its keys (bf16 under autocast).
+    """
+
+    def __init__(self, n_layers: int, pad_B: torch.Tensor, max_len: int):
+        self.pad_B = pad_B
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def write(self, layer: int, k_BhTs: torch.Tensor, v_BhTs: torch.Tensor):
+        """Store the new positions; returns all keys/values so far [B, nkv, length+T, hs]."""
+        if self.k[layer] is None:
+            B, nkv, _, hs = k_BhTs.shape
+            self.k[layer] = k_BhTs.new_zeros(B, nkv, self.max_len, hs)
+            self.v[layer] = v_BhTs.new_zeros(B, nkv, self.max_len, hs)
+        end = self.length + k_BhTs.shape[2]
+        self.k[layer][:, :, self.length: end] = k_BhTs
+        self.v[layer][:, :, self.length: end] = v_BhTs
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, rows_B: torch.Tensor) -> None:
+        """Keep only these rows (finished rows leave the batch)."""
+        self.pad_B = self.pad_B[rows_B]
+        self.k = [None if k is None else k[rows_B] for k in self.k]
+        self.v = [None if v is None else v[rows_B] for v in self.v]
+
+    def step_inputs(self, T: int, cos_LF: torch.Tensor, sin_LF: torch.Tensor):
+        """RoPE tables [B, 1, T, hs/2] at each row's positions and the mask [B, 1, T, length+T].
+
+        A row's positions count from its first real token; a query sees its row's real keys
+        up to itself, and a padding query sees itself only (its output is never used).
+        """
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take "
+                             f"{self.length + T}")
+        abs_T = torch.arange(self.length, self.length + T, device=self.pad_B.device)
+        pos_BT = (abs_T.unsqueeze(0) - self.pad_B.unsqueeze(1)).clamp(min=0)
+        key_S = torch.arange(self.length + T, device=self.pad_B.device)
+        causal_TS = key_S.unsqueeze(0) <= abs_T.unsqueeze(1)
+        real_BS = key_S.unsqueeze(0) >= self.pad_B.unsqueeze(1)
+        mask_BTS = (causal_TS.unsqueeze(0) & real_BS.unsqueeze(1)) | (
+            key_S.unsqueeze(0) == abs_T.unsqueeze(1)).unsqueeze(0)
+        return cos_LF[pos_BT].unsqueeze(1), sin_LF[pos_BT].unsqueeze(1), mask_BTS.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one cached forward call shares across layers."""
+
+    cache: KVCache
+    cos_B1TF: torch.Tensor
+    sin_B1TF: torch.Tensor
+    mask_B1TS: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -81,16 +150,24 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, cos_TF: torch.Tensor,
-                sin_TF: torch.Tensor) -> torch.Tensor:
+                sin_TF: torch.Tensor, step: tuple[_Step, int] | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,nh,T,hs)
         k = self.wk(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B,nkv,T,hs)
         v = self.wv(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos_TF, sin_TF), apply_rope(k, cos_TF, sin_TF)
+        mask = None
+        if step is None:
+            q, k = apply_rope(q, cos_TF, sin_TF), apply_rope(k, cos_TF, sin_TF)
+        else:  # decoding: per-row positions, keys/values of earlier calls from the cache
+            s, layer = step
+            q, k = rotate(q, s.cos_B1TF, s.sin_B1TF), rotate(k, s.cos_B1TF, s.sin_B1TF)
+            k, v = s.cache.write(layer, k, v)
+            mask = s.mask_B1TS
         if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B,nh,T,hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None)  # (B,nh,T,hs)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -122,8 +199,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFFN(cfg)
 
-    def forward(self, x_BTD, cos_TF, sin_TF, mask_N):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TF, sin_TF)
+    def forward(self, x_BTD, cos_TF, sin_TF, mask_N, step=None):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TF, sin_TF, step)
         y_BTD, routed = self.ffn(self.ffn_norm(x_BTD), mask_N)
         return x_BTD + y_BTD, routed
 
@@ -158,21 +235,39 @@ class MoELM(nn.Module):
             if block.ffn.router is not None:
                 nn.init.normal_(block.ffn.router.weight_ED, std=std)
 
-    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> ModelOutput:
+    def new_cache(self, pad_B: torch.Tensor, max_len: int) -> KVCache:
+        """An empty KV cache for left-padded rows (`pad_B` padding tokens each), see `forward`."""
+        if max_len > self.cfg.seq_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds "
+                             f"model.seq_len={self.cfg.seq_len}")
+        return KVCache(self.cfg.n_layers, pad_B, max_len)
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
+                cache: KVCache | None = None) -> ModelOutput:
+        """Logits of every position; with `cache`, idx_BT are the next tokens after the
+        cached ones, the cache advances by T, and logits_BTV holds the last position only."""
         B, T = idx_BT.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
+        if cache is not None and targets_BT is not None:
+            raise ValueError("targets and a KV cache do not mix: the loss needs every position")
         # Routing losses count only real tokens: those with a target to predict.
         mask_N = None if targets_BT is None else (targets_BT != IGNORE_INDEX).reshape(-1)
+        step = None if cache is None else _Step(cache, *cache.step_inputs(
+            T, self.rope_cos, self.rope_sin))
         x_BTD = self.embed(idx_BT)
         lb_terms, z_terms, stats, prob_sums = [], [], [], []
-        for block in self.blocks:
-            x_BTD, routed = block(x_BTD, self.rope_cos, self.rope_sin, mask_N)
+        for layer, block in enumerate(self.blocks):
+            x_BTD, routed = block(x_BTD, self.rope_cos, self.rope_sin, mask_N,
+                                  None if step is None else (step, layer))
             if routed is not None:
                 lb_terms.append(routed.lb_loss)
                 z_terms.append(routed.z_loss)
                 stats.append(routed.stats)
                 prob_sums.append(routed.prob_sum_E)
+        if cache is not None:
+            cache.length += T
+            x_BTD = x_BTD[:, -1:]
         logits_BTV = self.head(self.norm(x_BTD))
         ce = None
         if targets_BT is not None:

@@ -85,3 +85,14 @@ def math_equal(a: str | None, b: str | None) -> bool:
     squash = lambda s: re.sub(r"\s|\$|\\!|\\left|\\right", "", s).replace("dfrac", "frac")
     x, y = squash(a), squash(b)
     return x == y or numbers_equal(x, y)
+
+
+def number_key(text: str) -> str | None:
+    """Vote key of a numeric answer: its value (so `1,000` and `1000.0` agree), or None."""
+    value = parse_number(extract_number(text))
+    return None if value is None else str(value.normalize())
+
+
+def text_key(text: str) -> str | None:
+    """Vote key of a free-text answer: its normalised text, None when empty."""
+    return normalize_text(text) or None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moe.config import DataConfig
+from moe.tasks.answers import text_key
 
 KINDS = ("memorization", "reasoning")
 EVAL_SEED = 1234
@@ -87,6 +88,9 @@ class Task:
     max_new_tokens: int = 0
     """Generation budget; 0 = twice the gold answer's tokens plus 8."""
     shot_separator: str = "\n\n"
+    vote_key: Callable[[str], object] = text_key
+    """Self-consistency (maj@K): sampled answers with equal keys are the same answer;
+    None means the sample gives no answer (default: the normalised text)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

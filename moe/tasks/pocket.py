@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from moe.config import DataConfig
 from moe.data.pocket import PocketItem, build_pocket
-from moe.tasks.answers import extract_number, numbers_equal
+from moe.tasks.answers import extract_number, number_key, numbers_equal
 from moe.tasks.base import Task, TaskData, TaskItem
 
 
@@ -49,6 +49,6 @@ POCKET_TASKS = (
          is_correct=exact_match, stop=("\n",),
          description="recall of pocket knowledge-base facts, asked as questions"),
     Task(name="pocket-reasoning", kind="reasoning", n_shots=0, loader=_reasoning,
-         is_correct=final_number_matches, stop=("\n",),
+         is_correct=final_number_matches, stop=("\n",), vote_key=number_key,
          description="held-out multi-step arithmetic with fresh numbers (#### N)"),
 )

@@ -42,6 +42,7 @@ from moe.train.preempt import active_watch
 from moe.train.resources import check_resources
 from moe.train.resume import load_newest, save_sharded_step
 from moe.train.schedule import build_optimizer, lr_at, total_steps
+from moe.train.tracking import Tracker, open_tracker
 
 
 class TrainingFailed(RuntimeError):
@@ -326,6 +327,7 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
         prepare_run_dir(cfg, run)
     if run.is_done():
         return _evaluate_missing(run, cfg, data, device, ddp)
+    tracker = open_tracker(cfg, run) if ddp.is_main else Tracker()
     model, opt, par = _setup(cfg, device, ddp)
     start, recent_ce = _resume(run, model, opt, device, ddp, par, cfg)
     n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
@@ -356,13 +358,15 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
             now = time.time()
             tps = (done - last_step) * cfg.train.batch_size * cfg.model.seq_len / (now - t_last)
             t_last, last_step = now, done
-            run.append_metrics(_metrics_row(done, n_steps, cfg, stats, lr, tps))
+            row = _metrics_row(done, n_steps, cfg, stats, lr, tps)
+            run.append_metrics(row)
+            tracker.log(row)
             run.update_status(step=done, tokens_done=min(tokens_total, done *
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
             if par.distributed_state:  # rank 0 evaluates a whole copy read back from disk
                 _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce)
-            _periodic_eval(model, data, cfg, device, run, done, ddp, par)
+            _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
         stop = watch is not None and watch.poll(ddp.world)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
             _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce)
@@ -372,6 +376,7 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
         watch.in_loop = False
     if bar is not None:
         bar.close()
+    tracker.close()
     return _finish(run, cfg, model, data, device, ddp, recent_ce,
                    n_steps - start, time.time() - t0, par)
 
@@ -392,10 +397,12 @@ def _whole_model(model, run: RunDir, cfg: RunConfig, device, par: Parallel):
 
 
 def _periodic_eval(model, data, cfg, device, run: RunDir, step: int, ddp: Dist,
-                   par: Parallel) -> None:
+                   par: Parallel, tracker: Tracker) -> None:
     if ddp.is_main:
         whole = _whole_model(model, run, cfg, device, par)
-        run.append_metrics({"step": step, "eval": _run_tasks(whole, data, cfg, device)})
+        row = {"step": step, "eval": _run_tasks(whole, data, cfg, device)}
+        run.append_metrics(row)
+        tracker.log(row)
     if ddp.world > 1:
         dist.barrier()
 

@@ -1,0 +1,200 @@
+"""Batched text generation with a KV cache: greedy or sampled, cut at EOS, stop strings or budget.
+
+Prompts of similar length are batched and **left-padded**, so every row's next
+token sits in the same (last) column; the model's `KVCache` gives each row its
+own RoPE positions (counted from its first real token) and hides its padding,
+so a row generates the same tokens alone as in any batch. One forward pass
+reads the prompts (prefill); each further pass runs one token per row against
+the cache. A row leaves the batch at EOS, when its text contains a stop
+string, or when its budget is spent. On CUDA the model runs under bf16
+autocast; on CPU in fp32.
+
+Context: the cache holds `seq_len` positions, so a prompt longer than
+`seq_len - budget` keeps its newest tokens. (The uncached path, kept as the
+reference and for models without `new_cache`, instead slides a `seq_len`
+window along; both agree whenever prompt + budget fits.)
+
+Sampling (`Sampling(temperature > 0)`): softmax at that temperature, then the
+smallest set of tokens whose probability reaches `top_p` (nucleus sampling),
+drawn from a `torch.Generator` seeded with `seed`: the same call with the same
+seed gives the same samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moe.data.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How the next token is chosen."""
+
+    temperature: float = 0.0
+    """0 = greedy (argmax); > 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this total probability."""
+    seed: int = 0
+    """Seed of the sampling generator."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = Sampling()
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar length (less padding), in batches of batch_size."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the earliest stop string."""
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    return text[:cut]
+
+
+def pick_next(logits_BV: torch.Tensor, sampling: Sampling,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Next token of each row [B] (int64): argmax, or a temperature / top-p sample."""
+    if sampling.greedy:
+        return logits_BV.argmax(-1)
+    probs_BV = torch.softmax(logits_BV.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        outside_BV = sorted_BV.cumsum(-1) - sorted_BV >= sampling.top_p  # mass before it suffices
+        sorted_BV = sorted_BV.masked_fill(outside_BV, 0.0)
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+
+
+class _Rows:
+    """Generated tokens of the active rows and the rule that retires a row."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], budgets: list[int]):
+        self.tokenizer, self.stop, self.budgets = tokenizer, stop, budgets
+        self.tokens: list[list[int]] = [[] for _ in budgets]
+
+    def add(self, i: int, tok: int) -> bool:
+        """Append `tok` to row i; False when the row is finished."""
+        if tok == self.tokenizer.eos_id:
+            return False
+        self.tokens[i].append(tok)
+        if len(self.tokens[i]) >= self.budgets[i]:
+            return False
+        text = self.tokenizer.decode(self.tokens[i])
+        return not any(s in text for s in self.stop)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _cached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len: int,
+                  device: torch.device, sampling: Sampling, generator) -> None:
+    """Generate one left-padded batch with a KV cache, filling `rows`."""
+    max_budget = max(rows.budgets)
+    keep = max(1, seq_len - max_budget)
+    prompts = [list(p[-keep:]) for p in prompts]
+    P = max(map(len, prompts))
+    pad_B = torch.tensor([P - len(p) for p in prompts], device=device)
+    idx_BT = torch.full((len(prompts), P), rows.tokenizer.pad_id, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        idx_BT[r, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    cache = model.new_cache(pad_B, min(seq_len, P + max_budget))
+    active = list(range(len(prompts)))
+    logits_BV = model(idx_BT.to(device), cache=cache).logits_BTV[:, -1]
+    while True:
+        next_B = pick_next(logits_BV, sampling, generator)
+        keep_rows = [r for r, (i, tok) in enumerate(zip(active, next_B.tolist(), strict=True))
+                     if rows.add(i, tok)]
+        if not keep_rows or cache.length >= cache.max_len:
+            return
+        if len(keep_rows) < len(active):
+            sel_B = torch.tensor(keep_rows, device=device)
+            cache.select(sel_B)
+            next_B, active = next_B[sel_B], [active[r] for r in keep_rows]
+        logits_BV = model(next_B.unsqueeze(1), cache=cache).logits_BTV[:, -1]
+
+
+def _uncached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len: int,
+                    device: torch.device, sampling: Sampling, generator) -> None:
+    """The reference: re-run the whole (right-padded) window for every new token."""
+    active = list(range(len(prompts)))
+    while active:
+        # Right-padded (causal: padding after a row cannot change it); a row longer than the
+        # context keeps its newest seq_len tokens.
+        windows = [[*prompts[i], *rows.tokens[i]][-seq_len:] for i in active]
+        idx_BT = torch.full((len(active), max(map(len, windows))), rows.tokenizer.pad_id,
+                            dtype=torch.long)
+        for r, w in enumerate(windows):
+            idx_BT[r, : len(w)] = torch.tensor(w)
+        last_B = torch.tensor([len(w) - 1 for w in windows], device=device)
+        logits_BTV = model(idx_BT.to(device)).logits_BTV
+        logits_BV = logits_BTV[torch.arange(len(active), device=device), last_B]
+        next_B = pick_next(logits_BV, sampling, generator).tolist()
+        active = [i for i, tok in zip(active, next_B, strict=True) if rows.add(i, tok)]
+
+
+def generate_ids(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
+                 tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
+                 device: torch.device | str = "cpu", sampling: Sampling = GREEDY,
+                 use_cache: bool = True) -> list[list[int]]:
+    """Generated token ids of each prompt (EOS excluded; the stop string not yet cut).
+
+    Uses the KV cache when the model has one (`new_cache`) and `use_cache`; the model
+    must be in eval mode. Runs under `torch.no_grad()`.
+    """
+    device = torch.device(device)
+    generator = None
+    if not sampling.greedy:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    cached = use_cache and hasattr(model, "new_cache")
+    run_chunk = _cached_chunk if cached else _uncached_chunk
+    out: list[list[int]] = [[] for _ in prompts]
+    todo = [i for i, b in enumerate(budgets) if b > 0]
+    with torch.no_grad(), _autocast(device):
+        for chunk in batches_by_length([len(prompts[i]) for i in todo], batch_size):
+            chunk = [todo[c] for c in chunk]
+            rows = _Rows(tokenizer, stop, [budgets[i] for i in chunk])
+            run_chunk(model, [prompts[i] for i in chunk], rows, seq_len=seq_len,
+                      device=device, sampling=sampling, generator=generator)
+            for i, toks in zip(chunk, rows.tokens, strict=True):
+                out[i] = toks
+    return out
+
+
+def generate_texts(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
+                   tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
+                   device: torch.device | str = "cpu", sampling: Sampling = GREEDY,
+                   use_cache: bool = True) -> list[str]:
+    """Continuations of each prompt as text, cut at the first stop string (see generate_ids)."""
+    ids = generate_ids(model, prompts, budgets, tokenizer=tokenizer, stop=stop, seq_len=seq_len,
+                       batch_size=batch_size, device=device, sampling=sampling,
+                       use_cache=use_cache)
+    return [cut_at_stop(tokenizer.decode(t), stop) for t in ids]
+
+
+def greedy_generate(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
+                    tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
+                    device: torch.device | str = "cpu", use_cache: bool = True) -> list[str]:
+    """Greedy continuations, each cut at EOS, at the first stop string, or after its budget."""
+    return generate_texts(model, prompts, budgets, tokenizer=tokenizer, stop=stop,
+                          seq_len=seq_len, batch_size=batch_size, device=device,
+                          use_cache=use_cache)
