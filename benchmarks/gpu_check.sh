@@ -15,7 +15,10 @@
 #   3. train_*        100 training steps each of configs/pocket-tiny.toml and
 #                     configs/paper/d512-E8-k2.toml on generated tokens: tokens/s, MFU,
 #                     peak memory
-#   4. summary.md     one table of everything (benchmarks/gpu_check_summary.py)
+#   4. train_fsdp     `torchrun --nproc-per-node 1 -m moe train` of pocket-tiny with
+#                     parallel.data = "fsdp" (FSDP2 with bf16 weights, fp32 reduction): a few
+#                     steps through the sharded path, its checkpoint and its evaluation
+#   5. summary.md     one table of everything (benchmarks/gpu_check_summary.py)
 set -uo pipefail
 
 CPU=0
@@ -63,11 +66,13 @@ if (( CPU )); then
   KERNEL_ARGS=(--shapes small --repeats 1 --warmup 0)
   TRAIN_ARGS=(--steps 2 --warmup 1 --micro-batch 2 --seq-len 16 --device cpu)
   PAPER_ARGS=(--set model.n_layers=1 --set model.vocab_size=512)
+  FSDP_ARGS=(--set train.device=cpu)
   export OMP_NUM_THREADS=1
 else
   KERNEL_ARGS=(--shapes paper --dtype bf16 --repeats 10 --warmup 2)
   TRAIN_ARGS=(--steps 100 --warmup 5 --device cuda)
   PAPER_ARGS=()
+  FSDP_ARGS=(--set train.device=cuda)
 fi
 
 "$PY" - > "$OUT/environment.txt" 2>&1 <<'EOF'
@@ -87,12 +92,15 @@ EOF
 
 run_step gpu_tests 150 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider \
   --junitxml "$OUT/gpu_tests.xml"
-run_step bench_kernels 270 "$PY" -m moe bench kernels "${KERNEL_ARGS[@]}" \
+run_step bench_kernels 240 "$PY" -m moe bench kernels "${KERNEL_ARGS[@]}" \
   --backends torch,triton,megablocks,dense -o "$OUT/bench_kernels.json"
 run_step train_pocket-tiny 60 "$PY" -m moe bench train configs/pocket-tiny.toml \
   "${TRAIN_ARGS[@]}" -o "$OUT/train_pocket-tiny.json"
 run_step train_d512-E8-k2 150 "$PY" -m moe bench train configs/paper/d512-E8-k2.toml \
   "${TRAIN_ARGS[@]}" "${PAPER_ARGS[@]}" -o "$OUT/train_d512-E8-k2.json"
+run_step train_fsdp 45 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
+  -m moe train configs/pocket-tiny.toml --out "$OUT/fsdp_run" --quiet \
+  --set parallel.data=fsdp --set train.tokens=10240 --set "eval.tasks=[]" "${FSDP_ARGS[@]}"
 
 "$PY" benchmarks/gpu_check_summary.py "$OUT" > "$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -42,8 +42,8 @@ def init_from_env() -> bool:
     """
     if not dist.is_available() or dist.is_initialized():
         return False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False  # one process, not under torchrun (which also starts groups of one)
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -53,7 +53,8 @@ class Parallel:
 
     @property
     def fsdp(self) -> bool:
-        return self.world > 1 and self.data == "fsdp"
+        """The model is sharded with FSDP2 (a mesh exists: any world size under a group)."""
+        return self.world_mesh is not None
 
     @property
     def distributed_state(self) -> bool:
@@ -88,8 +89,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dis
 
         for block in model.blocks:
             checkpoint(block)
-    if ddp.world == 1:
-        return model, par
+    if ddp.world == 1 and not (pcfg.data == "fsdp" and dist.is_initialized()):
+        return model, par  # one process without a group: nothing to shard or reduce
     if pcfg.data == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
