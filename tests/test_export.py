@@ -14,6 +14,7 @@ import moe
 from helpers import tiny_config
 from moe.app.cli import main as moe_main
 from moe.checkpoint import save_checkpoint
+from moe.config import config_hash
 from moe.data.tokenizer import ByteTokenizer
 from moe.export import ExportError, export_hf, hf_state_dict
 from moe.export.harness import INSTALL_HINT, cached_export, harness_args, run_harness
@@ -32,7 +33,8 @@ def saved_run(tmp_path: Path, *overrides: str, step: int = 0) -> Path:
     run.write_config(cfg)
     torch.manual_seed(1)
     model = MoELM(cfg.model)
-    save_checkpoint(run, step, {"model": model.state_dict(), "step": step})
+    save_checkpoint(run, step, {"model": model.state_dict(), "step": step,
+                                "run_id": config_hash(cfg)})
     return run.path
 
 

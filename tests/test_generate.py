@@ -129,6 +129,7 @@ def test_moe_eval_samples_reports_maj_at_k_on_a_pocket_task(tmp_path):
     from helpers import tiny_config
     from moe.app.cli import main as moe_main
     from moe.checkpoint import save_checkpoint
+    from moe.config import config_hash
     from moe.io import read_json
     from moe.rundir import RunDir
 
@@ -136,7 +137,8 @@ def test_moe_eval_samples_reports_maj_at_k_on_a_pocket_task(tmp_path):
     run = RunDir(tmp_path / "run")
     run.write_config(cfg)
     torch.manual_seed(0)
-    save_checkpoint(run, 0, {"model": MoELM(cfg.model).state_dict(), "step": 0})
+    save_checkpoint(run, 0, {"model": MoELM(cfg.model).state_dict(), "step": 0,
+                             "run_id": config_hash(cfg)})
     argv = ["eval", str(run.path), "--tasks", "pocket-reasoning", "--max-items", "6",
             "--samples", "3"]
     results = []

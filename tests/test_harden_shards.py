@@ -96,7 +96,7 @@ def test_preparing_checks_every_id(tmp_path, monkeypatch):
     class Undersized(ByteTokenizer):
         vocab_size = 100  # "z" is byte 122
 
-    monkeypatch.setattr("moe.data.shards.load_tokenizer", lambda *a, **k: Undersized())
+    monkeypatch.setattr("moe.data.prepare.load_tokenizer", lambda *a, **k: Undersized())
     text = tmp_path / "corpus.txt"
     text.write_text("abc\n\nxyz")
     with pytest.raises(ValueError, match="token id 256, outside the vocabulary of 100"):
