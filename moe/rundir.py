@@ -5,6 +5,8 @@ RUN_DIR/config.toml    the resolved run config (reproduces the run alone)
        /status.json    state (pending|running|done|failed), reason, progress, job ids, attempts
        /metrics.jsonl  one JSON object per logged step
        /checkpoints/   step-NNNNNNNN.pt (+ .sha256), written atomically
+       /snapshots/     step-NNNNNNNN.pt weights only, every train.save_every (for `moe merge`)
+       /ema/           the EMA weights as a run directory of their own (train.ema_decay > 0)
        /eval.json      task results
        /result.json    one flat record: config keys, counts, final metrics
 ```
@@ -48,6 +50,8 @@ STATUS = "status.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval.json"
+SNAPSHOTS = "snapshots"
+EMA = "ema"
 RESULT = "result.json"
 
 STATES = ("pending", "running", "done", "failed")
@@ -173,6 +177,33 @@ class RunDir:
         for _, old in self.list_checkpoints()[keep:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".sha256").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ merge snapshots, EMA
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.path / SNAPSHOTS
+
+    def snapshot_path(self, step: int) -> Path:
+        return self.snapshots_dir / f"step-{step:08d}.pt"
+
+    def list_snapshots(self) -> list[tuple[int, Path]]:
+        """(step, path) of every weights snapshot kept for merging, oldest first."""
+        if not self.snapshots_dir.is_dir():
+            return []
+        return sorted((int(m.group(1)), p) for p in self.snapshots_dir.iterdir()
+                      if (m := _CHECKPOINT.match(p.name)))
+
+    def write_snapshot(self, step: int, data: bytes, digest: str) -> Path:
+        """Store snapshot bytes and their SHA-256, each atomically (never pruned)."""
+        path = self.snapshot_path(step)
+        atomic_write_bytes(path, data)
+        atomic_write_text(path.with_suffix(".sha256"), digest + "\n")
+        return path
+
+    def ema_run(self) -> RunDir:
+        """The EMA weights of this run, stored as a run directory `moe eval` accepts."""
+        return RunDir(self.path / EMA)
 
     # ------------------------------------------------------------------ eval and result
 

@@ -34,6 +34,7 @@ from moe.eval import evaluate_tasks, flat_results, load_tasks
 from moe.model import ModelOutput, MoELM
 from moe.params import count_params, resolve_tokens, train_flops_per_token
 from moe.rundir import RunDir
+from moe.train.averaging import WeightEMA, save_snapshot
 from moe.train.distributed import Dist
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 
@@ -114,12 +115,17 @@ def validation_loss(model: torch.nn.Module, data: TokenData, cfg: RunConfig,
     was_training = model.training
     model.eval()
     losses = []
-    for i in range(cfg.data.val_batches):
-        x, y = data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size)
+    for x, y in validation_batches(data, cfg):
         with autocast_for(cfg.train, device):
             losses.append(float(model(x.to(device), y.to(device)).ce_loss))
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+def validation_batches(data: TokenData, cfg: RunConfig):
+    """The fixed held-out (inputs, targets) batches every validation loss is measured on."""
+    for i in range(cfg.data.val_batches):
+        yield data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size)
 
 
 def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
@@ -161,7 +167,7 @@ def _fail(run: RunDir, ddp: Dist, step: int, reason: str) -> TrainingFailed:
     return TrainingFailed(f"run {run.path} failed at step {step}: {reason}")
 
 
-def _resume(run: RunDir, model, opt, device, ddp: Dist) -> int:
+def _resume(run: RunDir, model, opt, device, ddp: Dist, ema: WeightEMA) -> int:
     """Load the newest valid checkpoint into model/optimizer; returns its step (0 if none)."""
     state = load_latest_checkpoint(run, map_location=device)
     if state is None:
@@ -170,14 +176,18 @@ def _resume(run: RunDir, model, opt, device, ddp: Dist) -> int:
         return 0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    ema.load_state_dict(state.get("ema"))
     torch.set_rng_state(state["rng_cpu"])
     return int(state["step"])
 
 
-def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist) -> None:
+def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist,
+                ema: WeightEMA) -> None:
     if ddp.is_main:
         state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                  "step": step, "rng_cpu": torch.get_rng_state(), "run_id": config_hash(cfg)}
+        if ema.state_dict() is not None:
+            state["ema"] = ema.state_dict()
         save_checkpoint(run, step, state, keep=cfg.train.keep_checkpoints)
     if ddp.world > 1:
         dist.barrier()
@@ -221,7 +231,8 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
     if run.is_done():
         return _evaluate_missing(run, cfg, data, device, ddp)
     model, opt = _setup(cfg, device, ddp)
-    start = _resume(run, model, opt, device, ddp)
+    ema = WeightEMA(cfg.train.ema_decay, cfg.train.ema_start)
+    start = _resume(run, model, opt, device, ddp, ema)
     n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
     if ddp.is_main:
         run.truncate_metrics(start)
@@ -245,6 +256,10 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
                         f"lr {lr:.3g})")
         recent_ce = (recent_ce + [stats.ce])[-20:]
         done = step + 1
+        ema.update(_unwrap(model), done)
+        if ddp.is_main and cfg.train.save_every and (done % cfg.train.save_every == 0
+                                                     or done == n_steps):
+            save_snapshot(run, done, _unwrap(model))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.3f}", refresh=False)
@@ -258,11 +273,11 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
             _periodic_eval(model, data, cfg, device, run, done, ddp)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps:
-            _checkpoint(run, done, model, opt, cfg, ddp)
+            _checkpoint(run, done, model, opt, cfg, ddp, ema)
     if bar is not None:
         bar.close()
     return _finish(run, cfg, _unwrap(model), data, device, ddp, recent_ce,
-                   n_steps - start, time.time() - t0)
+                   n_steps - start, time.time() - t0, ema)
 
 
 def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device,
@@ -297,6 +312,22 @@ def _evaluate_missing(run: RunDir, cfg: RunConfig, data: TokenData, device: torc
     return result
 
 
+def _finish_ema(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ema: WeightEMA,
+                result: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the EMA weights and write them as RUN_DIR/ema/; returns the EMA columns."""
+    import copy
+
+    from moe.train.averaging import write_weights_run
+
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict(ema.state_dict())
+    val_ema = validation_loss(averaged, data, cfg, device)
+    write_weights_run(run.ema_run(), cfg, total_steps(cfg), ema.state_dict(),
+                      {**result, "val_loss": val_ema, "val_loss_raw": result["val_loss"],
+                       "recipe": "ema"})
+    return {"val_loss_ema": val_ema}
+
+
 def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
     """The flat result record: headline columns, every config key, counts, metrics."""
     counts = count_params(cfg.model)
@@ -318,7 +349,7 @@ def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
 
 
 def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Dist,
-            recent_ce: list[float], steps_run: int, train_s: float) -> dict:
+            recent_ce: list[float], steps_run: int, train_s: float, ema: WeightEMA) -> dict:
     result: dict[str, Any] = {}
     if ddp.is_main:
         val = validation_loss(model, data, cfg, device)
@@ -329,6 +360,8 @@ def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Di
         result = build_result(cfg, train_loss=train_loss, val_loss=val, steps=total_steps(cfg),
                               tokens_per_s=tps, train_wall_s=train_s,
                               device=str(device), world_size=ddp.world)
+        if ema.state_dict() is not None:
+            result.update(_finish_ema(run, cfg, model, data, device, ema, result))
         if cfg.eval.tasks:
             run.update_status(state="running", reason="evaluating tasks")
             tasks = _run_tasks(model, data, cfg, device)
