@@ -59,7 +59,7 @@ def _register_optional(sub) -> None:
     """The other subcommands (each module of `moe.app` has `register`)."""
     import importlib
 
-    for module in ("eval_cmd", "sweep_cmd", "analysis_cmd", "bench", "demo"):
+    for module in ("eval_cmd", "sweep_cmd", "analysis_cmd", "bench", "demo", "recipes_cmd"):
         importlib.import_module(f"moe.app.{module}").register(sub)
 
 
