@@ -358,6 +358,7 @@ def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Di
             rows[-1]["ce"] if rows else float("nan"))
         tps = steps_run * cfg.train.batch_size * cfg.model.seq_len / train_s if steps_run else None
         result = build_result(cfg, train_loss=train_loss, val_loss=val, steps=total_steps(cfg),
+                              epochs=resolve_tokens(cfg) / data.train.n_tokens,
                               tokens_per_s=tps, train_wall_s=train_s,
                               device=str(device), world_size=ddp.world)
         if ema.state_dict() is not None:
