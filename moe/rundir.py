@@ -244,3 +244,15 @@ def update_status(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
 
 def is_done(run_dir: str | os.PathLike) -> bool:
     return RunDir(run_dir).is_done()
+
+
+RECIPES = "recipes"
+
+
+def recipe_dirs(sweep_dir: str | os.PathLike) -> list[RunDir]:
+    """SWEEP_DIR/recipes/*/: outputs of `moe merge` and `moe ensemble` kept beside a sweep's
+    runs (apart from runs/, so they never enter the sweep's own fits)."""
+    root = Path(sweep_dir) / RECIPES
+    if not root.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(root.iterdir()) if (p / RESULT).is_file()]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from moe.analysis import fit as fitmod
-from moe.analysis import isoflop, plots, sparsity
+from moe.analysis import isoflop, plots, recipes, sparsity
 from moe.analysis.bootstrap import bootstrap_fit
 from moe.analysis.tables import (
     PRETRAIN_LOSS,
@@ -214,6 +214,7 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     lines = ["# Scaling and sparsity report", "", f"Source: `{source}`; {len(df)} runs.", ""]
     law_lines, chin = _law_section(df, n_boot, seed)
     lines += law_lines + _isoflop_section(df, chin) + _sparsity_section(df, n_boot, seed)
+    lines += recipes.recipe_sections(df, table_or_sweep_dir, n_boot=n_boot, seed=seed)
     figs = plots.save_figures(df, fig_dir, fit=chin)
     lines += ["## Figures", ""]
     for name, paths in figs.paths.items():
