@@ -46,7 +46,9 @@ def test_curriculum_effect_per_schedule_with_ema():
             rows.append(_base(**{"train.seed": seed, "train.schedule": schedule,
                                  "data.order": "ascending-quality",
                                  "val_loss": 3.0 + gain + 0.01 * seed, "val_loss_ema": 2.8}))
-    effects = {r["schedule"]: r for r in recipes.curriculum_effects(pd.DataFrame(rows))}
+    table = pd.DataFrame(rows).assign(**{"train.min_lr_frac": 1 / 3})
+    effects = {r["schedule"]: r for r in recipes.curriculum_effects(table)}
+    effects["cosine"] = effects.pop("cosine to 0.333 x peak")
     assert effects["constant"]["val_loss/curriculum_minus_shuffled"]["estimate"] == \
         pytest.approx(-0.1)
     assert effects["cosine"]["val_loss/curriculum_minus_shuffled"]["estimate"] == \

@@ -173,7 +173,7 @@ def curriculum_effects(df: pd.DataFrame, n_boot: int = 200, seed: int = 0
     if "data.order" not in base or "train.schedule" not in base:
         return []
     out = []
-    for schedule, rows in base.groupby("train.schedule", sort=True):
+    for schedule, rows in base.groupby(_schedule_label(base), sort=True):
         rec: dict[str, Any] = {"schedule": schedule}
         for col in ("val_loss", "val_loss_ema"):
             groups = {o: _num(g, col).dropna().to_numpy() for o, g in rows.groupby("data.order")}
@@ -187,6 +187,15 @@ def curriculum_effects(df: pd.DataFrame, n_boot: int = 200, seed: int = 0
         if len(rec) > 1:
             out.append(rec)
     return out
+
+
+def _schedule_label(df: pd.DataFrame) -> pd.Series:
+    """The schedule, with its final learning rate as a fraction of the peak when it decays."""
+    frac = _num(df, "train.min_lr_frac").fillna(_num(df, "train.min_lr") / _num(df, "train.lr"))
+    decays = df["train.schedule"] != "constant"
+    label = df["train.schedule"].astype(str)
+    return label.where(~decays | frac.isna(), label + " to " + frac.map(lambda f: f"{f:.3g}")
+                       + " x peak")
 
 
 # --------------------------------------------------------------------------- data-constrained
