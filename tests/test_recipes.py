@@ -164,3 +164,11 @@ def test_ensemble_command_writes_member_and_ensemble_losses(constant_run, tmp_pa
     assert record["member/0/val_loss"] == record["member/1/val_loss"]
     assert record["task/pocket-memorization/loss"] == pytest.approx(
         record["member/0/pocket-memorization/loss"], rel=1e-5)
+
+
+def test_merge_without_snapshots_says_how_to_get_them(tmp_path, capsys):
+    RunDir(tmp_path / "run").write_config(tiny_config())
+    assert main(["merge", str(tmp_path / "run"), "--window", "10", "--out",
+                 str(tmp_path / "m")]) == 2
+    assert "train.save_every" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
