@@ -31,7 +31,8 @@ def test_merge_effects_pair_merged_with_last_and_baselines():
                              "expert_load_mean": 1.2, "last/expert_load_mean": 1.3}))
     (m,) = recipes.merge_effects(pd.DataFrame(rows), n_boot=100)
     assert m["merged_minus_last"]["estimate"] == pytest.approx(-0.05, abs=0.003)
-    assert m["merged_minus_last"]["identified"] and m["merged_minus_last"]["interval"][1] < 0
+    assert m["merged_minus_last"]["identified"] and m["merged_minus_last"]["resolved"]
+    assert m["merged_minus_last"]["interval"][1] < 0
     assert m["merged_minus_cosine"]["estimate"] == pytest.approx(0.05, abs=0.003)
     assert m["load_merged_minus_last"]["estimate"] == pytest.approx(-0.1)
     assert m["merged_minus_wsd"]["n"] == 0 and not m["merged_minus_wsd"]["identified"]
@@ -51,8 +52,9 @@ def test_curriculum_effect_per_schedule_with_ema():
     effects["cosine"] = effects.pop("cosine to 0.333 x peak")
     assert effects["constant"]["val_loss/curriculum_minus_shuffled"]["estimate"] == \
         pytest.approx(-0.1)
-    assert effects["cosine"]["val_loss/curriculum_minus_shuffled"]["estimate"] == \
-        pytest.approx(0.0, abs=1e-12)
+    no_effect = effects["cosine"]["val_loss/curriculum_minus_shuffled"]
+    assert no_effect["estimate"] == pytest.approx(0.0, abs=1e-12)
+    assert no_effect["identified"] and not no_effect["resolved"]
     assert effects["cosine"]["val_loss_ema/curriculum_minus_shuffled"]["estimate"] == \
         pytest.approx(-0.1)
 

@@ -54,8 +54,13 @@ def with_recipe_outputs(df: pd.DataFrame, source) -> pd.DataFrame:
 
 
 def quantity(estimate: float, samples: np.ndarray | None, *, n: int, min_n: int = 2,
-             level: float = 0.95, warnings: list[str] | None = None) -> dict[str, Any]:
-    """An estimate with its percentile interval, `identified` and `warnings`."""
+             level: float = 0.95, warnings: list[str] | None = None,
+             difference: bool = False) -> dict[str, Any]:
+    """An estimate with its percentile interval, `identified` and `warnings`.
+
+    A fitted parameter whose interval is wider than twice its estimate is not identified.
+    A `difference` (an effect) is identified by n >= min_n alone, and `resolved` says
+    whether its interval excludes 0."""
     warns = list(warnings or [])
     interval = (float("nan"), float("nan"))
     ok = samples is not None and np.isfinite(samples).sum() >= 2
@@ -66,11 +71,16 @@ def quantity(estimate: float, samples: np.ndarray | None, *, n: int, min_n: int 
         warns.append(f"{n} run(s); need {min_n} for an interval")
     elif not ok:
         warns.append("no bootstrap interval")
-    elif interval[1] - interval[0] > 2 * abs(estimate) > 0:
+    elif n < 5:
+        warns.append(f"{n} runs: a percentile bootstrap over so few understates the spread")
+    if ok and not difference and interval[1] - interval[0] > 2 * abs(estimate) > 0:
         warns.append("interval wider than twice the estimate")
     identified = n >= min_n and ok and not any("wider" in w for w in warns)
-    return {"estimate": float(estimate), "interval": interval, "identified": bool(identified),
-            "warnings": warns, "n": int(n)}
+    out = {"estimate": float(estimate), "interval": interval, "identified": bool(identified),
+           "warnings": warns, "n": int(n)}
+    if difference:
+        out["resolved"] = bool(identified and (interval[0] > 0 or interval[1] < 0))
+    return out
 
 
 def _boot_mean(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray | None:
@@ -106,6 +116,8 @@ def _q(q: dict[str, Any]) -> str:
     """'estimate [lo, hi]' and a mark when not identified."""
     lo, hi = q["interval"]
     mark = "" if q["identified"] else " (not identified)"
+    if q["identified"] and q.get("resolved") is False:
+        mark = " (includes 0)"
     return f"{_g(q['estimate'])} [{_g(lo)}, {_g(hi)}]{mark}"
 
 
@@ -125,26 +137,25 @@ def merge_effects(df: pd.DataFrame, n_boot: int = 200, seed: int = 0) -> list[di
         return []
     base = _recipe(df, None)
     out = []
-    for decay, rows in merged.groupby("merge.decay", sort=True):
+    for (decay, window), rows in merged.groupby(["merge.decay", "merge.window"], sort=True):
         d_loss = (_num(rows, "val_loss") - _num(rows, "last/val_loss")).dropna().to_numpy()
         d_load = (_num(rows, "expert_load_mean")
                   - _num(rows, "last/expert_load_mean")).dropna().to_numpy()
-        rec = {"decay": decay, "n": len(rows),
-               "window": sorted(set(_num(rows, "merge.window").dropna().astype(int))),
+        rec = {"decay": decay, "n": len(rows), "window": int(window),
                "val_loss": float(_num(rows, "val_loss").mean()),
                "last_val_loss": float(_num(rows, "last/val_loss").mean()),
-               "merged_minus_last": quantity(d_loss.mean() if len(d_loss) else np.nan,
-                                             _boot_mean(d_loss, n_boot, seed), n=len(d_loss)),
-               "load_merged_minus_last": quantity(
-                   d_load.mean() if len(d_load) else np.nan, _boot_mean(d_load, n_boot, seed),
-                   n=len(d_load))}
+               "merged_minus_last": _mean_effect(d_loss, n_boot, seed),
+               "load_merged_minus_last": _mean_effect(d_load, n_boot, seed)}
         for schedule in ("cosine", "wsd"):
             diffs = _paired_baseline(rows, base, schedule)
-            rec[f"merged_minus_{schedule}"] = quantity(
-                diffs.mean() if len(diffs) else np.nan, _boot_mean(diffs, n_boot, seed),
-                n=len(diffs))
+            rec[f"merged_minus_{schedule}"] = _mean_effect(diffs, n_boot, seed)
         out.append(rec)
     return out
+
+
+def _mean_effect(x: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    return quantity(x.mean() if len(x) else np.nan, _boot_mean(x, n_boot, seed), n=len(x),
+                    difference=True)
 
 
 def _paired_baseline(merged: pd.DataFrame, base: pd.DataFrame, schedule: str) -> np.ndarray:
@@ -183,7 +194,7 @@ def curriculum_effects(df: pd.DataFrame, n_boot: int = 200, seed: int = 0
             rec[col] = {o: float(v.mean()) for o, v in groups.items() if len(v)}
             rec[f"{col}/curriculum_minus_shuffled"] = quantity(
                 cur.mean() - shuf.mean(), _boot_diff(cur, shuf, n_boot, seed),
-                n=min(len(cur), len(shuf)))
+                n=min(len(cur), len(shuf)), difference=True)
         if len(rec) > 1:
             out.append(rec)
     return out
@@ -330,7 +341,7 @@ def _merge_lines(rows: list[dict[str, Any]]) -> list[str]:
     out += ["| decay | n | window | merged val loss | last val loss | merged - last | "
             "load merged - last | merged - cosine run | merged - wsd run |",
             "|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| {r['decay']} | {r['n']} | {','.join(map(str, r['window']))} | "
+    out += [f"| {r['decay']} | {r['n']} | {r['window']} | "
             f"{_g(r['val_loss'])} | {_g(r['last_val_loss'])} | {_q(r['merged_minus_last'])} | "
             f"{_q(r['load_merged_minus_last'])} | {_q(r['merged_minus_cosine'])} | "
             f"{_q(r['merged_minus_wsd'])} |" for r in rows]
