@@ -5,7 +5,9 @@ documents are put in ascending order of their quality score, lowest first, so th
 cleanest data come last; documents of equal score are in an order drawn from the seed
 (`numpy.random.default_rng([seed, 7])`). Batch i then reads consecutive windows of
 that stream: window j = i * n_seqs + b starts at (j mod n_windows) * seq_len, so one
-pass over the stream is one epoch and batch i is a pure function of (seed, i): a resumed
+pass over the stream is one epoch (a second epoch repeats the curriculum, starting again
+from the noisiest documents: size the budget to one pass, `epochs` <= 1 in result.json,
+to end on the cleanest data) and batch i is a pure function of (seed, i): a resumed
 run sees exactly the batches an uninterrupted one would have. The validation split is
 the same as with `shuffled`, so the two orders are compared on the same tokens.
 
