@@ -76,12 +76,15 @@ def test_regularised_scaling_recovers_the_fixed_data_law():
 
 
 def test_ensemble_scaling_is_exact_on_a_law_and_unidentified_on_two_sizes():
-    rows = [_base(**{"recipe": "ensemble", "ensemble.k": k, "val_loss": 2.0 + 0.5 / k})
+    rows = [_base(**{"recipe": "ensemble", "ensemble.k": k, "val_loss": 2.0 + 0.5 / k,
+                     "val_loss_members_mean": 2.6, "val_loss_members_best": 2.5})
             for k in (1, 2, 3, 4)]
     (fit,) = recipes.ensemble_scaling(pd.DataFrame(rows), n_boot=50)
     assert fit["L_inf"]["estimate"] == pytest.approx(2.0) and fit["B"]["estimate"] == \
         pytest.approx(0.5)
     assert fit["L_inf"]["identified"] and fit["K"] == [1, 2, 3, 4]
+    assert fit["minus_members_mean"]["estimate"] == pytest.approx(np.mean(
+        [2.0 + 0.5 / k - 2.6 for k in (2, 3, 4)]))
     (two,) = recipes.ensemble_scaling(pd.DataFrame(rows[:2]), n_boot=50)
     assert not two["L_inf"]["identified"] and two["L_inf"]["warnings"]
 

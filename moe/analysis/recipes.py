@@ -287,6 +287,10 @@ def ensemble_scaling(df: pd.DataFrame, n_boot: int = 200, seed: int = 0
                                 n=n_k, min_n=3, warnings=warns)
         rec["B"] = quantity(b, samples[:, 1] if samples is not None else None, n=n_k,
                             min_n=3, warnings=warns)
+        multi = rows[_num(rows, "ensemble.k") >= 2]
+        for ref in ("members_mean", "members_best"):
+            gap = (_num(multi, "val_loss") - _num(multi, f"val_loss_{ref}")).dropna().to_numpy()
+            rec[f"minus_{ref}"] = _mean_effect(gap, n_boot, seed)
         out.append(rec)
     return out
 
@@ -381,13 +385,15 @@ def _ensemble_lines(rows: list[dict[str, Any]]) -> list[str]:
     out = ["### Ensemble scaling L(K) = L_inf + B/K", ""]
     if not rows:
         return out + ["No ensembles (`moe ensemble ... --out SWEEP_DIR/recipes/NAME`).", ""]
-    out += ["| model | K | L_inf | B |", "|---|---|---|---|"]
+    out += ["| model | K | L_inf | B | ensemble - members' mean (K >= 2) | ensemble - best "
+            "member |", "|---|---|---|---|---|---|"]
     for r in rows:
         model = ", ".join(f"{k}={_g(v) if isinstance(v, float) else v}"
                           for k, v in r["group"].items())
         ks = ",".join(map(str, r["K"]))
         if "skipped" in r:
-            out.append(f"| {model} | {ks} | skipped: {r['skipped']} | |")
+            out.append(f"| {model} | {ks} | skipped: {r['skipped']} | | | |")
         else:
-            out.append(f"| {model} | {ks} | {_q(r['L_inf'])} | {_q(r['B'])} |")
+            out.append(f"| {model} | {ks} | {_q(r['L_inf'])} | {_q(r['B'])} | "
+                       f"{_q(r['minus_members_mean'])} | {_q(r['minus_members_best'])} |")
     return out + [""]
