@@ -4,6 +4,7 @@ resumed exactly), merge snapshots, the curriculum order, repeated data and min_l
 import dataclasses
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +18,11 @@ from moe.data.curriculum import ordered_split
 from moe.data.pocket import build_pocket
 from moe.data.shards import load_data
 from moe.rundir import RunDir
+from moe.sweeps import load_spec, plan
 from moe.train import lr_at, train_run
 from moe.train.averaging import WeightEMA, load_snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Toy(torch.nn.Module):
@@ -153,3 +157,19 @@ def test_unique_tokens_repeat_a_fixed_budget(tmp_path):
     assert result["epochs"] == pytest.approx(8192 / 2048)
     with pytest.raises(ValueError, match="unique_tokens"):
         load_data(dataclasses.replace(cfg.data, unique_tokens=10**9), 32)
+
+
+@pytest.mark.parametrize("name, n_runs", [("wsm", 9), ("curriculum", 12),
+                                          ("data-constrained", 13)])
+def test_recipe_sweeps_plan(name, n_runs):
+    runs = plan(load_spec(ROOT / "sweeps" / "recipes" / f"{name}.toml"))
+    assert len(runs) == n_runs
+    cfg = runs[0].config
+    if name == "wsm":
+        assert {r.config.train.schedule for r in runs} == {"constant", "cosine", "wsd"}
+        assert all(r.config.train.save_every for r in runs)
+    if name == "curriculum":  # one pass at most, so the run ends on the cleanest data
+        data = load_data(cfg.data, cfg.model.seq_len)
+        assert all(r.config.train.tokens <= data.train.n_tokens for r in runs)
+    if name == "data-constrained":
+        assert {r.config.data.unique_tokens for r in runs} == {20_000}
