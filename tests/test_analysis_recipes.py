@@ -46,7 +46,9 @@ def test_curriculum_effect_per_schedule_with_ema():
                                  "val_loss": 3.0 + 0.01 * seed, "val_loss_ema": 2.9}))
             rows.append(_base(**{"train.seed": seed, "train.schedule": schedule,
                                  "data.order": "ascending-quality",
-                                 "val_loss": 3.0 + gain + 0.01 * seed, "val_loss_ema": 2.8}))
+                                 "val_loss": 3.0 + gain + 0.01 * seed, "val_loss_ema": 2.8,
+                                 "task/pocket-reasoning/loss": 1.5}))
+            rows[-2]["task/pocket-reasoning/loss"] = 1.0
     table = pd.DataFrame(rows).assign(**{"train.min_lr_frac": 1 / 3})
     effects = {r["schedule"]: r for r in recipes.curriculum_effects(table)}
     effects["cosine"] = effects.pop("cosine to 0.333 x peak")
@@ -57,6 +59,8 @@ def test_curriculum_effect_per_schedule_with_ema():
     assert no_effect["identified"] and not no_effect["resolved"]
     assert effects["cosine"]["val_loss_ema/curriculum_minus_shuffled"]["estimate"] == \
         pytest.approx(-0.1)
+    task = effects["cosine"]["task/pocket-reasoning/loss/curriculum_minus_shuffled"]
+    assert task["estimate"] == pytest.approx(0.5) and task["resolved"]
 
 
 def test_regularised_scaling_recovers_the_fixed_data_law():
