@@ -104,7 +104,7 @@ def test_merged_run_is_a_run_directory(constant_run, tmp_path):
     assert main(["merge", str(constant_run / "run"), "--window", "8", "--out", str(out)]) == 2
 
 
-def test_validation_stats_load_matches_a_dumb_count(constant_run):
+def test_validation_stats_loss_is_the_validation_loss_and_load_is_bounded(constant_run):
     model, cfg, _ = load_run_model(constant_run / "run")
     data = load_data(cfg.data, cfg.model.seq_len)
     stats = validation_stats(model, data, cfg)
