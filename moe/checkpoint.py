@@ -56,8 +56,10 @@ def _as_run(run: RunDir | os.PathLike) -> RunDir:
     return run if isinstance(run, RunDir) else RunDir(run)
 
 
-def _load_verified(run: RunDir, step: int, path: Path, map_location: str | torch.device,
-                   run_ids: Collection[str] | None) -> dict[str, Any]:
+def load_verified(run: RunDir, step: int, path: Path, map_location: str | torch.device,
+                  run_ids: Collection[str] | None) -> dict[str, Any]:
+    """The state in `path` (a checkpoint or snapshot of `run` at `step`), after its digest
+    verifies and its step (and, with `run_ids`, its run id) match; ValueError otherwise."""
     data = run.read_checkpoint(path)
     state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
@@ -102,7 +104,7 @@ def load_latest_checkpoint(run: RunDir | os.PathLike, map_location: str | torch.
         run_ids = run_ids_of(run.read_config())
     for step, path in run.list_checkpoints():
         try:
-            state = _load_verified(run, step, path, map_location, run_ids)
+            state = load_verified(run, step, path, map_location, run_ids)
             if accept is not None:
                 accept(state)
             return state

@@ -5,6 +5,8 @@ RUN_DIR/config.toml    the resolved run config (reproduces the run alone)
        /status.json    state (pending|running|done|failed), reason, progress, job ids, attempts
        /metrics.jsonl  one JSON object per logged step
        /checkpoints/   step-NNNNNNNN.pt (+ .sha256), written atomically
+       /snapshots/     step-NNNNNNNN.pt weights only, every train.save_every (for `moe merge`)
+       /ema/           the EMA weights as a run directory of their own (train.ema_decay > 0)
        /eval.json      task results
        /result.json    one flat record: config keys, counts, final metrics
        /.train.lock    held (flock) by the one process training the run; holds its PID
@@ -61,6 +63,8 @@ STATUS = "status.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval.json"
+SNAPSHOTS = "snapshots"
+EMA = "ema"
 RESULT = "result.json"
 EXPORT_HF = "export-hf"
 HARNESS = "harness.json"
@@ -227,9 +231,11 @@ class RunDir:
         """Store checkpoint bytes and their SHA-256, each atomically, the digest FIRST: a
         crash between the two leaves a digest without data (ignored), never data without
         a digest, and a half-replaced pair fails verification."""
+        return self._write_verified(self.checkpoint_path(step), data, digest)
+
+    def _write_verified(self, path: Path, data: bytes, digest: str) -> Path:
         if hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(f"checkpoint step {step}: digest does not match the data")
-        path = self.checkpoint_path(step)
+            raise ValueError(f"{path.name}: digest does not match the data")
         atomic_write_text(path.with_suffix(".sha256"), digest + "\n")
         atomic_write_bytes(path, data)
         self._remember_verified(path)
@@ -306,6 +312,30 @@ class RunDir:
         for _, old in self.list_sharded_checkpoints()[keep:]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    # ------------------------------------------------------------------ merge snapshots, EMA
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.path / SNAPSHOTS
+
+    def snapshot_path(self, step: int) -> Path:
+        return self.snapshots_dir / f"step-{step:08d}.pt"
+
+    def list_snapshots(self) -> list[tuple[int, Path]]:
+        """(step, path) of every weights snapshot kept for merging, oldest first."""
+        if not self.snapshots_dir.is_dir():
+            return []
+        return sorted((int(m.group(1)), p) for p in self.snapshots_dir.iterdir()
+                      if (m := _CHECKPOINT.match(p.name)))
+
+    def write_snapshot(self, step: int, data: bytes, digest: str) -> Path:
+        """Store snapshot bytes and their SHA-256 like a checkpoint's (never pruned)."""
+        return self._write_verified(self.snapshot_path(step), data, digest)
+
+    def ema_run(self) -> RunDir:
+        """The EMA weights of this run, stored as a run directory `moe eval` accepts."""
+        return RunDir(self.path / EMA)
 
     # ------------------------------------------------------------------ eval and result
 
@@ -416,3 +446,15 @@ def update_status(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
 
 def is_done(run_dir: str | os.PathLike) -> bool:
     return RunDir(run_dir).is_done()
+
+
+RECIPES = "recipes"
+
+
+def recipe_dirs(sweep_dir: str | os.PathLike) -> list[RunDir]:
+    """SWEEP_DIR/recipes/*/: outputs of `moe merge` and `moe ensemble` kept beside a sweep's
+    runs (apart from runs/, so they never enter the sweep's own fits)."""
+    root = Path(sweep_dir) / RECIPES
+    if not root.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(root.iterdir()) if (p / RESULT).is_file()]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from moe.analysis import fit as fitmod
-from moe.analysis import isoflop, plots, sparsity
+from moe.analysis import isoflop, plots, recipes, sparsity
 from moe.analysis.bootstrap import bootstrap_fit
 from moe.analysis.columns import describe_missing, ensure_canonical
 from moe.analysis.tables import (
@@ -304,6 +304,9 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     law_lines, chin = _law_section(df, n_boot, seed, rec)
     sections = [law_lines, _isoflop_section(df, chin, n_boot, seed, rec),
                 _sparsity_section(df, n_boot, seed, rec)]
+    recipe_lines = recipes.recipe_sections(df, table_or_sweep_dir, n_boot=n_boot, seed=seed)
+    if recipe_lines:  # only tables of recipe sweeps have them
+        sections.append(recipe_lines)
     figs = plots.save_figures(df, fig_dir, fit=chin)
     made = [sec for sec in sections if not any(x.startswith("Skipped:") for x in sec)]
     if not made and not figs.paths:

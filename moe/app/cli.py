@@ -75,7 +75,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 # time is listed in _LAZY with the commands it registers and their help: it is imported only
 # when one of its commands runs, so `moe fit`, `moe plot`, `moe --help` never load torch.
 _MODULES = ("eval_cmd", "export_cmd", "sweep_cmd", "analysis_cmd", "bench", "kernels_cmd",
-            "demo")
+            "recipes_cmd", "demo")
 _LAZY = {"bench": {"bench": "benchmarks (kernels, train)"}}
 
 

@@ -35,15 +35,22 @@ LEGACY_FIELDS: dict[str, tuple[str, ...]] = {  # version 0.1's config, section b
 NOT_HASHED: dict[str, frozenset[str]] = {
     "model": frozenset({"experts_backend"}),
     "train": frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device",
-                        "num_threads"}),
+                        "num_threads", "save_every"}),
     "data": frozenset(),
+}
+# Fields added after runs were launched count only when set, so those runs keep their ids.
+HASHED_UNLESS_DEFAULT: dict[str, dict[str, Any]] = {
+    "train": {"ema_decay": 0.0, "ema_start": 0, "min_lr_frac": None},
+    "data": {"order": "shuffled", "pocket_noise": 0.0, "unique_tokens": 0},
 }
 
 
 def weight_fields(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """The config fields that determine the trained weights, by section."""
     full = cfg.to_dict()
-    return {s: {k: v for k, v in full[s].items() if k not in NOT_HASHED[s]}
+    return {s: {k: v for k, v in full[s].items() if k not in NOT_HASHED[s]
+                and not (k in HASHED_UNLESS_DEFAULT.get(s, {})
+                         and v == HASHED_UNLESS_DEFAULT[s][k])}
             for s in HASHED_SECTIONS}
 
 

@@ -25,6 +25,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_DATA = ("ddp", "fsdp")
+ORDERS = ("shuffled", "ascending-quality")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +152,15 @@ class TrainConfig:
     """auto | cpu | cuda."""
     num_threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    save_every: int = 0
+    """Keep a weights-only snapshot every this many steps for `moe merge` (0 = none); kept
+    apart from the resume checkpoints and never pruned."""
+    ema_decay: float = 0.0
+    """EMA of the weights, ema = d * ema + (1 - d) * weights after each step (0 = off)."""
+    ema_start: int = 0
+    """Optimizer step after which the EMA starts (it is a copy of the weights there)."""
+    min_lr_frac: float | None = None
+    """Final learning rate as a fraction of `lr` (replaces `min_lr` when set)."""
 
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.tpp is None):
@@ -177,6 +187,16 @@ class TrainConfig:
         _choice(self, "schedule", SCHEDULES)
         _choice(self, "precision", PRECISIONS)
         _choice(self, "device", DEVICES)
+        _nonnegative(self, "save_every", "ema_start")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must be in [0, 1) (0 = off)")
+        if self.min_lr_frac is not None and not 0.0 <= self.min_lr_frac <= 1.0:
+            raise ConfigError(f"train.min_lr_frac={self.min_lr_frac} must be in [0, 1]")
+
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the decay ends at: min_lr_frac * lr if set, else min_lr."""
+        return self.min_lr if self.min_lr_frac is None else self.min_lr_frac * self.lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,6 +230,13 @@ class DataConfig:
     """Operands are drawn from [1, pocket_arith_max]."""
     pocket_eval_items: int = 200
     """Held-out evaluation items per pocket task."""
+    order: str = "shuffled"
+    """shuffled (random windows) | ascending-quality (one ordered pass, cleanest data last)."""
+    pocket_noise: float = 0.0
+    """Fraction of pocket documents with corrupted characters; each gets a noise level in
+    (0, 0.5], its quality score is minus that level (0 = a clean corpus)."""
+    unique_tokens: int = 0
+    """Train on only the first this many training tokens, repeated (0 = all of them)."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -219,7 +246,10 @@ class DataConfig:
         _positive(self, "val_batches", "pocket_entities", "pocket_attributes",
                   "pocket_fact_repeats", "pocket_arith_steps", "pocket_arith_max",
                   "pocket_eval_items")
-        _nonnegative(self, "pocket_arith_problems")
+        _nonnegative(self, "pocket_arith_problems", "unique_tokens")
+        _choice(self, "order", ORDERS)
+        if not 0.0 <= self.pocket_noise <= 1.0:
+            raise ConfigError(f"data.pocket_noise={self.pocket_noise} must be in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)

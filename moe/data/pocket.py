@@ -73,6 +73,25 @@ class PocketCorpus:
     """Problems that appear in the corpus (few-shot examples)."""
     reasoning_eval: tuple[PocketItem, ...]
     """Fresh problems that appear nowhere in the corpus."""
+    noise: tuple[float, ...] = ()
+    """Noise level of every document (0 = clean; `data.pocket_noise`); quality = -noise."""
+
+
+NOISE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,"
+
+
+def add_noise(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[float]]:
+    """Corrupt round(fraction * len(docs)) documents: each gets a level u ~ U(0.05, 0.5) and
+    each of its characters is replaced by a random one with probability u."""
+    rng = random.Random(seed * 31 + 7)  # a stream of its own: the clean corpus is unchanged
+    chosen = set(rng.sample(range(len(docs)), round(fraction * len(docs))))
+    noisy, levels = [], []
+    for i, doc in enumerate(docs):
+        level = rng.uniform(0.05, 0.5) if i in chosen else 0.0
+        noisy.append("".join(rng.choice(NOISE_CHARS) if level and rng.random() < level else ch
+                             for ch in doc))
+        levels.append(level)
+    return noisy, levels
 
 
 def entity_names(n: int, rng: random.Random) -> list[str]:
@@ -157,6 +176,7 @@ def build_pocket(cfg: DataConfig) -> PocketCorpus:
                 for _ in range(cfg.pocket_arith_problems)]
     docs += [p.prompt + p.answer for p in problems]
     rng.shuffle(docs)
+    docs, noise = add_noise(docs, cfg.pocket_noise, cfg.pocket_seed)
 
     order = list(range(len(facts)))
     rng.shuffle(order)
@@ -174,4 +194,4 @@ def build_pocket(cfg: DataConfig) -> PocketCorpus:
             fresh.append(item)
     return PocketCorpus(documents=tuple(docs), memorization_train=mem_train,
                         memorization_eval=mem_eval, reasoning_train=tuple(problems[:256]),
-                        reasoning_eval=tuple(fresh))
+                        reasoning_eval=tuple(fresh), noise=tuple(noise))

@@ -175,6 +175,7 @@ def split_arrays(arrays: list[np.ndarray], val_fraction: float) -> tuple[list, l
 
 def load_data(data_cfg, seq_len: int) -> TokenData:
     """Token data for a run: the pocket corpus (generated) or a shard directory."""
+    from moe.data.curriculum import first_tokens, ordered_split
     from moe.data.pocket import build_pocket
 
     if data_cfg.source != "pocket":
@@ -185,4 +186,13 @@ def load_data(data_cfg, seq_len: int) -> TokenData:
     else:
         arrays = load_shards(data_cfg.source, vocab_size=tok.vocab_size)
     train, val = split_arrays(arrays, data_cfg.val_fraction)
-    return TokenData(train=TokenSplit(train, seq_len), val=TokenSplit(val, seq_len), tokenizer=tok)
+    if data_cfg.unique_tokens:
+        train = first_tokens(train, data_cfg.unique_tokens)
+    train_split = TokenSplit(train, seq_len)
+    if data_cfg.order == "ascending-quality":
+        if data_cfg.source != "pocket":
+            raise ValueError("data.order='ascending-quality' needs per-document quality scores, "
+                             "which only the pocket corpus has (data.pocket_noise)")
+        noise = build_pocket(data_cfg).noise
+        train_split = ordered_split(train[0], -np.asarray(noise), tok.eos_id, seq_len)
+    return TokenData(train=train_split, val=TokenSplit(val, seq_len), tokenizer=tok)

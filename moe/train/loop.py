@@ -35,6 +35,7 @@ from moe.model import ModelOutput, MoELM
 from moe.model.lm import IGNORE_INDEX
 from moe.params import count_params, resolve_tokens, train_flops_per_token
 from moe.rundir import RunDir
+from moe.train.averaging import WeightEMA, save_snapshot
 from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts, step_balance_term
 from moe.train.distributed import Dist
 from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize
@@ -180,6 +181,12 @@ def validation_loss(model: torch.nn.Module, data: TokenData, cfg: RunConfig,
     return float(sums[0] / sums[1])
 
 
+def validation_batches(data: TokenData, cfg: RunConfig):
+    """The fixed held-out (inputs, targets) batches every validation loss is measured on."""
+    for i in range(cfg.data.val_batches):
+        yield data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size)
+
+
 def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
     """Write config.toml, or check that an existing one describes the same run.
 
@@ -226,15 +233,15 @@ def _fail(run: RunDir, ddp: Dist, step: int, reason: str) -> TrainingFailed:
     return TrainingFailed(f"run {run.path} failed at step {step}: {reason}")
 
 
-def _resume(run: RunDir, model, opt, device, ddp: Dist, par: Parallel, cfg: RunConfig
-            ) -> tuple[int, list[float]]:
-    """Load the newest valid checkpoint of this run that fits model and optimizer; returns
-    its step and the window of recent train losses (0, [] if none)."""
-    return load_newest(run, model, opt, device, ddp, par, cfg)
+def _resume(run: RunDir, model, opt, device, ddp: Dist, par: Parallel, cfg: RunConfig,
+            ema: WeightEMA) -> tuple[int, list[float]]:
+    """Load the newest valid checkpoint of this run that fits model and optimizer (and the
+    EMA weights it holds); returns its step and the window of recent train losses."""
+    return load_newest(run, model, opt, device, ddp, par, cfg, ema)
 
 
 def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist,
-                par: Parallel, recent_ce: list[float]) -> None:
+                par: Parallel, recent_ce: list[float], ema: WeightEMA) -> None:
     if par.distributed_state:
         save_sharded_step(run, step, model, opt, cfg, par, recent_ce)
         return
@@ -242,6 +249,8 @@ def _checkpoint(run: RunDir, step: int, model, opt, cfg: RunConfig, ddp: Dist,
         state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                  "step": step, "rng_cpu": torch.get_rng_state(), "run_id": config_hash(cfg),
                  "recent_ce": list(recent_ce)}  # result.json's train_loss window survives resume
+        if ema.state_dict() is not None:
+            state["ema"] = ema.state_dict()
         save_checkpoint(run, step, state, keep=cfg.train.keep_checkpoints)
     if ddp.world > 1:
         dist.barrier()
@@ -329,7 +338,8 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
         return _evaluate_missing(run, cfg, data, device, ddp)
     tracker = open_tracker(cfg, run) if ddp.is_main else Tracker()
     model, opt, par = _setup(cfg, device, ddp)
-    start, recent_ce = _resume(run, model, opt, device, ddp, par, cfg)
+    ema = WeightEMA(cfg.train.ema_decay, cfg.train.ema_start)
+    start, recent_ce = _resume(run, model, opt, device, ddp, par, cfg, ema)
     n_steps, tokens_total = total_steps(cfg), resolve_tokens(cfg)
     if ddp.is_main:
         run.truncate_metrics(start)
@@ -351,6 +361,10 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
                         f"lr {lr:.3g})")
         recent_ce = (recent_ce + [stats.ce])[-20:]
         done = step + 1
+        ema.update(_unwrap(model), done)
+        if ddp.is_main and cfg.train.save_every and (done % cfg.train.save_every == 0
+                                                     or done == n_steps):
+            save_snapshot(run, done, _unwrap(model))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.3f}", refresh=False)
@@ -365,11 +379,11 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
             if par.distributed_state:  # rank 0 evaluates a whole copy read back from disk
-                _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce)
+                _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
             _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
         stop = watch is not None and watch.poll(ddp.world)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
-            _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce)
+            _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
         if stop:
             watch.hand_over(ddp.rank)
     if watch is not None:
@@ -378,7 +392,7 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
         bar.close()
     tracker.close()
     return _finish(run, cfg, model, data, device, ddp, recent_ce,
-                   n_steps - start, time.time() - t0, par)
+                   n_steps - start, time.time() - t0, par, ema)
 
 
 def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device,
@@ -429,6 +443,22 @@ def _evaluate_missing(run: RunDir, cfg: RunConfig, data: TokenData, device: torc
     return result
 
 
+def _finish_ema(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ema: WeightEMA,
+                result: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the EMA weights and write them as RUN_DIR/ema/; returns the EMA columns."""
+    import copy
+
+    from moe.train.averaging import write_weights_run
+
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict(ema.state_dict())
+    val_ema = validation_loss(averaged, data, cfg, device)
+    write_weights_run(run.ema_run(), cfg, total_steps(cfg), ema.state_dict(),
+                      {**result, "val_loss": val_ema, "val_loss_raw": result["val_loss"],
+                       "recipe": "ema"})
+    return {"val_loss_ema": val_ema}
+
+
 def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
     """The flat result record: headline columns, every config key, counts, metrics."""
     counts = count_params(cfg.model)
@@ -450,7 +480,8 @@ def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
 
 
 def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Dist,
-            recent_ce: list[float], steps_run: int, train_s: float, par: Parallel) -> dict:
+            recent_ce: list[float], steps_run: int, train_s: float, par: Parallel,
+            ema: WeightEMA) -> dict:
     result: dict[str, Any] = {}
     val = validation_loss(model, data, cfg, device, ddp)  # every rank its share
     if ddp.is_main:
@@ -459,8 +490,11 @@ def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Di
             rows[-1]["ce"] if rows else float("nan"))
         tps = steps_run * cfg.train.batch_size * cfg.model.seq_len / train_s if steps_run else None
         result = build_result(cfg, train_loss=train_loss, val_loss=val, steps=total_steps(cfg),
+                              epochs=resolve_tokens(cfg) / data.train.n_tokens,
                               tokens_per_s=tps, train_wall_s=train_s,
                               device=str(device), world_size=ddp.world)
+        if ema.state_dict() is not None:
+            result.update(_finish_ema(run, cfg, _unwrap(model), data, device, ema, result))
         if cfg.eval.tasks:
             run.update_status(state="running", reason="evaluating tasks")
             tasks = _run_tasks(_whole_model(model, run, cfg, device, par), data, cfg, device)

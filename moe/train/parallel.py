@@ -95,6 +95,10 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dis
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model), par
+    if cfg.train.ema_decay or cfg.train.save_every:
+        raise ValueError("train.ema_decay and train.save_every keep whole copies of the weights "
+                         "and do not work with sharded weights yet: use parallel.data=\"ddp\" "
+                         "or set them to 0")
     _fully_shard(model, par, device, bf16)
     return model, par
 

@@ -43,7 +43,7 @@ def save_sharded_step(run: RunDir, step: int, model, opt, cfg: RunConfig, par: P
 
 
 def load_newest(run: RunDir, model, opt, device, ddp: Dist, par: Parallel,
-                cfg: RunConfig) -> tuple[int, list[float]]:
+                cfg: RunConfig, ema=None) -> tuple[int, list[float]]:
     """Load the newest checkpoint into model/optimizer; returns its step and the window of
     recent train losses that result.json's train_loss averages ((0, []) if none).
 
@@ -67,6 +67,8 @@ def load_newest(run: RunDir, model, opt, device, ddp: Dist, par: Parallel,
     else:
         unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+    if ema is not None:  # the averaged weights (moe.train.averaging), when the run keeps them
+        ema.load_state_dict(state.get("ema"))
     torch.set_rng_state(state["rng_cpu"])
     return int(state["step"]), [float(x) for x in state.get("recent_ce", [])]
 

@@ -17,8 +17,8 @@ def total_steps(cfg: RunConfig) -> int:
 def lr_at(step: int, tcfg: TrainConfig, n_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based) of `n_steps`.
 
-    Linear warmup to `lr` over warmup_steps, then: cosine to min_lr (cosine);
-    flat, with a linear decay to min_lr over the last decay_frac of steps (wsd);
+    Linear warmup to `lr` over warmup_steps, then: cosine to `final_lr` (cosine);
+    flat, with a linear decay to `final_lr` over the last decay_frac of steps (wsd);
     or flat (constant).
     """
     if step < tcfg.warmup_steps:
@@ -31,10 +31,10 @@ def lr_at(step: int, tcfg: TrainConfig, n_steps: int) -> float:
         if step < decay_start:
             return tcfg.lr
         frac = (step - decay_start + 1) / decay_steps
-        return tcfg.lr + (tcfg.min_lr - tcfg.lr) * min(1.0, frac)
+        return tcfg.lr + (tcfg.final_lr - tcfg.lr) * min(1.0, frac)
     span = max(1, n_steps - tcfg.warmup_steps)
     progress = min(1.0, (step - tcfg.warmup_steps + 1) / span)
-    return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return tcfg.final_lr + 0.5 * (tcfg.lr - tcfg.final_lr) * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
