@@ -62,11 +62,13 @@ class OrderedSplit:
                 [self.tokens[starts[d]: self.doc_ends[d]] for d in self.order(seed)])
         return self._streams[seed]
 
-    def batch(self, seed: int, index: int, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch `index`: (inputs, targets) int64 [n_seqs, seq_len] of the ordered stream."""
+    def batch(self, seed: int, index: int, n_seqs: int, rows: slice | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `index`: (inputs, targets) int64 [n_seqs, seq_len] of the ordered stream;
+        `rows` picks some of its rows (a rank's or a micro-batch's share), as TokenSplit's."""
         stream = self.stream(seed)
         n_windows = (stream.size - 1) // self.seq_len
-        j = (index * n_seqs + np.arange(n_seqs)) % n_windows
+        j = ((index * n_seqs + np.arange(n_seqs)) % n_windows)[rows or slice(None)]
         rows = np.stack([stream[s: s + self.seq_len + 1] for s in j * self.seq_len])
         rows_t = torch.from_numpy(rows.astype(np.int64))
         return rows_t[:, :-1], rows_t[:, 1:]

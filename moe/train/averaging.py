@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from moe.checkpoint import load_verified, save_checkpoint
+from moe.config import config_hash
 from moe.rundir import RunDir
 
 
@@ -87,7 +88,8 @@ def write_weights_run(run: RunDir, cfg, step: int, weights: dict[str, torch.Tens
     `result` (a run is finished when result.json exists).
     """
     run.write_config(cfg)
-    save_checkpoint(run, step, {"model": weights, "step": step}, keep=1)
+    save_checkpoint(run, step, {"model": weights, "step": step, "run_id": config_hash(cfg)},
+                    keep=1)
     run.write_result(result)
     run.update_status(state="done", step=step, reason=None)
     return run
