@@ -18,7 +18,7 @@ demo: install
 	$(PYTHON) -m moe demo
 
 test: install
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) benchmarks/bench_train.py

@@ -60,7 +60,7 @@ def test_gpu_check_script_runs_every_step_on_cpu(tmp_path):
     steps = (tmp_path / "steps.tsv").read_text().splitlines()[1:]
     assert [s.split("\t")[:2] for s in steps] == [
         ["gpu_tests", "ok"], ["bench_kernels", "ok"], ["train_pocket-tiny", "ok"],
-        ["train_d512-E8-k2", "ok"]]
+        ["train_d512-E8-k2", "ok"], ["train_fsdp", "ok"]]
     kernels = json.loads((tmp_path / "bench_kernels.json").read_text())
     assert {r["backend"] for r in kernels["results"]} == {"torch", "triton", "megablocks",
                                                           "dense"}
@@ -70,6 +70,9 @@ def test_gpu_check_script_runs_every_step_on_cpu(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| train_d512-E8-k2 | ok |" in summary and "d512-E8-k2.toml" in summary
     assert "triton/dense fwd+bwd" in summary
+    fsdp = tmp_path / "fsdp_run"  # the FSDP2 run went through the sharded checkpoint path
+    assert json.loads((fsdp / "result.json").read_text())["world_size"] == 1
+    assert list((fsdp / "checkpoints").glob("step-*.dcp"))
     assert "skipped" in (tmp_path / "gpu_tests.log").read_text()  # the gpu tests, on CPU
 
 
