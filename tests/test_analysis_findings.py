@@ -49,8 +49,10 @@ def test_statistics_match_their_closed_forms_on_noiseless_tables():
                                   pretrain_noise=0.0)
     rows = findings.run_table(df)
     pre, s = rows["pretrain_loss"], rows["sparsity"]
-    ratio = 0.2 * np.ptp(s) / (1.3 * np.ptp(pre))  # memorization = 0.4 + 1.3 L + 0.2 s
-    assert findings.memo_ratio(rows) == pytest.approx(ratio, rel=1e-6)
+    move_s, move_p = 0.2 * np.ptp(s), 1.3 * np.ptp(pre)  # memorization = 0.4 + 1.3 L + 0.2 s
+    assert findings.memo_share(rows) == pytest.approx(move_s / (move_s + move_p), rel=1e-6)
+    flipped = rows.assign(memorization=3.0 - rows["memorization"])  # falls as loss rises
+    assert findings.memo_share(flipped) == 1.0
     moe_rows = rows[rows["n_experts"] > 1]
     assert findings.topk_slope(moe_rows) == pytest.approx(-0.07, abs=1e-9)
 
