@@ -247,6 +247,9 @@ def fig_findings(df: pd.DataFrame, *, found: list | None = None) -> Figure:
     """(7) The paper's findings: each estimate with its 95% interval (bar) and its null's
     boundaries (dashed), one panel per finding, the verdict in the panel's title."""
     found = found if found is not None else findmod.compute_findings(df, n_boot=200)
+    if all(f.estimate is None for f in found):
+        raise FigureSkipped("findings: no finding has an estimate (" + "; ".join(
+            f"{f.id}: {f.reason}" for f in found) + ")")
     fig = Figure(figsize=(7, 1.9 * len(found) + 0.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(found), 1, squeeze=False).ravel())
     for ax, f in zip(axes, found, strict=True):
