@@ -101,3 +101,16 @@ def test_report_writes_findings_json_and_lists_them_first(tmp_path):
     assert sections[0] == "## The paper's findings at this scale"
     assert text.count("**found**") == 3
     assert (tmp_path / "figures" / "fig7_findings.png").is_file()
+
+
+def test_topk_is_compared_at_matched_total_parameters_not_across_widths():
+    """k > 1 only at width 32, and width 64 reasons better at equal pre-training loss: a
+    pooled comparison would call that a top-k effect; matched-total cells do not."""
+    df = synthetic.findings_table(seed=6, topk=0.0, reasoning_u=0.0, widths=(32, 64),
+                                  noise=0.002)
+    df = df[(df["top_k"] == 1) | (df["d_model"] == 32)].copy()
+    df.loc[df["d_model"] == 64, "task/arith/loss"] -= 0.2
+    cells = findings.matched_total_cells(findings.run_table(df))
+    assert set(cells["d_model"]) == {32}
+    f = verdicts(df)["topk_helps_reasoning_at_equal_loss"]
+    assert not f.resolved and f.ci_low < 0 < f.ci_high
