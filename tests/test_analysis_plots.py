@@ -73,11 +73,11 @@ def test_save_all_figures_writes_png_and_pdf(pocket, tmp_path):
     paths = plots.save_all_figures(pocket, tmp_path)
     names = {p.name for p in paths}
     assert "fig1_loss_vs_params.png" in names and "fig1_loss_vs_params.pdf" in names
-    assert len(paths) == 10  # five figures; the IsoFLOP one is skipped for a fixed-TPP sweep
+    assert len(paths) == 12  # six figures; the IsoFLOP one is skipped for a fixed-TPP sweep
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
-def test_cli_plot_all_six_from_sweep_dir(tmp_path, capsys):
+def test_cli_plot_all_seven_from_sweep_dir(tmp_path, capsys):
     df = synthetic.isoflop_table(TRUTH)
     pocket = synthetic.pocket_table()
     tasks = [c for c in pocket if c.startswith("task/")]
@@ -91,7 +91,7 @@ def test_cli_plot_all_six_from_sweep_dir(tmp_path, capsys):
     args = parser.parse_args(["plot", str(sweep), "-o", str(tmp_path / "figs")])
     assert args.func(args) == 0
     assert "skipped" not in capsys.readouterr().out
-    assert len(list((tmp_path / "figs").glob("fig*.png"))) == 6
+    assert len(list((tmp_path / "figs").glob("fig*.png"))) == 7
 
 
 def test_report_on_pocket_sweep_notes_fixed_tpp(pocket, tmp_path):
@@ -115,3 +115,65 @@ def test_report_cli_on_grid_table(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "Compute-optimal allocation" in text and "Approach 2" in text
     assert "Leave-out validation" in text and "Skipped: the table has no task" in text
+
+
+def _texts_outside_canvas(fig) -> list[str]:
+    """What leaves the figure's box by more than half a pixel: the drawn extent of every
+    visible panel (its title, axis labels, the tick labels it draws, its legend) and every
+    figure-level text or legend. Empty when everything fits."""
+    fig.canvas.draw()  # lays out (constrained layout) and gives every text its final place
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    items = [(f"panel {ax.get_title()!r}", ax) for ax in fig.axes if ax.get_visible()]
+    items += [(f"text {t.get_text()!r}", t) for t in fig.texts if t.get_text().strip()]
+    items += [("figure legend", leg) for leg in fig.legends]
+    out = []
+    for name, artist in items:
+        ext = artist.get_tightbbox(renderer)
+        if (ext.x0 < box.x0 - 0.5 or ext.y0 < box.y0 - 0.5 or ext.x1 > box.x1 + 0.5
+                or ext.y1 > box.y1 + 0.5):
+            out.append(name[:70])
+    return out
+
+
+def _findings_table():
+    return synthetic.findings_table(seed=0)
+
+
+@pytest.mark.parametrize("name", sorted(plots.FIGURES))
+@pytest.mark.parametrize("table", ["pocket", "isoflop", "findings"])
+def test_every_text_of_every_figure_lies_inside_the_canvas(name, table):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    df = {"pocket": synthetic.pocket_table, "isoflop": lambda: synthetic.isoflop_table(TRUTH),
+          "findings": _findings_table}[table]()
+    try:
+        fig = plots.FIGURES[name](df)
+    except plots.FigureSkipped:
+        pytest.skip(f"{name} does not apply to the {table} table")
+    FigureCanvasAgg(fig)
+    assert _texts_outside_canvas(fig) == []
+
+
+def test_canvas_check_catches_a_cut_off_title():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(3, 2), layout="constrained")
+    fig.add_subplot().set_title("a title far too long to fit a three-inch wide canvas " * 2)
+    FigureCanvasAgg(fig)
+    assert len(_texts_outside_canvas(fig)) == 1
+
+
+def test_findings_figure_draws_each_interval_and_null():
+    from moe.analysis import findings
+    df = _findings_table()
+    found = findings.compute_findings(df, n_boot=50)
+    fig = plots.fig_findings(df, found=found)
+    assert len(fig.axes) == 3
+    for ax, f in zip(fig.axes, found, strict=True):
+        assert f.verdict in ax.get_title()
+        bars = [c for c in ax.collections if c.get_segments()]  # the errorbar's line
+        (seg,) = bars[0].get_segments()
+        assert seg[:, 0].min() == pytest.approx(f.ci_low)
+        assert seg[:, 0].max() == pytest.approx(f.ci_high)
+        nulls = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert nulls == pytest.approx(list(f.null_at))

@@ -4,6 +4,8 @@ This is the slowest test (a few minutes on 2 cores): it is the README's promise 
 new user, so CI keeps it honest.
 """
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -23,6 +25,13 @@ def test_demo_end_to_end_then_reuse(tmp_path, capsys):
     assert (out / "report.md").is_file()
     assert len(list((out / "figures").glob("*.png"))) >= 4
     assert "[4/4]" in first
+    found = json.loads((out / "findings.json").read_text())
+    assert [f["id"] for f in found] == ["memorization_follows_pretraining_loss",
+                                        "reasoning_optimal_sparsity",
+                                        "topk_helps_reasoning_at_equal_loss"]
+    assert all(f["resolved"] or f["agrees_with_paper"] is None for f in found)
+    assert (out / "report.md").read_text().split("\n## ")[1].startswith(
+        "The paper's findings at this scale")
     # a second demo reuses every finished run
     assert main(["demo", "--dir", str(out), "--quiet"]) == 0
     assert f"reused {len(table)} finished run(s)" in capsys.readouterr().out

@@ -69,6 +69,7 @@ def stand_in(words: list[str], tmp: Path) -> list[str] | None:
     for word in words:
         word = {"configs/pocket-tiny.toml": str(tmp / "tiny.toml"),
                 "sweeps/pocket.toml": str(tmp / "tour.toml"),
+                "sweeps/pocket-science.toml": str(tmp / "tour.toml"),
                 "sweeps/paper.toml": str(ROOT / "sweeps" / "paper.toml")}.get(word, word)
         if word.startswith("tests/data/"):
             word = str(ROOT / word)

@@ -121,6 +121,27 @@ def test_pocket_grid_has_dense_baselines_and_sparsities():
     assert set(tasks) == {"pocket-memorization", "pocket-reasoning"}
 
 
+def test_pocket_science_design_and_the_demo_is_its_subset():
+    science = plan(load_spec(ROOT / "sweeps" / "pocket-science.toml"))
+    demo = plan(load_spec(ROOT / "sweeps" / "pocket.toml"))
+    assert {r.run_id for r in demo} <= {r.run_id for r in science}
+    for runs, min_tokens in ((science, 3), (demo, 2)):
+        # sparsity at fixed active parameters: one (width, k=1, budget) spans E = 1 .. 32+
+        by_group: dict = {}
+        for r in runs:
+            if r.top_k == 1:
+                by_group.setdefault((r.d_model, r.tokens), set()).add(r.n_experts)
+        assert all(max(es) >= 32 and min(es) == 1 for es in by_group.values())
+        # top-k 1, 2, 4, 8 at matched total parameters
+        totals: dict = {}
+        for r in runs:
+            totals.setdefault((r.d_model, r.tokens, r.n_params_total), set()).add(r.top_k)
+        assert any(ks >= {1, 2, 4, 8} for ks in totals.values())
+        assert len({r.tokens for r in runs}) >= min_tokens
+        assert len({r.d_model for r in runs}) >= 2
+    assert len({r.config.train.seed for r in science}) >= 2
+
+
 def test_plan_formats():
     runs = plan(make_spec())
     rows = json.loads(format_plan(runs, "json"))

@@ -8,6 +8,7 @@ that the table cannot support raises :class:`FigureSkipped` with the reason.
 from __future__ import annotations
 
 import io
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from moe.analysis import findings as findmod
 from moe.analysis import fit as fitmod
 from moe.analysis import isoflop, sparsity
 from moe.analysis.columns import describe_missing, ensure_canonical
@@ -191,7 +193,7 @@ def fig_isoflop(df: pd.DataFrame, *, n_col: str = "n_params_total") -> Figure:
     slope = (f"a = {res.a:.3f}; parabola vertex is biased" if res.verdict.identified
              else "a not identified")
     ax.set(xlabel=f"parameters N ({_n_kind(df)})", ylabel=LOSS_LABEL,
-           title=f"IsoFLOP profiles (Approach 2: {slope})")
+           title=f"IsoFLOP profiles (Approach 2)\n{slope}")
     ax.legend(title="compute (FLOPs)", fontsize=8)
     return fig
 
@@ -231,12 +233,43 @@ def fig_law_contours(df: pd.DataFrame, *, fit: fitmod.LawFit | None = None,
         ax.plot(n_opt[inside], d_opt[inside], color="#D55E00", lw=2,
                 label=f"compute-optimal frontier (a = {fit.a:.3f})")
     else:
-        note = f"\nnot identified: {fit.verdict.reasons[0]}"[:90]
+        why = textwrap.shorten(f"not identified: {fit.verdict.reasons[0]}", 100)
+        note = "\n" + "\n".join(textwrap.wrap(why, 48))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set(xlabel=f"parameters N ({_n_kind(df)})", ylabel="training tokens D",
            title=f"Fitted L(N, D) = E + A/N^alpha + B/D^beta{note}")
     ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def fig_findings(df: pd.DataFrame, *, found: list | None = None) -> Figure:
+    """(7) The paper's findings: each estimate with its 95% interval (bar) and its null's
+    boundaries (dashed), one panel per finding, the verdict in the panel's title."""
+    found = found if found is not None else findmod.compute_findings(df, n_boot=200)
+    if all(f.estimate is None for f in found):
+        raise FigureSkipped("findings: no finding has an estimate (" + "; ".join(
+            f"{f.id}: {f.reason}" for f in found) + ")")
+    fig = Figure(figsize=(7, 1.9 * len(found) + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(found), 1, squeeze=False).ravel())
+    for ax, f in zip(axes, found, strict=True):
+        ax.set_yticks([])
+        for j, edge in enumerate(f.null_at):
+            ax.axvline(edge, color="#D55E00", ls="--", lw=1, label="null" if j == 0 else None)
+        if f.estimate is not None:
+            lo = f.ci_low if f.ci_low is not None else f.estimate
+            hi = f.ci_high if f.ci_high is not None else f.estimate
+            ax.errorbar([f.estimate], [0], xerr=[[f.estimate - lo], [hi - f.estimate]],
+                        fmt="o", color=OKABE_ITO[0], capsize=6, label="estimate, 95% interval")
+            ax.legend(fontsize=7, loc="upper right")
+            if f.ci_low is None or f.ci_high is None:
+                ax.text(0.02, 0.15, "interval unbounded on one side", transform=ax.transAxes,
+                        fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"no estimate: {f.reason}", 80)),
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_xlabel(f.unit, fontsize=8)
+        ax.set_title(f"{f.id}: {f.verdict} (n = {f.n_runs})", fontsize=9)
     return fig
 
 
@@ -247,6 +280,7 @@ FIGURES = {
     "fig4_task_vs_tpp": fig_task_vs_tpp,
     "fig5_isoflop": fig_isoflop,
     "fig6_law_contours": fig_law_contours,
+    "fig7_findings": fig_findings,
 }
 
 
@@ -268,12 +302,15 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str, *, dpi: int = 150) 
     return out
 
 
-def save_figures(df: pd.DataFrame, out_dir: str | Path, *, fit=None) -> FigureSet:
-    """Draw and save every figure the table supports; record why the others were skipped."""
+def save_figures(df: pd.DataFrame, out_dir: str | Path, *, fit=None,
+                 found: list | None = None) -> FigureSet:
+    """Draw and save every figure the table supports; record why the others were skipped.
+    ``fit`` (the Approach-3 fit) and ``found`` (the findings) spare figures 6 and 7 a refit."""
     paths, skipped = {}, {}
+    extra = {"fig6_law_contours": {"fit": fit}, "fig7_findings": {"found": found}}
     for name, func in FIGURES.items():
         try:
-            fig = func(df, fit=fit) if name == "fig6_law_contours" else func(df)
+            fig = func(df, **extra.get(name, {}))
         except FigureSkipped as exc:
             skipped[name] = str(exc)
             continue

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moe.analysis import findings as findmod
 from moe.analysis import fit as fitmod
 from moe.analysis import isoflop, plots, recipes, sparsity
 from moe.analysis.bootstrap import bootstrap_fit
@@ -282,8 +283,10 @@ def _tpp_and_active(long: pd.DataFrame, n_boot: int, seed: int, rec: dict) -> li
 
 def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
                 seed: int = 0, source: str | None = None, n_label: str | None = None) -> Path:
-    """Write report.md (atomically) with fits, optima and figures, and report.json with every
-    fitted object's record (``identified``, ``warnings``, estimates); returns the .md path.
+    """Write report.md (atomically) with the paper's findings first, then fits, optima and
+    figures; report.json with every fitted object's record (``identified``, ``warnings``,
+    estimates); and findings.json beside them (:mod:`moe.analysis.findings`). Returns the
+    .md path.
 
     A DataFrame that went through :meth:`Columns.canonical` keeps its column mapping;
     anything else is read with the default mapping. Raises TableError when neither a
@@ -300,6 +303,8 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     missing = df.attrs.get("missing", [])
     if missing:
         lines += [f"Columns not in the table: {describe_missing(df, missing)}.", ""]
+    found = findmod.compute_findings(df, n_boot=max(n_boot, 2), seed=seed)
+    lines += findmod.findings_section(found)
     rec: dict = {}
     law_lines, chin = _law_section(df, n_boot, seed, rec)
     sections = [law_lines, _isoflop_section(df, chin, n_boot, seed, rec),
@@ -307,7 +312,7 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     recipe_lines = recipes.recipe_sections(df, table_or_sweep_dir, n_boot=n_boot, seed=seed)
     if recipe_lines:  # only tables of recipe sweeps have them
         sections.append(recipe_lines)
-    figs = plots.save_figures(df, fig_dir, fit=chin)
+    figs = plots.save_figures(df, fig_dir, fit=chin, found=found)
     made = [sec for sec in sections if not any(x.startswith("Skipped:") for x in sec)]
     if not made and not figs.paths:
         reasons = [next(x for x in sec if x.startswith("Skipped:")) for sec in sections]
@@ -319,6 +324,8 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
         rel = os.path.relpath(paths[0], out_md.parent)
         lines.append(f"![{name}]({rel}) ([pdf]({os.path.relpath(paths[1], out_md.parent)}))")
     lines += [""] + [f"- {name} skipped: {why}" for name, why in figs.skipped.items()]
+    atomic_write_text(out_md.parent / "findings.json", json.dumps(
+        _clean([f.to_dict() for f in found]), indent=1, allow_nan=False) + "\n")
     atomic_write_text(out_md.with_suffix(".json"),
                       json.dumps(_clean(rec), indent=1, allow_nan=False) + "\n")
     return atomic_write_text(out_md, "\n".join(lines).rstrip() + "\n")
