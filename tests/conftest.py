@@ -16,6 +16,12 @@ except ImportError:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The sandbox (and CI) has no network: `datasets` and the Hub must answer from their
+# caches at once instead of waiting for a connection that never comes (about 23 s per
+# real-task split that is not in the local fixtures).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 # Two cores are shared by everything a CI run does; one thread per test process
 # is both faster and reproducible.
 if not _has_cuda:
