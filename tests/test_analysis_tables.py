@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from moe.analysis import TableError, fit, synthetic
-from moe.analysis.tables import atomic_write_text, read_table
+from moe.analysis.tables import read_table
 from moe.app import analysis_cmd as cli
+from moe.io import atomic_write_text
 
 
 def run_cli(*argv):

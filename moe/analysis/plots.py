@@ -20,7 +20,8 @@ from moe.analysis import findings as findmod
 from moe.analysis import fit as fitmod
 from moe.analysis import isoflop, sparsity
 from moe.analysis.columns import describe_missing, ensure_canonical
-from moe.analysis.tables import PRETRAIN_LOSS, TableError, atomic_write_bytes, finite_rows
+from moe.analysis.tables import PRETRAIN_LOSS, TableError, finite_rows
+from moe.io import atomic_write_bytes
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000")

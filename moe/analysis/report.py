@@ -19,10 +19,10 @@ from moe.analysis.columns import describe_missing, ensure_canonical
 from moe.analysis.tables import (
     PRETRAIN_LOSS,
     TableError,
-    atomic_write_text,
     finite_rows,
     read_table,
 )
+from moe.io import atomic_write_text
 
 NOT_A_FINDING = "its numbers are not findings and are not shown (see `moe fit` for diagnostics)"
 

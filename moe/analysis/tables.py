@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moe.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
-
 MIN_POINTS = 5
 PRETRAIN_LOSS = "pretrain_loss"  # the loss role in a canonical frame (moe.analysis.columns)
 TASK_PREFIX = "task/"

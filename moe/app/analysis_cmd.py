@@ -51,7 +51,8 @@ def _select(df, expr: str | None, flag: str):
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from moe.analysis.tables import TableError, atomic_write_text, read_table
+    from moe.analysis.tables import TableError, read_table
+    from moe.io import atomic_write_text
 
     if args.bootstrap and args.bootstrap < 2:
         raise TableError(f"--bootstrap needs at least 2 resamples, got {args.bootstrap}")
