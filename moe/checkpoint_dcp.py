@@ -112,8 +112,9 @@ def load_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None
                  experts: dict[str, ExpertLayout], *, alone: bool = False) -> dict[str, Any]:
     """Load a sharded checkpoint into `model` (and `opt`) on any layout; returns its extra.
 
-    Every rank of the job calls it, unless `alone`: one process reading a whole model
-    (rank 0 evaluating), which must not wait for the others.
+    Every rank of the job calls it, unless `alone`: a process reading a whole model on
+    its own (`moe eval`, or each rank of a replicated evaluation), which must not wait
+    for the others.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict

@@ -117,7 +117,7 @@ def test_activation_checkpointing_recomputes_the_same_gradients(reference, tmp_p
 
 
 def test_fsdp_on_two_ranks_equals_one_process_then_resumes_on_one(reference, tmp_path):
-    run_dir = tmp_path / "fsdp"  # rank 0 evaluates a task on the whole model read back
+    run_dir = tmp_path / "fsdp"  # the ranks evaluate a task, each on its share of the items
     run_ranks(2, train_in, str(run_dir), [*STEPS, "parallel.data=fsdp",
                                           'eval.tasks=["pocket-memorization"]',
                                           "eval.max_items=4", "eval.accuracy=false"])

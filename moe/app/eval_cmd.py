@@ -14,7 +14,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="task losses and accuracies of a trained run",
         description="Evaluate a run's newest checkpoint on tasks; results go to RUN_DIR/eval.json "
-                    "and result.json (task/<name>/<metric> columns), or to --out alone.")
+                    "and result.json (task/<name>/<metric> columns), or to --out alone. Under "
+                    "torchrun each process evaluates every N-th item on its own copy of the "
+                    "model and process 0 writes the results.")
     p.add_argument("run_dir", type=Path, nargs="?", help="run directory (with config.toml)")
     p.add_argument("--tasks", help="comma-separated task names (default: the run's eval.tasks, "
                                    "else the pocket tasks for a pocket run)")
@@ -48,19 +50,30 @@ def handler(args: argparse.Namespace) -> int:
     if args.harness:
         return _harness(args)
     import torch
+    import torch.distributed as dist
 
     from moe.checkpoint import load_run_model
     from moe.data.tokenizer import tokenizer_for_data
-    from moe.eval import evaluate_tasks, write_eval
+    from moe.eval import EvalShard, evaluate_tasks, write_eval
     from moe.rundir import RunDir
+    from moe.train.distributed import init_from_env
 
     cfg = _eval_config(RunDir(args.run_dir).read_config(), args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    model, _, step = load_run_model(args.run_dir, device=device)
-    results = evaluate_tasks(model, tokenizer_for_data(cfg.data.source), cfg, device=device,
-                             progress=True)
-    print(f"wrote {write_eval(args.run_dir, results, args.out, step=step)}")
+    started = init_from_env()  # under torchrun: every rank evaluates every W-th item
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        shard = EvalShard.current()
+        model, _, step = load_run_model(args.run_dir, device=device)
+        results = evaluate_tasks(model, tokenizer_for_data(cfg.data.source), cfg,
+                                 device=device, progress=True, shard=shard)
+        if shard.rank == 0:
+            print(f"wrote {write_eval(args.run_dir, results, args.out, step=step)}")
+    finally:
+        if started:
+            dist.destroy_process_group()
     return 0
 
 

@@ -38,6 +38,7 @@ flat `task/<name>/<metric>` keys in its result.json.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -48,7 +49,14 @@ import torch
 
 from moe.config import EvalConfig, RunConfig
 from moe.data.tokenizer import Tokenizer
-from moe.eval.generate import Sampling, batches_by_length, generate_texts, greedy_generate
+from moe.eval.generate import (
+    Sampling,
+    batches_by_length,
+    generate_texts,
+    generation_autocast,
+    greedy_generate,
+)
+from moe.eval.shard import EvalShard, Lockstep
 from moe.io import atomic_write_json
 from moe.model import IGNORE_INDEX
 from moe.rundir import RunDir
@@ -146,34 +154,77 @@ def answer_logprobs(model: torch.nn.Module, examples: list[Encoded], *, batch_si
 
 
 def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data: TaskData,
-                  eval_cfg: EvalConfig, seq_len: int, device: torch.device | str = "cpu"
-                  ) -> dict[str, Any]:
-    """One task's metrics (see the module docstring); the model must be in eval mode."""
+                  eval_cfg: EvalConfig, seq_len: int, device: torch.device | str = "cpu",
+                  shard: EvalShard | None = None) -> dict[str, Any]:
+    """One task's metrics (see the module docstring); the model must be in eval mode.
+
+    With a `shard` of W > 1 ranks every rank calls this with the same arguments: each
+    evaluates its items (`moe.eval.shard`) and every rank returns the metrics of all.
+    """
+    shard = shard or EvalShard()
     n_shots = task.n_shots if eval_cfg.n_shots < 0 else eval_cfg.n_shots
     multiple_choice = eval_cfg.accuracy and bool(data.items[0].choices)
+    mine = shard.items(len(data.items))
     groups: list[list[Encoded]] = []
-    for i, item in enumerate(data.items):
+    for i in mine:
+        item = data.items[i]
         shots = task.shots_for(item, i, data.shot_pool, n_shots)
         conts = item.choices if multiple_choice else (item.answer,)
         groups.append(encode_item(task, tokenizer, item, shots, conts, seq_len))
     logps = iter(answer_logprobs(model, [e for g in groups for e in g],
                                  batch_size=eval_cfg.batch_size, pad_id=tokenizer.pad_id,
                                  device=device))
-    per_item = [[next(logps) for _ in g] for g in groups]
-    pick = [item.label if multiple_choice else 0 for item in data.items]
-    gold = [g[p] for g, p in zip(groups, pick, strict=True)]
-    nats = -sum(lp[p] for lp, p in zip(per_item, pick, strict=True))
-    n_tokens = sum(e.n_answer_tokens for e in gold)
-    n_bytes = sum(e.n_bytes for e in gold)
+    _drain(model)
+    records = []
+    for i, g in zip(mine, groups, strict=True):
+        item = data.items[i]
+        gold = g[item.label if multiple_choice else 0]
+        records.append({"index": i, "logps": [next(logps) for _ in g],
+                        "n_tokens": gold.n_answer_tokens, "n_bytes": gold.n_bytes,
+                        "prompt": gold.ids[: gold.start]})
+    generative = eval_cfg.accuracy and not multiple_choice
+    if generative:
+        items = [data.items[r["index"]] for r in records]
+        for r, ok in zip(records, _generation_hits(model, tokenizer, task, items, records,
+                                                   seq_len, eval_cfg.batch_size, device),
+                         strict=True):
+            r["correct"] = ok
+        _drain(model, generation_autocast(torch.device(device)))
+        if eval_cfg.samples:
+            for r, ok in zip(records, _majority_hits(model, tokenizer, task, items, records,
+                                                     seq_len, eval_cfg, device), strict=True):
+                r["maj"] = ok
+            _drain(model, generation_autocast(torch.device(device)))
+    for r in records:
+        del r["prompt"]  # only the numbers travel between ranks
+    records = sorted(shard.gather(records), key=lambda r: r["index"])
+    return _task_metrics(task, data, records, multiple_choice, generative, eval_cfg.samples)
+
+
+def _drain(model, context=None) -> None:
+    """Match the other ranks' forward calls (a `Lockstep` model), in the phase's precision."""
+    if isinstance(model, Lockstep):
+        with context or contextlib.nullcontext(), torch.no_grad():
+            model.drain()
+
+
+def _task_metrics(task: Task, data: TaskData, records: list[dict[str, Any]],
+                  multiple_choice: bool, generative: bool, samples: int) -> dict[str, Any]:
+    """The task's metrics from every item's record, in item order."""
+    if [r["index"] for r in records] != list(range(len(data.items))):
+        raise RuntimeError(f"task {task.name}: the ranks' records do not cover its "
+                           f"{len(data.items)} items once each")
+    picks = [item.label if multiple_choice else 0 for item in data.items]
+    nats = -sum(r["logps"][p] for r, p in zip(records, picks, strict=True))
+    n_tokens = sum(r["n_tokens"] for r in records)
+    n_bytes = sum(r["n_bytes"] for r in records)
     accuracy, extra = None, {}
     if multiple_choice:
-        accuracy = _choice_accuracy(data.items, per_item)
-    elif eval_cfg.accuracy:
-        accuracy = _generation_accuracy(model, tokenizer, task, data.items, gold, seq_len,
-                                        eval_cfg.batch_size, device)
-        if eval_cfg.samples:
-            extra[f"maj@{eval_cfg.samples}"] = majority_accuracy(
-                model, tokenizer, task, data.items, gold, seq_len, eval_cfg, device)
+        accuracy = _choice_accuracy(data.items, [r["logps"] for r in records])
+    elif generative:
+        accuracy = sum(r["correct"] for r in records) / len(records)
+        if samples:
+            extra[f"maj@{samples}"] = sum(r["maj"] for r in records) / len(records)
     return {"kind": task.kind, "loss": nats / n_tokens,
             "bits_per_token": nats / n_tokens / math.log(2),
             "bits_per_byte": nats / n_bytes / math.log(2), "accuracy": accuracy,
@@ -189,35 +240,40 @@ def _choice_accuracy(items: tuple[TaskItem, ...], logps: list[list[float]]) -> f
     return hits / len(items)
 
 
-def _budgets(task: Task, gold: list[Encoded]) -> list[int]:
+def _budgets(task: Task, records: list[dict[str, Any]]) -> list[int]:
     if task.is_correct is None:
         raise ValueError(f"task {task.name} has neither choices nor an answer checker")
-    return [task.max_new_tokens or 2 * e.n_answer_tokens + 8 for e in gold]
+    return [task.max_new_tokens or 2 * r["n_tokens"] + 8 for r in records]
 
 
-def _generation_accuracy(model, tokenizer: Tokenizer, task: Task, items: tuple[TaskItem, ...],
-                         gold: list[Encoded], seq_len: int, batch_size: int, device) -> float:
-    texts = greedy_generate(model, [e.ids[: e.start] for e in gold], _budgets(task, gold),
+def _generation_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem],
+                     records: list[dict[str, Any]], seq_len: int, batch_size: int,
+                     device) -> list[bool]:
+    """Whether each item's greedy answer is correct."""
+    texts = greedy_generate(model, [r["prompt"] for r in records], _budgets(task, records),
                             tokenizer=tokenizer, stop=task.stop, seq_len=seq_len,
                             batch_size=batch_size, device=device)
-    return sum(task.is_correct(t, item) for t, item in zip(texts, items, strict=True)) / len(items)
+    return [bool(task.is_correct(t, item)) for t, item in zip(texts, items, strict=True)]
 
 
-def majority_accuracy(model, tokenizer: Tokenizer, task: Task, items: tuple[TaskItem, ...],
-                      gold: list[Encoded], seq_len: int, eval_cfg: EvalConfig, device) -> float:
-    """maj@K: K sampled answers per item, the most frequent final answer judged."""
+def _majority_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem],
+                   records: list[dict[str, Any]], seq_len: int, eval_cfg: EvalConfig,
+                   device) -> list[bool]:
+    """maj@K per item: K sampled answers, the most frequent final answer judged.
+
+    Sample j of item i is seeded by its key i * K + j, wherever the item is evaluated.
+    """
     K = eval_cfg.samples
-    budgets = [b for b in _budgets(task, gold) for _ in range(K)]
-    prompts = [e.ids[: e.start] for e in gold for _ in range(K)]
+    budgets = [b for b in _budgets(task, records) for _ in range(K)]
+    prompts = [r["prompt"] for r in records for _ in range(K)]
+    keys = [r["index"] * K + j for r in records for j in range(K)]
     sampling = Sampling(temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
                         seed=eval_cfg.seed)
     texts = generate_texts(model, prompts, budgets, tokenizer=tokenizer, stop=task.stop,
                            seq_len=seq_len, batch_size=eval_cfg.batch_size, device=device,
-                           sampling=sampling)
-    hits = 0
-    for n, item in enumerate(items):
-        hits += task.is_correct(majority_vote(texts[n * K: (n + 1) * K], task.vote_key), item)
-    return hits / len(items)
+                           sampling=sampling, keys=keys)
+    return [bool(task.is_correct(majority_vote(texts[n * K: (n + 1) * K], task.vote_key), item))
+            for n, item in enumerate(items)]
 
 
 def majority_vote(texts: list[str], key) -> str:
@@ -243,21 +299,28 @@ def load_tasks(cfg: RunConfig, tasks: list[str] | tuple[str, ...] | None = None
 
 def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, cfg: RunConfig,
                    tasks: list[str] | None = None, *, device: torch.device | str = "cpu",
-                   progress: bool = False) -> dict[str, dict[str, Any]]:
+                   progress: bool = False, shard: EvalShard | None = None
+                   ) -> dict[str, dict[str, Any]]:
     """Metrics of each task (default: cfg.eval.tasks), keyed by task name.
 
     Runs under `torch.no_grad()` in eval mode and restores the model's mode after.
+    With a `shard` (`moe.eval.shard`) every rank of the group calls this alike: each
+    evaluates its share of the items (a sharded model in lockstep) and all return
+    the same metrics.
     """
+    shard = shard or EvalShard()
     loaded = load_tasks(cfg, tasks)
     was_training = model.training
     model.eval()
+    runner = Lockstep(model, device, tokenizer.pad_id) if shard.lockstep and shard.world > 1 \
+        else model
     results = {}
     try:
         with torch.no_grad():
             for name, (task, data) in loaded.items():
-                results[name] = evaluate_task(model, tokenizer, task, data, cfg.eval,
-                                              cfg.model.seq_len, device)
-                if progress:
+                results[name] = evaluate_task(runner, tokenizer, task, data, cfg.eval,
+                                              cfg.model.seq_len, device, shard)
+                if progress and shard.rank == 0:
                     print(f"{name:<20} {summary_line(results[name])}", file=sys.stderr)
     finally:
         model.train(was_training)

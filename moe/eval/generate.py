@@ -15,14 +15,17 @@ reference and for models without `new_cache`, instead slides a `seq_len`
 window along; both agree whenever prompt + budget fits.)
 
 Sampling (`Sampling(temperature > 0)`): softmax at that temperature, then the
-smallest set of tokens whose probability reaches `top_p` (nucleus sampling),
-drawn from a `torch.Generator` seeded with `seed`: the same call with the same
-seed gives the same samples.
+smallest set of tokens whose probability reaches `top_p` (nucleus sampling).
+Each prompt draws from its own `torch.Generator`, seeded from `seed` and the
+prompt's key (by default its index in the call): the same call with the same
+seed gives the same samples, and a prompt samples the same tokens alone, in any
+batch, or on whichever rank of a sharded evaluation holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,9 +71,16 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:cut]
 
 
+def row_seed(seed: int, key: int) -> int:
+    """The sampling seed of the prompt with this key (a 63-bit hash of both)."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def pick_next(logits_BV: torch.Tensor, sampling: Sampling,
-              generator: torch.Generator | None) -> torch.Tensor:
-    """Next token of each row [B] (int64): argmax, or a temperature / top-p sample."""
+              generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token of each row [B] (int64): argmax, or a temperature / top-p sample
+    (from one generator, or from one generator per row)."""
     if sampling.greedy:
         return logits_BV.argmax(-1)
     probs_BV = torch.softmax(logits_BV.float() / sampling.temperature, dim=-1)
@@ -79,7 +89,10 @@ def pick_next(logits_BV: torch.Tensor, sampling: Sampling,
         outside_BV = sorted_BV.cumsum(-1) - sorted_BV >= sampling.top_p  # mass before it suffices
         sorted_BV = sorted_BV.masked_fill(outside_BV, 0.0)
         probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+    return torch.cat([torch.multinomial(probs_BV[r], 1, generator=g)
+                      for r, g in enumerate(generator)])
 
 
 class _Rows:
@@ -100,14 +113,19 @@ class _Rows:
         return not any(s in text for s in self.stop)
 
 
-def _autocast(device: torch.device):
+def generation_autocast(device: torch.device):
+    """The precision generation runs in: bf16 autocast on CUDA, fp32 elsewhere."""
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def _row_generators(generators, active: list[int]):
+    return None if generators is None else [generators[i] for i in active]
+
+
 def _cached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len: int,
-                  device: torch.device, sampling: Sampling, generator) -> None:
+                  device: torch.device, sampling: Sampling, generators) -> None:
     """Generate one left-padded batch with a KV cache, filling `rows`."""
     max_budget = max(rows.budgets)
     keep = max(1, seq_len - max_budget)
@@ -121,7 +139,7 @@ def _cached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len: 
     active = list(range(len(prompts)))
     logits_BV = model(idx_BT.to(device), cache=cache).logits_BTV[:, -1]
     while True:
-        next_B = pick_next(logits_BV, sampling, generator)
+        next_B = pick_next(logits_BV, sampling, _row_generators(generators, active))
         keep_rows = [r for r, (i, tok) in enumerate(zip(active, next_B.tolist(), strict=True))
                      if rows.add(i, tok)]
         if not keep_rows or cache.length >= cache.max_len:
@@ -134,7 +152,7 @@ def _cached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len: 
 
 
 def _uncached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len: int,
-                    device: torch.device, sampling: Sampling, generator) -> None:
+                    device: torch.device, sampling: Sampling, generators) -> None:
     """The reference: re-run the whole (right-padded) window for every new token."""
     active = list(range(len(prompts)))
     while active:
@@ -148,33 +166,37 @@ def _uncached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len
         last_B = torch.tensor([len(w) - 1 for w in windows], device=device)
         logits_BTV = model(idx_BT.to(device)).logits_BTV
         logits_BV = logits_BTV[torch.arange(len(active), device=device), last_B]
-        next_B = pick_next(logits_BV, sampling, generator).tolist()
+        next_B = pick_next(logits_BV, sampling, _row_generators(generators, active)).tolist()
         active = [i for i, tok in zip(active, next_B, strict=True) if rows.add(i, tok)]
 
 
 def generate_ids(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
                  tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
                  device: torch.device | str = "cpu", sampling: Sampling = GREEDY,
-                 use_cache: bool = True) -> list[list[int]]:
+                 use_cache: bool = True, keys: Sequence[int] | None = None) -> list[list[int]]:
     """Generated token ids of each prompt (EOS excluded; the stop string not yet cut).
 
     Uses the KV cache when the model has one (`new_cache`) and `use_cache`; the model
-    must be in eval mode. Runs under `torch.no_grad()`.
+    must be in eval mode. Runs under `torch.no_grad()`. `keys` (default: the prompts'
+    indices) seed each prompt's sampling generator (see the module docstring).
     """
     device = torch.device(device)
-    generator = None
-    if not sampling.greedy:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    keys = range(len(prompts)) if keys is None else keys
+    if len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     cached = use_cache and hasattr(model, "new_cache")
     run_chunk = _cached_chunk if cached else _uncached_chunk
     out: list[list[int]] = [[] for _ in prompts]
     todo = [i for i, b in enumerate(budgets) if b > 0]
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), generation_autocast(device):
         for chunk in batches_by_length([len(prompts[i]) for i in todo], batch_size):
             chunk = [todo[c] for c in chunk]
             rows = _Rows(tokenizer, stop, [budgets[i] for i in chunk])
+            generators = None if sampling.greedy else [
+                torch.Generator(device=device).manual_seed(row_seed(sampling.seed, keys[i]))
+                for i in chunk]
             run_chunk(model, [prompts[i] for i in chunk], rows, seq_len=seq_len,
-                      device=device, sampling=sampling, generator=generator)
+                      device=device, sampling=sampling, generators=generators)
             for i, toks in zip(chunk, rows.tokens, strict=True):
                 out[i] = toks
     return out
@@ -183,11 +205,11 @@ def generate_ids(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: 
 def generate_texts(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
                    tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
                    device: torch.device | str = "cpu", sampling: Sampling = GREEDY,
-                   use_cache: bool = True) -> list[str]:
+                   use_cache: bool = True, keys: Sequence[int] | None = None) -> list[str]:
     """Continuations of each prompt as text, cut at the first stop string (see generate_ids)."""
     ids = generate_ids(model, prompts, budgets, tokenizer=tokenizer, stop=stop, seq_len=seq_len,
                        batch_size=batch_size, device=device, sampling=sampling,
-                       use_cache=use_cache)
+                       use_cache=use_cache, keys=keys)
     return [cut_at_stop(tokenizer.decode(t), stop) for t in ids]
 
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from moe.checkpoint import run_ids_of, save_checkpoint
 from moe.config import RunConfig, TrainConfig, config_hash
 from moe.data.shards import TokenData, load_data
-from moe.eval import evaluate_tasks, flat_results, load_tasks
+from moe.eval import EvalShard, evaluate_tasks, flat_results, load_tasks
 from moe.model import ModelOutput, MoELM
 from moe.model.lm import IGNORE_INDEX
 from moe.params import count_params, resolve_tokens, train_flops_per_token
@@ -38,7 +38,7 @@ from moe.rundir import RunDir
 from moe.train.averaging import WeightEMA, save_snapshot
 from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts, step_balance_term
 from moe.train.distributed import Dist
-from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize
+from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize, shards_weights
 from moe.train.preempt import active_watch
 from moe.train.resources import check_resources
 from moe.train.resume import load_newest, save_sharded_step
@@ -378,8 +378,6 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
             run.update_status(step=done, tokens_done=min(tokens_total, done *
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
-            if par.distributed_state:  # rank 0 evaluates a whole copy read back from disk
-                _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
             _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
         stop = watch is not None and watch.poll(ddp.world)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
@@ -395,49 +393,55 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
                    n_steps - start, time.time() - t0, par, ema)
 
 
-def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device,
-               tasks: list[str] | None = None) -> dict:
+def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device, ddp: Dist,
+               par: Parallel, tasks: list[str] | None = None) -> dict:
+    """Every rank evaluates its share of the tasks' items (`moe.eval.shard`): a sharded model
+    as it is, in lockstep; a replicated one on each rank's own copy. All return the metrics."""
     names = list(cfg.eval.tasks) if tasks is None else tasks
-    return evaluate_tasks(model, data.tokenizer, cfg, names, device=device)
-
-
-def _whole_model(model, run: RunDir, cfg: RunConfig, device, par: Parallel):
-    """A single-process model for rank 0's task evaluation (sharded: from the newest checkpoint)."""
-    if not par.distributed_state:
-        return _unwrap(model)
-    from moe.checkpoint import load_run_model
-
-    return load_run_model(run.path, device=device)[0]
+    shard = EvalShard(ddp.rank, ddp.world, lockstep=par.distributed_state)
+    evaluated = model if par.distributed_state else _unwrap(model)
+    return evaluate_tasks(evaluated, data.tokenizer, cfg, names, device=device, shard=shard)
 
 
 def _periodic_eval(model, data, cfg, device, run: RunDir, step: int, ddp: Dist,
                    par: Parallel, tracker: Tracker) -> None:
+    tasks = _run_tasks(model, data, cfg, device, ddp, par)
     if ddp.is_main:
-        whole = _whole_model(model, run, cfg, device, par)
-        row = {"step": step, "eval": _run_tasks(whole, data, cfg, device)}
+        row = {"step": step, "eval": tasks}
         run.append_metrics(row)
         tracker.log(row)
-    if ddp.world > 1:
-        dist.barrier()
 
 
 def _evaluate_missing(run: RunDir, cfg: RunConfig, data: TokenData, device: torch.device,
                       ddp: Dist) -> dict[str, Any]:
-    """A finished run: evaluate the tasks its result lacks, train nothing."""
+    """A finished run: evaluate the tasks its result lacks, train nothing.
+
+    Every rank takes part: with sharded weights (`parallel.data = "fsdp"` under a process
+    group) the model is laid out as in training and its newest checkpoint loaded into the
+    shards; otherwise every rank loads the whole model.
+    """
     result = run.read_result() or {}
     if result.get("run_id", config_hash(cfg)) not in run_ids_of(cfg):
         raise ValueError(f"{run.path} holds the finished run {result.get('run_id')!r}, not "
                          f"{config_hash(cfg)!r}; use a new --out directory or its config")
     missing = [t for t in cfg.eval.tasks if f"task/{t}/loss" not in result]
-    if missing and ddp.is_main:
-        from moe.checkpoint import load_run_model
+    if missing:
+        if ddp.is_main:
+            run.update_status(state="running", reason=f"evaluating {', '.join(missing)}")
+        if shards_weights(cfg):
+            model, opt, par = _setup(cfg, device, ddp)
+            step, _ = load_newest(run, model, opt, device, ddp, par, cfg)
+            del opt
+        else:
+            from moe.checkpoint import load_run_model
 
-        run.update_status(state="running", reason=f"evaluating {', '.join(missing)}")
-        model, _, step = load_run_model(run.path, device=device)
-        tasks = _run_tasks(model, data, cfg, device, missing)
-        run.merge_eval(tasks, flat_results(tasks), step=step)
-        run.update_status(state="done", reason=None)
-        result = run.read_result() or {}
+            model, _, step = load_run_model(run.path, device=device)
+            par = Parallel(world=ddp.world)
+        tasks = _run_tasks(model, data, cfg, device, ddp, par, missing)
+        if ddp.is_main:
+            run.merge_eval(tasks, flat_results(tasks), step=step)
+            run.update_status(state="done", reason=None)
+            result = run.read_result() or {}
     if ddp.world > 1:
         dist.barrier()
     return result
@@ -484,6 +488,11 @@ def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Di
             ema: WeightEMA) -> dict:
     result: dict[str, Any] = {}
     val = validation_loss(model, data, cfg, device, ddp)  # every rank its share
+    tasks: dict[str, Any] = {}
+    if cfg.eval.tasks:  # every rank its share of the items
+        if ddp.is_main:
+            run.update_status(state="running", reason="evaluating tasks")
+        tasks = _run_tasks(model, data, cfg, device, ddp, par)
     if ddp.is_main:
         rows = [r for r in run.read_metrics() if "ce" in r]
         train_loss = (sum(recent_ce) / len(recent_ce)) if recent_ce else (
@@ -495,9 +504,7 @@ def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Di
                               device=str(device), world_size=ddp.world)
         if ema.state_dict() is not None:
             result.update(_finish_ema(run, cfg, _unwrap(model), data, device, ema, result))
-        if cfg.eval.tasks:
-            run.update_status(state="running", reason="evaluating tasks")
-            tasks = _run_tasks(_whole_model(model, run, cfg, device, par), data, cfg, device)
+        if tasks:
             run.merge_eval(tasks, flat_results(tasks))  # result.json does not exist yet
             result.update(flat_results(tasks))
         run.write_result(result)

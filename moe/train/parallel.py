@@ -78,6 +78,12 @@ def check_layout(cfg: RunConfig, world: int) -> None:
                          f"parallel.expert={p.expert}")
 
 
+def shards_weights(cfg: RunConfig) -> bool:
+    """Whether `parallelize` shards this run's weights in this process (FSDP2 under a group,
+    even a group of one, e.g. torchrun with one process)."""
+    return cfg.parallel.data == "fsdp" and dist.is_available() and dist.is_initialized()
+
+
 def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dist,
                 bf16: bool) -> tuple[nn.Module, Parallel]:
     """Apply the run's [parallel] section to a freshly built model (see the module doc)."""
@@ -89,7 +95,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dis
 
         for block in model.blocks:
             checkpoint(block)
-    if ddp.world == 1 and not (pcfg.data == "fsdp" and dist.is_initialized()):
+    if ddp.world == 1 and not shards_weights(cfg):
         return model, par  # one process without a group: nothing to shard or reduce
     if pcfg.data == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -175,4 +181,4 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["Parallel", "check_layout", "clip_grad_norm", "grad_sync", "is_expert_parallel",
-           "parallelize", "unwrap"]
+           "parallelize", "shards_weights", "unwrap"]

@@ -52,8 +52,11 @@ def load_newest(run: RunDir, model, opt, device, ddp: Dist, par: Parallel,
     """
     newest = newest_checkpoint(run)
     if newest is not None and newest[0] == "dcp":
-        extra = load_sharded(run.sharded_checkpoint_path(newest[1]), unwrap(model), opt,
-                             expert_layouts(par))
+        path = run.sharded_checkpoint_path(newest[1])
+        extra = load_sharded(path, unwrap(model), opt, expert_layouts(par))
+        if extra.get("run_id") not in run_ids_of(cfg):
+            raise ValueError(f"{path} was written by run {extra.get('run_id')!r}, not "
+                             f"{config_hash(cfg)!r}: move it away or train into a new --out")
         torch.set_rng_state(extra["rng_cpu"])
         return int(extra["step"]), [float(x) for x in json.loads(extra.get("recent_ce", "[]"))]
     state = load_latest_checkpoint(run, map_location=device, run_ids=run_ids_of(cfg),
