@@ -154,6 +154,21 @@ def test_plan_formats():
         format_plan(runs, "yaml")
 
 
+def test_a_cpu_estimate_counts_core_hours_and_the_wall_time_on_2_and_8_cores():
+    runs = plan(make_spec(estimate={"device": "cpu", "mfu": 1.0, "gpu_peak_tflops": 1e-6}))
+    core_hours = sum(r.flops for r in runs) / 1e6 / 3600  # 1 MFLOP/s per core
+    table = format_plan(runs, "table", "cpu")
+    assert "core_hours" in table.splitlines()[0] and "GPU-hours" not in table
+    footer = table.splitlines()[-1]
+    assert f"{core_hours:.4g} core-hours" in footer
+    two, eight = core_hours / 2, core_hours / 8
+    for hours in (two, eight):
+        assert (f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h") in footer
+    assert "GPU-hours" in format_plan(plan(make_spec()), "table")
+    with pytest.raises(SpecError, match='estimate.device=.tpu. must be "gpu" or "cpu"'):
+        make_spec(estimate={"device": "tpu"})
+
+
 def test_profiles_load_and_override_the_estimate():
     for name in ("local", "h100x8"):
         load_profile(ROOT / "slurm" / "profiles" / f"{name}.toml")

@@ -32,7 +32,7 @@ def run_demo(sweep_dir: Path, *, spec_path: Path | None = None, max_parallel: in
     spec = load_spec(spec_path or pocket_spec_path())
     runs = plan(spec)
     print(f"[1/4] plan: {len(runs)} runs from {spec_path or pocket_spec_path()}")
-    print(format_plan(runs, "table"))
+    print(format_plan(runs, "table", spec.estimate.device))
     print(f"[2/4] launch: training and evaluating on this machine, {max_parallel} at a time "
           f"(finished runs are reused) -> {sweep_dir}")
     report = launch(spec, sweep_dir, executor="local", max_parallel=max_parallel,

@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep = subparsers.add_parser("sweep", help="plan, launch, monitor and collect sweeps")
     sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plan", help="list every run with its size, tokens, FLOPs, GPU-hours")
+    p = sub.add_parser("plan", help="list every run with its size, tokens, FLOPs, GPU-hours "
+                                    "(core-hours for a CPU estimate)")
     p.add_argument("spec", metavar="SWEEP.toml")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--cluster", metavar="PROFILE.toml",
@@ -54,7 +55,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.cluster:
         profile = load_profile(args.cluster)
         estimate = with_estimate(spec, profile.mfu, profile.gpu_peak_tflops)
-    sys.stdout.write(format_plan(plan(spec, estimate, profile), args.format))
+    device = (estimate or spec.estimate).device
+    sys.stdout.write(format_plan(plan(spec, estimate, profile), args.format, device))
     return 0
 
 

@@ -131,14 +131,18 @@ def with_estimate(spec: SweepSpec, mfu: float | None, gpu_peak_tflops: float | N
     est = spec.estimate
     return replace(est, mfu=est.mfu if mfu is None else mfu,
                    gpu_peak_tflops=est.gpu_peak_tflops if gpu_peak_tflops is None
-                   else gpu_peak_tflops)
+                   else gpu_peak_tflops, device="gpu")  # a cluster profile counts GPUs
 
 
 # --------------------------------------------------------------------------- output
 
 
-def format_plan(runs: list[RunPlan], fmt: str = "table") -> str:
-    """Render the plan as an aligned table, CSV or JSON (raw numbers in CSV and JSON)."""
+def format_plan(runs: list[RunPlan], fmt: str = "table", device: str = "gpu") -> str:
+    """Render the plan as an aligned table, CSV or JSON (raw numbers in CSV and JSON).
+
+    With `device = "cpu"` (the estimate's) the table counts core-hours and says how long
+    the sweep takes on 2 and 8 cores (one run per core); CSV and JSON keep `gpu_hours`.
+    """
     if fmt not in FORMATS:
         raise SpecError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     rows = [r.row() for r in runs]
@@ -156,23 +160,31 @@ def format_plan(runs: list[RunPlan], fmt: str = "table") -> str:
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    return _table(runs)
+    return _table(runs, device)
 
 
-def _table(runs: list[RunPlan]) -> str:
+def _table(runs: list[RunPlan], device: str = "gpu") -> str:
     header = ["run_id", "d_model", "n_layers", "E", "k", "sparsity", "total", "active",
-              "tokens", "tpp", "flops", "gpu_hours"]
+              "tokens", "tpp", "flops", "core_hours" if device == "cpu" else "gpu_hours"]
     body = [[r.run_id, str(r.d_model), str(r.n_layers), str(r.n_experts), str(r.top_k),
              f"{r.sparsity:.3f}", format_count(r.n_params_total),
              format_count(r.n_params_active), format_count(r.tokens), f"{r.tpp:.3g}",
              f"{r.flops:.3g}", f"{r.gpu_hours:.4g}"] for r in runs]
     total_h = sum(r.gpu_hours for r in runs)
     footer = f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} FLOPs, {total_h:.4g} GPU-hours"
+    if device == "cpu":
+        footer = (f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} FLOPs, {total_h:.4g} "
+                  f"core-hours: about {_hours(total_h / 2)} on 2 cores, "
+                  f"{_hours(total_h / 8)} on 8 (--max-parallel = cores)")
     if any(r.layout for r in runs):
         header += ["gpus", "layout", "mem_gib"]
         for row, r in zip(body, runs, strict=True):
             row += [str(r.layout["gpus"]), _layout_text(r.layout), f"{r.mem_per_gpu_gib:.1f}"]
     return render_table(header, body) + footer + "\n"
+
+
+def _hours(h: float) -> str:
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
 
 
 def _layout_text(layout: dict) -> str:

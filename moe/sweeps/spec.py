@@ -25,6 +25,7 @@ max_total_gpu_hours = 1e6              # refuse the sweep above this
 [estimate]                             # for GPU-hours; a cluster profile overrides both
 mfu = 0.4
 gpu_peak_tflops = 989.0
+device = "gpu"                         # "cpu": hours are core-hours (pocket studies)
 ```
 
 `expand(spec)` validates everything before a single run is launched: unknown
@@ -126,9 +127,15 @@ class Estimate:
     mfu: float = 0.4
     """Model FLOPs utilisation, in (0, 1]."""
     gpu_peak_tflops: float = 989.0
-    """Peak dense bf16 TFLOP/s of one GPU (H100 SXM: 989)."""
+    """Peak dense bf16 TFLOP/s of one GPU (H100 SXM: 989); with device = "cpu", the
+    measured TFLOP/s of one core running one run."""
+    device: str = "gpu"
+    """What an hour is counted on: "gpu" (GPU-hours) or "cpu" (core-hours, one thread
+    per run, for pocket studies)."""
 
     def __post_init__(self) -> None:
+        if self.device not in ("gpu", "cpu"):
+            raise SpecError(f"estimate.device={self.device!r} must be \"gpu\" or \"cpu\"")
         if not (_is_number(self.mfu) and 0.0 < self.mfu <= 1.0):
             raise SpecError(f"estimate.mfu={self.mfu!r} must be a number in (0, 1]")
         if not (_is_number(self.gpu_peak_tflops) and self.gpu_peak_tflops > 0):
