@@ -118,6 +118,17 @@ def test_downward_parabola_is_not_interior_and_single_budget_not_identified():
     assert res.to_dict()["a"] is None
 
 
+def test_a_nearly_flat_parabola_puts_its_vertex_at_infinity_without_a_warning():
+    import warnings
+
+    n = np.logspace(7, 9, 7)
+    tilt = 3.0 - 0.5 * np.log(n) + 1e-6 * np.log(n) ** 2  # vertex at log N = 2.5e5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning would fail the test
+        out = isoflop.fit_parabola(n, tilt, 1e18)
+    assert not out.interior and out.n_opt == np.inf and "outside the sampled" in out.reason
+
+
 def test_moe_table_d_opt_uses_the_compute_definition():
     f = 0.25  # active / total
     df = synthetic.isoflop_table(TRUTH, active_fraction=f, noise=0.0)

@@ -107,12 +107,14 @@ def fit_parabola(n: np.ndarray, loss: np.ndarray, flops: float,
                              interior=False, n_range=n_range,
                              reason="the parabola opens downward (no minimum)")
     x_opt = -p1 / (2.0 * p2)
-    n_opt = float(np.exp(x_opt))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a nearly flat
+        n_opt = float(np.exp(x_opt))  # parabola puts its vertex at N = inf: reported as such
+        d_opt = _tokens_at(n_opt, n, flops, fpt_rows)
     inside = bool(x.min() <= x_opt <= x.max())
     reason = "" if inside else (f"vertex N = {n_opt:.3g} outside the sampled "
                                 f"[{n_range[0]:.3g}, {n_range[1]:.3g}]")
     return IsoFlopBudget(flops=float(flops), n_points=len(n), coef=(p0, p1, p2), n_opt=n_opt,
-                         d_opt=_tokens_at(n_opt, n, flops, fpt_rows),
+                         d_opt=d_opt,
                          loss_opt=float(p0 + p1 * x_opt + p2 * x_opt**2), interior=inside,
                          n_range=n_range, reason=reason)
 
