@@ -177,3 +177,22 @@ def test_findings_figure_draws_each_interval_and_null():
         assert seg[:, 0].max() == pytest.approx(f.ci_high)
         nulls = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
         assert nulls == pytest.approx(list(f.null_at))
+
+
+def test_findings_figure_draws_an_estimate_outside_its_percentile_interval():
+    """A bootstrap percentile interval need not hold the estimate (a minimiser at the data's
+    edge, resamples inside): the figure still draws both, the interval where it lies."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from moe.analysis import findings
+    f = findings.Finding(id="reasoning_optimal_sparsity", statement="", null="",
+                         estimate=0.98, ci_low=0.5, ci_high=0.9, resolved=False,
+                         agrees_with_paper=None, n_runs=10, reason="edge", unit="s",
+                         null_at=(0.0, 0.984))
+    fig = plots.fig_findings(None, found=[f])
+    FigureCanvasAgg(fig)
+    (ax,) = fig.axes
+    (seg,) = [c for c in ax.collections if c.get_segments()][0].get_segments()
+    assert (seg[:, 0].min(), seg[:, 0].max()) == pytest.approx((0.5, 0.9))
+    points = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert [ln.get_xdata()[0] for ln in points] == [0.98]

@@ -260,8 +260,10 @@ def fig_findings(df: pd.DataFrame, *, found: list | None = None) -> Figure:
         if f.estimate is not None:
             lo = f.ci_low if f.ci_low is not None else f.estimate
             hi = f.ci_high if f.ci_high is not None else f.estimate
-            ax.errorbar([f.estimate], [0], xerr=[[f.estimate - lo], [hi - f.estimate]],
-                        fmt="o", color=OKABE_ITO[0], capsize=6, label="estimate, 95% interval")
+            # a percentile interval need not contain the estimate: drawn apart, not as xerr
+            ax.hlines(0, lo, hi, color=OKABE_ITO[0], lw=2, label="95% interval")
+            ax.plot([lo, hi], [0, 0], "|", color=OKABE_ITO[0], ms=14)
+            ax.plot([f.estimate], [0], "o", color=OKABE_ITO[1], label="estimate")
             ax.legend(fontsize=7, loc="upper right")
             if f.ci_low is None or f.ci_high is None:
                 ax.text(0.02, 0.15, "interval unbounded on one side", transform=ax.transAxes,
