@@ -196,3 +196,9 @@ def test_findings_figure_draws_an_estimate_outside_its_percentile_interval():
     assert (seg[:, 0].min(), seg[:, 0].max()) == pytest.approx((0.5, 0.9))
     points = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
     assert [ln.get_xdata()[0] for ln in points] == [0.98]
+
+
+def test_sparsity_figure_styles_up_to_64_series_apart_and_alike_across_panels():
+    pairs = {(plots._series_style(j)["color"], plots._series_style(j)["marker"])
+             for j in range(64)}
+    assert len(pairs) == 64  # the demo's 9 width x budget groups no longer share a style
