@@ -129,7 +129,7 @@ def condition(cond: float) -> list[Issue]:
 
 def optimum_inside(value: float, lo: float, hi: float, name: str) -> list[Issue]:
     if not np.isfinite(value):
-        return [Issue(message=f"no {name} (the fitted curve has no minimum)")]
+        return [Issue(message=f"{name}: none (the fitted curve has no minimum)")]
     if not lo <= value <= hi:
         return [Issue(message=f"{name} = {value:.3g} lies outside the sampled range "
                               f"[{lo:.3g}, {hi:.3g}]")]
