@@ -161,7 +161,7 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data
     With a `shard` of W > 1 ranks every rank calls this with the same arguments: each
     evaluates its items (`moe.eval.shard`) and every rank returns the metrics of all.
     """
-    shard = shard or EvalShard()
+    shard, device = shard or EvalShard(), torch.device(device)
     n_shots = task.n_shots if eval_cfg.n_shots < 0 else eval_cfg.n_shots
     multiple_choice = eval_cfg.accuracy and bool(data.items[0].choices)
     mine = shard.items(len(data.items))
@@ -189,12 +189,12 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data
                                                    seq_len, eval_cfg.batch_size, device),
                          strict=True):
             r["correct"] = ok
-        _drain(model, generation_autocast(torch.device(device)))
+        _drain(model, generation_autocast(device))
         if eval_cfg.samples:
             for r, ok in zip(records, _majority_hits(model, tokenizer, task, items, records,
                                                      seq_len, eval_cfg, device), strict=True):
                 r["maj"] = ok
-            _drain(model, generation_autocast(torch.device(device)))
+            _drain(model, generation_autocast(device))
     for r in records:
         del r["prompt"]  # only the numbers travel between ranks
     records = sorted(shard.gather(records), key=lambda r: r["index"])

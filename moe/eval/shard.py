@@ -82,10 +82,7 @@ class Lockstep:
         self._vote(1)
         return self.model(*args, **kwargs)
 
-    def drain(self) -> int:
-        """Dummy forwards until no rank has work left; returns how many were run."""
-        dummies = 0
+    def drain(self) -> None:
+        """Dummy forwards until no rank has work left."""
         while self._vote(0):
             self.model(torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device))
-            dummies += 1
-        return dummies

@@ -171,11 +171,9 @@ def _table(runs: list[RunPlan], device: str = "gpu") -> str:
              format_count(r.n_params_active), format_count(r.tokens), f"{r.tpp:.3g}",
              f"{r.flops:.3g}", f"{r.gpu_hours:.4g}"] for r in runs]
     total_h = sum(r.gpu_hours for r in runs)
-    footer = f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} FLOPs, {total_h:.4g} GPU-hours"
-    if device == "cpu":
-        footer = (f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} FLOPs, {total_h:.4g} "
-                  f"core-hours: about {_hours(total_h / 2)} on 2 cores, "
-                  f"{_hours(total_h / 8)} on 8 (--max-parallel = cores)")
+    footer = f"{len(runs)} runs, {sum(r.flops for r in runs):.3g} FLOPs, {total_h:.4g} "
+    footer += (f"core-hours: about {_hours(total_h / 2)} on 2 cores, {_hours(total_h / 8)} "
+               "on 8 (--max-parallel = cores)") if device == "cpu" else "GPU-hours"
     if any(r.layout for r in runs):
         header += ["gpus", "layout", "mem_gib"]
         for row, r in zip(body, runs, strict=True):
