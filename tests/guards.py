@@ -18,7 +18,6 @@ torch.distributed collective given a host-made tensor raises, as NCCL would.
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -69,12 +68,13 @@ COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor"
 
 
 class _Provenance(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.host_made: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+    @staticmethod
+    def mark(t: torch.Tensor, host: bool) -> None:
+        t.__dict__["_made_on_host"] = host  # an attribute: tensors compare elementwise
 
-    def is_host_made(self, t: torch.Tensor) -> bool:
-        return t in self.host_made
+    @staticmethod
+    def is_host_made(t: torch.Tensor) -> bool:
+        return t.__dict__.get("_made_on_host", False)
 
     def _tensors(self, args, kwargs):
         flat = list(args) + list((kwargs or {}).values())
@@ -98,7 +98,7 @@ class _Provenance(TorchFunctionMode):
         outs = out if isinstance(out, (list, tuple)) else [out]
         for o in outs:
             if isinstance(o, torch.Tensor):
-                (self.host_made.add if host else self.host_made.discard)(o)
+                self.mark(o, host)
         return out
 
 
@@ -116,7 +116,7 @@ def collectives_on_run_device(device: torch.device | str = "cpu"):
 
     def from_numpy(array):
         out = real_from_numpy(array)
-        tracker.host_made.add(out)
+        tracker.mark(out, True)
         return out
 
     def guarded(name):
