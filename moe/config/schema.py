@@ -357,10 +357,14 @@ class ParallelConfig:
     """Sequences per rank per forward pass; 0 = train.batch_size / train.grad_accum / ranks.
     When set (a planned layout sets it) the step accumulates batch_size / (ranks x
     micro_batch) micro-batches, whatever train.grad_accum says."""
+    timeout_min: float = 60.0
+    """How long a collective waits for the other ranks before the job fails. Rank 0 alone
+    writes checkpoints and evaluates the EMA weights while the others wait at a barrier;
+    NCCL's default (10 minutes) is too short for a large model's checkpoint."""
 
     def __post_init__(self) -> None:
         _choice(self, "data", PARALLEL_DATA)
-        _positive(self, "expert")
+        _positive(self, "expert", "timeout_min")
         _nonnegative(self, "micro_batch")
 
 

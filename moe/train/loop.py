@@ -378,7 +378,7 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
             _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
-        stop = watch is not None and watch.poll(ddp.world)
+        stop = watch is not None and watch.poll(ddp.world, device)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
             _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
         if stop:
