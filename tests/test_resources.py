@@ -1,5 +1,6 @@
-"""Issue 14, item 5: every config value is bounded, and a run that cannot fit the machine
-(or GPU) is refused with one line before anything is allocated or written."""
+"""`moe.train.resources` and `moe.config.limits`: every config value is bounded, and a run
+that cannot fit the machine (or GPU) is refused with one line before anything is allocated
+or written."""
 
 from __future__ import annotations
 
