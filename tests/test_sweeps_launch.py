@@ -289,3 +289,16 @@ def test_stale_temporary_files_are_cleaned_at_launch(tmp_path, monkeypatch):
     old = stale_file(sweep / ".results.parquet.abc.tmp", 7200)
     launch(fakeslurm.two_run_spec(), sweep, executor="slurm", progress=False)
     assert not old.exists()
+
+
+def test_parallel_workers_divide_the_cores(monkeypatch):
+    """Two runs side by side on N cores get N // 2 threads each (their `auto` cap), unless the
+    user chose OMP_NUM_THREADS."""
+    from moe.sweeps.local import worker_env
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_env(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert worker_env(cores + 1)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_env(2)["OMP_NUM_THREADS"] == "3"
