@@ -272,3 +272,44 @@ def test_collectives_wait_the_configured_timeout_not_nccls_ten_minutes(monkeypat
     assert tiny_config().parallel.timeout_min == 60
     with pytest.raises(ConfigError, match="parallel.timeout_min"):
         tiny_config("parallel.timeout_min=0")
+
+
+def _expert_parallel_layer(out_path: str) -> None:
+    """On each of 2 ranks: the expert-parallel layer vs the whole layer, bf16 autocast."""
+    import torch.distributed as dist
+
+    from moe.model.experts import SwiGLUExperts
+    from moe.train import expert_parallel
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same weights on both ranks, different tokens
+    whole = SwiGLUExperts(16, 32, 4, backend="torch")
+    whole.reset_parameters(0.3, 0.3)
+    ep = expert_parallel.make_expert_parallel(
+        SwiGLUExperts(16, 32, 4, backend="torch").requires_grad_(False), dist.group.WORLD)
+    with torch.no_grad():
+        for name, p in ep.named_parameters():
+            p.copy_(getattr(whole, name)[expert_parallel.expert_block(4, 2, rank)])
+    torch.manual_seed(1 + rank)
+    x_TD = torch.randn(37, 16)
+    idx_TK = torch.rand(37, 4).argsort(-1)[:, :3]  # k = 3, every expert on both ranks
+    weight_TK = torch.rand(37, 3).softmax(-1)
+    sent, real = [], expert_parallel._all_to_all
+    expert_parallel._all_to_all = lambda x, *a: sent.append(x.dtype) or real(x, *a)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    torch.Tensor.tolist = lambda t: reads.append(t.shape) or real_tolist(t)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ep(x_TD, idx_TK, weight_TK)
+            want = whole(x_TD, idx_TK, weight_TK)
+    finally:
+        expert_parallel._all_to_all, torch.Tensor.tolist = real, real_tolist
+    assert sent == [torch.bfloat16, torch.bfloat16], sent  # rows there and back, half bytes
+    assert len(reads) == 1, reads  # one host read per layer: both exchanges' split sizes
+    assert got.dtype == torch.float32 and torch.equal(got, want), (got - want).abs().max()
+    Path(out_path + f".{rank}").write_text("ok")
+
+
+def test_expert_parallel_layer_sends_bf16_rows_and_combines_like_one_process(tmp_path):
+    run_ranks(2, _expert_parallel_layer, str(tmp_path / "done"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.0", "done.1"]
