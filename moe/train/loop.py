@@ -32,6 +32,7 @@ from moe.config import RunConfig, TrainConfig, config_hash
 from moe.data.shards import TokenData, load_data
 from moe.eval import EvalShard, evaluate_tasks, flat_results, load_tasks
 from moe.model import ModelOutput, MoELM
+from moe.model import precision
 from moe.model.lm import IGNORE_INDEX
 from moe.params import count_params, resolve_tokens, train_flops_per_token
 from moe.rundir import RunDir
@@ -59,10 +60,8 @@ def pick_device(tcfg: TrainConfig) -> torch.device:
 
 
 def autocast_for(tcfg: TrainConfig, device: torch.device):
-    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """The run's precision policy (`moe.model.precision`) as a context for its forwards."""
+    return precision.autocast(tcfg.precision, device)
 
 
 @dataclass
@@ -270,7 +269,7 @@ def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
                          f"divisible by the {ddp.world} data-parallel ranks")
     torch.manual_seed(cfg.train.seed)
     model = MoELM(cfg.model).to(device)
-    bf16 = not isinstance(autocast_for(cfg.train, device), contextlib.nullcontext)
+    bf16 = precision.uses_bf16(cfg.train.precision, device)
     model, par = parallelize(model, cfg, device, ddp, bf16)
     opt = build_optimizer(model, cfg.train)
     return model, opt, par
