@@ -95,14 +95,14 @@ def test_step_balance_loss_over_micro_batches_is_the_switch_loss_of_the_whole_ba
 def test_micro_batch_rows_of_any_split_cover_the_same_global_batch():
     from moe.data.shards import load_data
     from moe.train.distributed import Dist
-    from moe.train.loop import _micro_rows
+    from moe.train.step import micro_rows
 
     cfg = tiny_config()
     data = load_data(cfg.data, cfg.model.seq_len)
     whole, _ = data.train.batch(0, 5, 8)
     for accum, world in ((1, 1), (2, 1), (1, 2), (2, 2), (4, 2)):
         split = apply_overrides(cfg, [f"train.grad_accum={accum}"])
-        rows = [data.train.batch(0, 5, 8, _micro_rows(split, Dist(rank=r, world=world), m))[0]
+        rows = [data.train.batch(0, 5, 8, micro_rows(split, Dist(rank=r, world=world), m))[0]
                 for m in range(accum) for r in range(world)]
         assert torch.equal(torch.cat(rows), whole), (accum, world)
 
@@ -326,7 +326,7 @@ def _dtypes_of_one_step(cfg, model) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from moe.model import experts as experts_mod
-    from moe.train.loop import autocast_for
+    from moe.train.step import autocast_for
 
     inner = getattr(model, "module", model)
     seen: dict[str, list] = {"parity": [], "gathered": []}
