@@ -95,14 +95,14 @@ def test_step_balance_loss_over_micro_batches_is_the_switch_loss_of_the_whole_ba
 def test_micro_batch_rows_of_any_split_cover_the_same_global_batch():
     from moe.data.shards import load_data
     from moe.train.distributed import Dist
-    from moe.train.loop import _micro_rows
+    from moe.train.step import micro_rows
 
     cfg = tiny_config()
     data = load_data(cfg.data, cfg.model.seq_len)
     whole, _ = data.train.batch(0, 5, 8)
     for accum, world in ((1, 1), (2, 1), (1, 2), (2, 2), (4, 2)):
         split = apply_overrides(cfg, [f"train.grad_accum={accum}"])
-        rows = [data.train.batch(0, 5, 8, _micro_rows(split, Dist(rank=r, world=world), m))[0]
+        rows = [data.train.batch(0, 5, 8, micro_rows(split, Dist(rank=r, world=world), m))[0]
                 for m in range(accum) for r in range(world)]
         assert torch.equal(torch.cat(rows), whole), (accum, world)
 
@@ -252,3 +252,23 @@ def test_stop_warning_checkpoints_at_the_next_step_boundary_before_the_requeue(t
     uninterrupted = train_run(cfg, tmp_path / "reference")
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert resumed["val_loss"] == uninterrupted["val_loss"]
+
+
+def test_collectives_wait_the_configured_timeout_not_nccls_ten_minutes(monkeypatch):
+    """Rank 0 alone checkpoints and evaluates the EMA while the others wait at a barrier."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moe.train import distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny_config("parallel.timeout_min=90")
+    assert distributed.init_from_env(cfg.parallel.timeout_min)
+    assert seen["timeout"] == timedelta(minutes=90) > timedelta(minutes=10)
+    assert tiny_config().parallel.timeout_min == 60
+    with pytest.raises(ConfigError, match="parallel.timeout_min"):
+        tiny_config("parallel.timeout_min=0")

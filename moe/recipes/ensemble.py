@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from moe.checkpoint import load_run_model
 from moe.data.shards import load_data
 from moe.model import IGNORE_INDEX, ModelOutput
+from moe.record import build_result
 from moe.rundir import RunDir
-from moe.train.loop import build_result, validation_loss
+from moe.train.step import validation_loss
 
 
 class LogitAverage(torch.nn.Module):
