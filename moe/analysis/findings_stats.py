@@ -55,9 +55,11 @@ def loss_curve_basis(pre_N: np.ndarray) -> np.ndarray:
     v = (pre_N - pre_N.min()) / max(np.ptp(pre_N), 1e-12)
     n_knots = min(SPLINE_KNOTS, len(np.unique(v)) // 5)  # >= 5 runs per knot: resamples fit
     knots = np.unique(np.quantile(v, np.linspace(0, 1, max(n_knots, 2))))
-    if len(knots) < 3:
-        return np.column_stack([np.ones_like(v), v])
-    return natural_spline_basis(v, knots)
+    basis = (np.column_stack([np.ones_like(v), v]) if len(knots) < 3
+             else natural_spline_basis(v, knots))
+    # the same column space, orthonormal: the truncated cubics of clustered losses (one
+    # cluster per token budget) are nearly collinear, and resamples must not read as singular
+    return np.linalg.qr(basis)[0]
 
 
 # --- memorization and top-k: one linear model each -----------------------------------------
