@@ -205,3 +205,17 @@ def test_merge_without_snapshots_says_how_to_get_them(tmp_path, capsys):
                  str(tmp_path / "m")]) == 2
     assert "train.save_every" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_damaged_snapshot_is_an_error_naming_the_file(constant_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(constant_run / "run", run)
+    _, last = RunDir(run).list_snapshots()[-1]
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    assert main(["merge", str(run), "--window", "8", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert str(last) in err and "checksum mismatch" in err
