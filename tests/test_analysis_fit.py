@@ -164,3 +164,64 @@ def test_clark_saturation_transform():
     assert routed < dense
     with pytest.raises(ValueError):
         laws.clark_saturated_experts(4.0, 10.0, 5.0)
+
+
+# --- Approach 2 windows -------------------------------------------------------------------
+
+def _drifting_isoflop_grid(params, *, drift=10.0, decades=3.0, sizes=15):
+    """Five budgets whose sampled sizes drift from 1/drift to drift times the optimum (one set
+    of sizes reused across budgets does this), each over ``decades`` decades of N."""
+    n_all, c_all = [], []
+    for c, t in zip(np.logspace(17, 21, 5), np.linspace(-1, 1, 5), strict=True):
+        n_opt, _ = laws.compute_optimal_allocation(c, params["A"], params["B"],
+                                                   params["alpha"], params["beta"])
+        n_all.append(n_opt * drift ** t * np.logspace(-decades / 2, decades / 2, sizes))
+        c_all.append(np.full(sizes, c))
+    n, c = np.concatenate(n_all), np.concatenate(c_all)
+    return n, laws.isoflop_loss(n, c, **params), c
+
+
+def test_isoflop_window_removes_the_full_range_bias():
+    truth = {"E": 1.7, "A": 300.0, "B": 3000.0, "alpha": 0.28, "beta": 0.40}
+    a_true = truth["beta"] / (truth["alpha"] + truth["beta"])  # Hoffmann et al. eq. 4
+    n, loss, c = _drifting_isoflop_grid(truth)
+    full = isoflop.fit_isoflop(n, loss, c, window=isoflop.Window())
+    assert abs(full.a - a_true) / a_true > 0.05  # three decades per parabola: biased
+    for spec in ("loss:0.05", "nearest:5"):
+        near = isoflop.fit_isoflop(n, loss, c, window=isoflop.Window.parse(spec))
+        assert near.a == pytest.approx(a_true, rel=0.01), spec
+    # prefactors: N_opt = G_N C^a with G_N from eq. 4 of Hoffmann et al. (C/6 form)
+    g = (truth["alpha"] * truth["A"] / (truth["beta"] * truth["B"])) ** (1 / 0.68)
+    near = isoflop.fit_isoflop(n, loss, c, window=isoflop.Window.parse("loss:0.05"))
+    assert near.n_prefactor * 1e19 ** near.a == pytest.approx(g * (1e19 / 6) ** a_true,
+                                                              rel=0.03)
+    assert near.d_prefactor * 1e19 ** near.b == pytest.approx(1e19 / 6 / (g * (1e19 / 6)
+                                                                          ** a_true), rel=0.03)
+
+
+def test_isoflop_window_kinds_select_the_points_near_the_minimum():
+    n = np.array([1, 2, 4, 8, 16, 32, 64], dtype=float)
+    loss = np.array([3.0, 2.5, 2.2, 2.1, 2.15, 2.4, 2.9])
+    near3 = isoflop.Window.parse("nearest:3").select(n, loss)
+    assert list(n[near3]) == [4, 8, 16]
+    within = isoflop.Window.parse("loss:0.05").select(n, loss)  # <= 2.1 * 1.05 = 2.205
+    assert list(n[within]) == [4, 8, 16]
+    assert isoflop.Window.parse("loss:0.01").select(n, loss).sum() == 3  # widened to 3 sizes
+    for bad in ("loss:0", "nearest:2", "nearest:3.5", "wide:3", "loss:x"):
+        with pytest.raises(ValueError):
+            isoflop.Window.parse(bad)
+
+
+def test_approach2_always_reports_its_bias_on_the_grid_and_blocks_a_biased_verdict():
+    from moe.analysis import records
+
+    truth = {"E": 1.7, "A": 300.0, "B": 3000.0, "alpha": 0.28, "beta": 0.40}
+    n, loss, c = _drifting_isoflop_grid(truth)
+    full = records.approach2(n, loss, c, window=isoflop.Window(), n_boot=0)
+    assert full.bias["relative"] > 0.05 and not full.verdict.identified
+    assert "moves a by" in full.verdict.reason
+    near = records.approach2(n, loss, c, window=isoflop.Window.parse("loss:0.05"), n_boot=20)
+    assert abs(near.bias["relative"]) < 0.01 and near.verdict.identified
+    record = near.to_dict()
+    assert record["method_bias"]["law"].startswith("the Approach-3 law of the same rows")
+    assert set(record["intervals"]) == {"a", "b", "n_prefactor", "d_prefactor"}

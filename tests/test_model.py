@@ -137,3 +137,32 @@ def test_untied_and_tied_embeddings():
     untied = MoELM(ModelConfig(**base))
     assert tied.head.weight is tied.embed.weight
     assert untied.head.weight is not untied.embed.weight
+
+
+@pytest.mark.parametrize("accumulated", [False, True])
+def test_a_training_micro_step_reads_nothing_back_from_the_device(accumulated):
+    """Forward (with padding), the step's load-balance term and backward wait for nothing:
+    on a GPU each host read is a sync, 16+ per forward at paper depth."""
+    from moe.model.lm import IGNORE_INDEX
+    from moe.train.balance import all_ranks_sum, routing_counts, step_balance_term
+    from tests.guards import HostSync, no_host_reads
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, top_k=2, seq_len=16,
+                      vocab_size=50, experts_backend="torch")
+    model = MoELM(cfg)
+    idx = torch.randint(0, 50, (2, 16))
+    tgt = idx.clone()
+    tgt[0, :5] = IGNORE_INDEX  # padding: the router's mask is not all-true
+    with no_host_reads():
+        out = model(idx, tgt)
+        counts = all_ranks_sum(routing_counts(out), 1)
+        if accumulated:  # counts of a whole step, e.g. one with no real token in this part
+            counts = counts * 0
+        lb = step_balance_term(out, counts, cfg.top_k, n_parts=2)
+        (out.ce_loss + 1e-2 * lb + 1e-3 * out.z_loss).backward()
+        with pytest.raises(HostSync):  # the guard itself sees an `if` on a tensor
+            bool(out.ce_loss > 0)
+    assert model.blocks[0].ffn.router.weight_ED.grad.abs().sum() > 0
+    want = out.routing[0].tokens_per_expert_E.sum()  # dropless: every real token, k slots
+    assert int(want) == (32 - 5) * cfg.top_k

@@ -252,3 +252,23 @@ def test_stop_warning_checkpoints_at_the_next_step_boundary_before_the_requeue(t
     uninterrupted = train_run(cfg, tmp_path / "reference")
     assert resumed["train_loss"] == uninterrupted["train_loss"]
     assert resumed["val_loss"] == uninterrupted["val_loss"]
+
+
+def test_collectives_wait_the_configured_timeout_not_nccls_ten_minutes(monkeypatch):
+    """Rank 0 alone checkpoints and evaluates the EMA while the others wait at a barrier."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moe.train import distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny_config("parallel.timeout_min=90")
+    assert distributed.init_from_env(cfg.parallel.timeout_min)
+    assert seen["timeout"] == timedelta(minutes=90) > timedelta(minutes=10)
+    assert tiny_config().parallel.timeout_min == 60
+    with pytest.raises(ConfigError, match="parallel.timeout_min"):
+        tiny_config("parallel.timeout_min=0")

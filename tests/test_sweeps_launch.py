@@ -276,3 +276,16 @@ def test_workers_import_this_checkout():
     first = Path(worker_env()["PYTHONPATH"].split(os.pathsep)[0])
     assert (first / "moe" / "__init__.py").is_file()
     assert (first / "moe" / "__init__.py").resolve() == Path(__import__("moe").__file__).resolve()
+
+
+def test_parallel_workers_divide_the_cores(monkeypatch):
+    """Two runs side by side on N cores get N // 2 threads each (their `auto` cap), unless the
+    user chose OMP_NUM_THREADS."""
+    from moe.sweeps.local import worker_env
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_env(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert worker_env(cores + 1)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_env(2)["OMP_NUM_THREADS"] == "3"

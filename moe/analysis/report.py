@@ -13,7 +13,7 @@ import pandas as pd
 
 from moe.analysis import findings as findmod
 from moe.analysis import fit as fitmod
-from moe.analysis import isoflop, plots, recipes, sparsity
+from moe.analysis import plots, recipes, records, sparsity
 from moe.analysis.bootstrap import bootstrap_fit
 from moe.analysis.columns import describe_missing, ensure_canonical
 from moe.analysis.tables import (
@@ -175,27 +175,28 @@ def _isoflop_section(df: pd.DataFrame, chin, n_boot: int, seed: int, rec: dict) 
                       ""]
     rows = finite_rows(df, need)
     tokens = rows["tokens"] if "tokens" in rows and rows["tokens"].notna().all() else None
-    res = isoflop.fit_isoflop(rows["n_params_total"], rows[PRETRAIN_LOSS], rows["flops"],
-                              tokens=tokens, n_boot=n_boot, seed=seed)
+    res = records.approach2(rows["n_params_total"], rows[PRETRAIN_LOSS], rows["flops"],
+                            tokens=tokens, n_boot=n_boot, seed=seed)
     rec["approach2"] = res.to_dict()
     if not res.budgets:
         return out + ["Skipped: no compute budget has >= 3 model sizes (a fixed-TPP sweep has "
                       "one run per budget).", ""]
-    out += ["| C (FLOPs) | runs | N_opt | D_opt | interior |", "|---|---|---|---|---|"]
-    out += [f"| {_g(b.flops)} | {b.n_points} | "
+    out += ["| C (FLOPs) | runs | in window | N_opt | D_opt | interior |",
+            "|---|---|---|---|---|---|"]
+    out += [f"| {_g(b.flops)} | {b.n_points} | {b.n_used} | "
             + (f"{_g(b.n_opt)} | {_g(b.d_opt)} | yes |" if b.interior else
                f"- | - | no: {b.reason} |") for b in res.budgets] + [""]
+    bias = res.bias
+    out += [f"**Bias:** {res.note} Each parabola is fitted on window {res.window.label}. On "
+            f"this table's (N, C) grid, noiseless data from {bias['law']} (a = "
+            f"{_g(bias['a_true'])}) give a = {_g(bias['a_approach2'])} by Approach 2 "
+            f"(bias {_g(bias['bias'], 2)}).", ""]
     if not res.verdict.identified:
         return out + not_identified(res.verdict, "Approach-2 exponents a, b")
     ivs = "".join(f", 95% interval [{_g(res.intervals[k][0])}, {_g(res.intervals[k][1])}] for "
                   f"{k}" for k in ("a", "b") if k in res.intervals)
-    out += [f"{len(res.interior)} interior budgets: N_opt ~ C^{_g(res.a)}, D_opt ~ "
-            f"C^{_g(res.b)}{ivs}.", "", f"**Bias:** {res.note}"]
-    if chin is not None:
-        bias = isoflop.parabola_bias(rows["n_params_total"], rows["flops"], chin.params)
-        out += [f" On this table's (N, C) grid, noiseless data from the Approach-3 law "
-                f"(a = {_g(bias['a_true'])}) give a = {_g(bias['a_approach2'])} by Approach 2 "
-                f"(bias {_g(bias['bias'], 2)})."]
+    out += [f"{len(res.interior)} interior budgets: N_opt = {_g(res.n_prefactor)} C^{_g(res.a)},"
+            f" D_opt = {_g(res.d_prefactor)} C^{_g(res.b)}{ivs}."]
     return out + [""] + _warnings(res.verdict)
 
 

@@ -78,8 +78,8 @@ def chinchilla_table(params: dict, *, seed: int = 0, noise: float = 0.01,
 
 def isoflop_table(params: dict, *, seed: int = 0, noise: float = 0.003,
                   budgets=(1e17, 1e18, 1e19), n_per_budget: int = 7, centre_factors=None,
-                  active_fraction: float = 1.0) -> pd.DataFrame:
-    """IsoFLOP profiles: per budget C, N log-spaced over two decades around the law's
+                  active_fraction: float = 1.0, decades: float = 2.0) -> pd.DataFrame:
+    """IsoFLOP profiles: per budget C, N log-spaced over ``decades`` decades around the law's
     optimum times ``centre_factors[i]`` (default 1), D = C / FLOPs-per-token.
 
     ``active_fraction`` f < 1 makes an MoE table: N (n_params_total) is total parameters,
@@ -94,7 +94,7 @@ def isoflop_table(params: dict, *, seed: int = 0, noise: float = 0.003,
     for c, factor in zip(budgets, factors, strict=True):
         n_opt, _ = laws.compute_optimal_allocation(c, params["A"], params["B"], params["alpha"],
                                                    params["beta"], fpt_coef=6 * active_fraction)
-        for n in factor * n_opt * np.logspace(-1, 1, n_per_budget):
+        for n in factor * n_opt * np.logspace(-decades / 2, decades / 2, n_per_budget):
             d = c / (6 * active_fraction * n)
             loss = laws.chinchilla(n, d, **law)
             rows.append({"n_params_total": n, "n_params_active": active_fraction * n,

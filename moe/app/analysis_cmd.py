@@ -119,7 +119,7 @@ def _fit_approach3(df, cols, args, test) -> dict:
 
 
 def _fit_approach2(df, cols, args, test) -> dict:
-    from moe.analysis import isoflop
+    from moe.analysis import isoflop, records
     from moe.analysis.tables import TableError, used_columns
 
     if test is not None:
@@ -132,9 +132,10 @@ def _fit_approach2(df, cols, args, test) -> dict:
     use = [cols.n, cols.loss, c_col] + ([cols.d] if has_tokens else [])
     values, keep = used_columns(df, use, purpose="Approach 2")
     _dropped(int((~keep).sum()), use)
-    res = isoflop.fit_isoflop(values[:, 0], values[:, 1], values[:, 2],
-                              tokens=values[:, 3] if has_tokens else None,
-                              n_boot=args.bootstrap, seed=args.seed)
+    res = records.approach2(values[:, 0], values[:, 1], values[:, 2],
+                            tokens=values[:, 3] if has_tokens else None,
+                            window=isoflop.Window.parse(args.window) if args.window else None,
+                            n_boot=args.bootstrap, seed=args.seed)
     n_kind = next((k for k in ("active", "total") if k in cols.n.lower()),
                   f"as given in column {cols.n!r}")
     record = {**res.to_dict(), "columns": {"n": cols.n, "loss": cols.loss, "c": c_col,
@@ -148,9 +149,13 @@ def _fit_approach2(df, cols, args, test) -> dict:
         record["warnings"].append(f"no tokens column {cols.d!r}: D_opt = C / (6 N_opt) assumes "
                                   "the fitted N does all the compute (wrong for MoE total N)")
     record["_reason"] = res.verdict.reason
-    record["_summary"] = (f"approach 2: a={_fmt(res.a)}, b={_fmt(res.b)} from "
-                          f"{len(res.interior)} of {len(res.budgets)} budget(s) (N = {n_kind});"
-                          f" {res.note}")
+    bias = res.bias.get("relative")
+    record["_summary"] = (f"approach 2 (window {res.window.label}): a={_fmt(res.a)}, "
+                          f"b={_fmt(res.b)}, N_opt = {_fmt(res.n_prefactor)} C^a, D_opt = "
+                          f"{_fmt(res.d_prefactor)} C^b from {len(res.interior)} of "
+                          f"{len(res.budgets)} budget(s) (N = {n_kind}); the method's bias on "
+                          f"this grid: "
+                          + ("n/a" if bias is None else f"{100 * bias:+.1f}% in a"))
     return record
 
 
@@ -259,7 +264,13 @@ def register(subparsers) -> None:
                    help="drop the K highest-loss rows first (the reference fit drops 5)")
     p.add_argument("--test-where", default=None, metavar="EXPR",
                    help="hold these rows out: report predicted vs observed loss on them")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="K", help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="K",
+                   help="bootstrap resamples (default 100: the interval checks always run; "
+                        "0 skips them and the verdict says 'not checked')")
+    p.add_argument("--window", default=None, metavar="SPEC",
+                   help="approach 2: fit each budget's parabola near its minimum: "
+                        "loss:FRACTION (sizes within FRACTION of the budget's lowest loss), "
+                        "nearest:K (the K sizes nearest it) or all (default loss:0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", default=None, help="fit.json")
     p.set_defaults(func=_fit)

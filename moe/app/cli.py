@@ -14,7 +14,7 @@ def _train(args: argparse.Namespace) -> int:
     from moe.train.distributed import init_from_env
 
     cfg = load_config(args.config, args.set or [])
-    owns_group = init_from_env()  # under torchrun: one rank of the job
+    owns_group = init_from_env(cfg.parallel.timeout_min)  # under torchrun: one rank
     try:
         result = train_run(cfg, args.out, progress=not args.quiet)
     finally:

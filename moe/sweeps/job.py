@@ -55,7 +55,7 @@ def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     run = RunDir(run_dir)
     cfg = run.read_config()
-    owns_group = _init_distributed()
+    owns_group = _init_distributed(cfg.parallel.timeout_min)
     rank0 = _rank() == 0
     try:
         if rank0 and not run.is_done():
@@ -103,7 +103,7 @@ def current_job_id() -> str | None:
     return None
 
 
-def _init_distributed() -> bool:
+def _init_distributed(timeout_min: float) -> bool:
     """Start a process group when this job has several ranks; True if we started it."""
     import torch.distributed as dist
 
@@ -116,7 +116,7 @@ def _init_distributed() -> bool:
             set_cuda_visible_devices=False, overwrite=True)
     from moe.train.distributed import init_from_env
 
-    return init_from_env()
+    return init_from_env(timeout_min)
 
 
 def _rank() -> int:

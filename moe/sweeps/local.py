@@ -50,7 +50,7 @@ def run_local(run_dirs: list[Path], *, max_parallel: int = 2, progress: bool = T
         try:
             while queue or running:
                 while queue and len(running) < max_parallel:
-                    _start(queue.pop(0), running)
+                    _start(queue.pop(0), running, max_parallel)
                     display.event(f"started {running[-1].run_dir.name}")
                 time.sleep(POLL_S)
                 for w in [w for w in running if w.proc.poll() is not None]:
@@ -98,8 +98,17 @@ def _stop_workers_on_error(running: list[_Worker]):
         raise
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(max_parallel: int = 1) -> dict[str, str]:
+    """The launcher's environment plus this checkout on the path and, unless the user set it,
+    OMP_NUM_THREADS = this machine's cores / max_parallel: the cap of the workers'
+    `train.num_threads = "auto"`, so parallel runs divide the cores instead of sharing them."""
     env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // max_parallel))
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + path if path else "")
     env[EXECUTOR_ENV] = "local"  # tells the worker its job id is its own pid
@@ -110,12 +119,12 @@ def worker_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "moe.sweeps.job", str(run_dir)]
 
 
-def _start(run_dir: Path, running: list[_Worker]) -> None:
+def _start(run_dir: Path, running: list[_Worker], max_parallel: int) -> None:
     """Start a worker and add it to `running` before its job id is recorded, so a signal that
     arrives once the id is visible finds the worker to stop."""
     log = open(run_dir / WORKER_LOG, "ab")
     proc = subprocess.Popen(worker_command(run_dir), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=worker_env())
+                            stdin=subprocess.DEVNULL, env=worker_env(max_parallel))
     running.append(_Worker(run_dir=run_dir, proc=proc, log=log, started_s=time.time()))
     record_submission(run_dir, "local", local_job_id(proc.pid))
 

@@ -40,7 +40,7 @@ from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts,
 from moe.train.distributed import Dist
 from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize, shards_weights
 from moe.train.preempt import active_watch
-from moe.train.resources import check_resources
+from moe.train.resources import apply_num_threads, check_resources
 from moe.train.resume import load_newest, save_sharded_step
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 from moe.train.tracking import Tracker, open_tracker
@@ -262,8 +262,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
     """The model laid out by [parallel], and its optimizer (built on the sharded weights)."""
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    apply_num_threads(cfg, device, ddp.world)
     per_micro = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     if per_micro % ddp.world:
         raise ValueError(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
@@ -379,7 +378,7 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
             _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
-        stop = watch is not None and watch.poll(ddp.world)
+        stop = watch is not None and watch.poll(ddp.world, device)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
             _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
         if stop:
