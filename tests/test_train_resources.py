@@ -95,3 +95,34 @@ def test_apply_num_threads_sets_torch(monkeypatch):
         assert apply_num_threads(tiny_config("train.num_threads=auto"), torch.device("cpu")) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_memory_refusal_names_the_parts_and_what_to_change(monkeypatch):
+    cfg = tiny_config("train.batch_size=4096")
+    need = resources.estimate_train_memory(cfg)
+    monkeypatch.setattr("moe.train.resources.machine_memory_bytes", lambda: need.total - 1)
+    with pytest.raises(resources.ResourceError,
+                       match=r"needs about .* GiB \(parameters .* activations .* "
+                             r"at 4096 sequences per micro-batch\).*grad_accum"):
+        resources.check_resources(cfg, torch.device("cpu"))
+    monkeypatch.setattr("moe.train.resources.machine_memory_bytes", lambda: need.total)
+    resources.check_resources(cfg, torch.device("cpu"))  # exactly enough: accepted
+
+
+def test_threads_are_capped_by_the_cores(monkeypatch):
+    monkeypatch.setattr("moe.train.resources.os.cpu_count", lambda: 2)
+    resources.check_resources(tiny_config("train.num_threads=8"), torch.device("cpu"))
+    with pytest.raises(resources.ResourceError,
+                       match="num_threads=9 is more than 4 x the 2 CPU cores"):
+        resources.check_resources(tiny_config("train.num_threads=9"), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_refusal_uses_the_gpu_memory_on_cuda():
+    device = torch.device("cuda", 0)
+    total = torch.cuda.get_device_properties(0).total_memory
+    cfg = tiny_config("train.batch_size=1048576")
+    assert resources.estimate_train_memory(cfg, attention_scores=False).total > total
+    with pytest.raises(resources.ResourceError, match="GPU 0 has"):
+        resources.check_resources(cfg, device)
+    resources.check_resources(tiny_config(), device)

@@ -1,9 +1,8 @@
 """Reading and validating results tables (output files are written atomically by `moe.io`).
 
-A results table (docs/architecture.md, "Results table") has one row per run with columns
-run_id, d_model, n_layers, n_experts, top_k, sparsity, n_params_total, n_params_active,
-n_params_embedding, tokens, tpp, flops, train_loss, val_loss and, per task ``<name>``,
-``task/<name>/{loss,bits_per_token,bits_per_byte,accuracy,kind}``.
+A results table has one row per run; its columns, their meaning and units are the results
+record's (`moe.record`: `COLUMNS` first, then ``task/<name>/<metric>`` per task, then the
+rest).
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moe.record import TASK_PREFIX, task_column  # noqa: F401 (TASK_PREFIX is re-exported)
+from moe.sweepdir import SweepDir
+
 MIN_POINTS = 5
 PRETRAIN_LOSS = "pretrain_loss"  # the loss role in a canonical frame (moe.analysis.columns)
-TASK_PREFIX = "task/"
 
 
 class TableError(ValueError):
@@ -28,7 +29,7 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
     """Read a results table from a csv/parquet file or a sweep directory's results.parquet."""
     path = Path(source)
     if path.is_dir():
-        table = path / "results.parquet"
+        table = SweepDir(path).results_path
         if not table.is_file():
             raise TableError(
                 f"{path} has no results.parquet; run `moe sweep collect {path}` first")
@@ -147,7 +148,7 @@ def task_names(df: pd.DataFrame) -> list[str]:
 
 def task_kind(df: pd.DataFrame, task: str) -> str:
     """The task's kind ("memorization", "reasoning"), or "unknown" without a kind column."""
-    col = f"{TASK_PREFIX}{task}/kind"
+    col = task_column(task, "kind")
     if col not in df.columns:
         return "unknown"
     kinds = df[col].dropna().astype(str).unique()

@@ -30,6 +30,7 @@ from moe.config.schema import (
     RunConfig,
     TrainConfig,
     field_names,
+    sparsity,
 )
 from moe.config.tomlio import dumps_toml, read_toml
 
@@ -39,5 +40,6 @@ __all__ = [
     "ParallelConfig",
     "RunConfig", "TrainConfig", "apply_overrides",
     "config_from_dict", "config_hash", "dumps_toml", "field_names", "legacy_config_hash",
-    "load_config", "parse_value", "read_toml", "set_dotted", "valid_keys", "weight_fields",
+    "load_config", "parse_value", "read_toml", "set_dotted", "sparsity", "valid_keys",
+    "weight_fields",
 ]

@@ -28,6 +28,13 @@ PARALLEL_DATA = ("ddp", "fsdp")
 ORDERS = ("shuffled", "ascending-quality")
 
 
+def sparsity(top_k, n_experts):
+    """1 - k/E: the fraction of expert parameters a token does not use. The one home of the
+    rule (numbers or numpy/pandas arrays): the config, the results table and the synthetic
+    tables all call it."""
+    return 1.0 - top_k / n_experts
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of the decoder LM. n_experts = 1, top_k = 1 is a dense model."""
@@ -99,8 +106,8 @@ class ModelConfig:
 
     @property
     def sparsity(self) -> float:
-        """1 - k/E: the fraction of expert parameters a token does not use."""
-        return 1.0 - self.top_k / self.n_experts
+        """1 - k/E (`sparsity`)."""
+        return sparsity(self.top_k, self.n_experts)
 
     @property
     def is_dense(self) -> bool:

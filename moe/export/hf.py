@@ -47,6 +47,7 @@ from moe.io import (
     claim_output_dir,
     new_file_mode,
 )
+from moe.model.lm import split_qkv
 
 
 class ExportError(ValueError):
@@ -126,6 +127,15 @@ def _ffn_weights(state: dict[str, torch.Tensor], ours: str, theirs: str,
     return out
 
 
+def attention_weights(state: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Wq, Wk, Wv) of one layer from either layout: one fused `wqkv`, or separate (older
+    checkpoints) `wq`/`wk`/`wv`."""
+    if prefix + "wqkv.weight" in state:
+        return split_qkv(state[prefix + "wqkv.weight"], cfg.n_heads, cfg.kv_heads)
+    return tuple(state[f"{prefix}{w}.weight"] for w in ("wq", "wk", "wv"))
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The toolkit's `MoELM.state_dict()` renamed and transposed to transformers' names."""
@@ -137,9 +147,10 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         out[theirs + "input_layernorm.weight"] = state[ours + "attn_norm.weight"]
         out[theirs + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
-        for name, hf_name in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"),
-                              ("wo", "o_proj")):
-            out[f"{theirs}self_attn.{hf_name}.weight"] = state[f"{ours}attn.{name}.weight"]
+        q, k, v = attention_weights(state, ours + "attn.", cfg)
+        for w, hf_name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"),
+                           (state[f"{ours}attn.wo.weight"], "o_proj")):
+            out[f"{theirs}self_attn.{hf_name}.weight"] = w
         out.update(_ffn_weights(state, ours + "ffn.", theirs, cfg))
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
 

@@ -26,8 +26,9 @@ from moe.checkpoint import load_run_model
 from moe.data.shards import load_data
 from moe.io import check_output_dir, claim_output_dir
 from moe.model import IGNORE_INDEX, ModelOutput
+from moe.record import build_result
 from moe.rundir import RunDir
-from moe.train.loop import build_result, validation_loss
+from moe.train.step import validation_loss
 
 
 class LogitAverage(torch.nn.Module):

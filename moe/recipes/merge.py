@@ -36,9 +36,9 @@ from moe.data.shards import load_data
 from moe.io import check_output_dir, claim_output_dir
 from moe.model import MoELM
 from moe.recipes.stats import validation_stats
+from moe.record import build_result
 from moe.rundir import RunDir
 from moe.train.averaging import load_snapshot, write_weights_run
-from moe.train.loop import build_result
 
 SHAPES = {
     "linear": lambda x: 1.0 - x,
