@@ -199,7 +199,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     cols = _columns(args)
     df = _select(read_table(args.source), args.where, "--where")
-    figs = plots.save_figures(cols.canonical(df), args.output)
+    figs = plots.save_figures(cols.canonical(df), args.output, force=args.force)
     for name, paths in figs.paths.items():
         print(f"{name}: {paths[0]} (+ .pdf)")
     for name, why in figs.skipped.items():
@@ -220,7 +220,7 @@ def _report(args: argparse.Namespace) -> int:
 
     path = make_report(cols.canonical(df), Path(args.output or "report.md"), args.fig_dir,
                        n_boot=args.bootstrap, seed=args.seed, source=str(args.source),
-                       n_label=cols.n)
+                       n_label=cols.n, force=args.force)
     print(f"report: {path}")
     return 0
 
@@ -268,6 +268,11 @@ def _column_flags(p: argparse.ArgumentParser, *, full: bool) -> None:
                        help="a task loss column (KIND memorization|reasoning); repeatable")
 
 
+def _force_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write figures into a directory that holds other files")
+
+
 def register(subparsers) -> None:
     """Add ``fit``, ``predict``, ``plot`` and ``report`` to an argparse subparsers object."""
     p = subparsers.add_parser("fit", help="fit a scaling law (Approach 3) or IsoFLOP profiles "
@@ -305,6 +310,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plot", help="draw the paper figures (PNG and PDF)")
     p.add_argument("source", help="sweep directory or results table")
     p.add_argument("-o", "--output", required=True, help="figure directory")
+    _force_flag(p)
     _column_flags(p, full=True)
     p.set_defaults(func=_plot)
 
@@ -318,5 +324,6 @@ def register(subparsers) -> None:
     p.add_argument("--findings-only", action="store_true",
                    help="only the paper's findings: print them, and write -o FILE.json")
     p.add_argument("--seed", type=int, default=0)
+    _force_flag(p)
     _column_flags(p, full=True)
     p.set_defaults(func=_report)
