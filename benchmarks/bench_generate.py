@@ -16,7 +16,7 @@ pre-cache code: the whole window re-run for every token) would take many minutes
 so it runs the first `--uncached-budget` tokens of every item; its cost per token
 only grows with the window, so its tokens/s over those first tokens is an upper
 bound on its full-budget speed. The cached path is also run at that short budget
-to check that both produce the same tokens. Goal (issue 16): >= 20x the uncached
+to check that both produce the same tokens. Goal: >= 20x the uncached
 tokens/s, 10 items in under 25 s on 2 CPU cores.
 """
 

@@ -35,7 +35,9 @@ def _step_times(config: str, overrides: list[str], steps: int, out: list) -> Non
     from moe.config import load_config
     from moe.data.shards import load_data
     from moe.train.distributed import Dist
-    from moe.train.loop import _setup, lr_at, train_step
+    from moe.train.loop import _setup
+    from moe.train.schedule import lr_at
+    from moe.train.step import train_step
 
     cfg = load_config(config, ["train.num_threads=1", *overrides])
     ddp = Dist.current()
@@ -114,7 +116,8 @@ def _measure_peak(config: str) -> None:
     from moe.config import load_config
     from moe.data.shards import load_data
     from moe.train.distributed import Dist
-    from moe.train.loop import _setup, train_step
+    from moe.train.loop import _setup
+    from moe.train.step import train_step
 
     torch.set_num_threads(1)
     cfg = load_config(config, ["train.num_threads=1"])

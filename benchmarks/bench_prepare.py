@@ -14,7 +14,7 @@ process and, for prepare, its largest worker):
 - `prepare`: `moe.data.prepare.prepare_corpus` end to end (read, parse, tokenise
   in `--workers` processes, write fsynced shards).
 
-Goal (issue 16): prepare within 1.5x of encode_batch's time, memory flat in
+Goal: prepare within 1.5x of encode_batch's time, memory flat in
 corpus size.
 """
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the sweep launcher (issue 4 goals).
+"""Benchmarks of the sweep launcher, against its goals.
 
     python benchmarks/bench_sweeps.py                 # stub sbatch: no cluster needed
     python benchmarks/bench_sweeps.py --slurm real    # the local cluster (SLURM_CONF set);

@@ -4,9 +4,11 @@
 
 The dense baseline has one expert of hidden width k*H, so its active parameters
 equal the MoE's (the MoE adds only its D*E router). Every row times the same
-optimizer step (forward, backward, AdamW) on the same batches; the step time is
-the median over `--steps` steps after warm-up. The goal (issue 2): MoE step time
-at most 1.5x the dense model's with the `torch` backend.
+optimizer step on the same batches; the step time is
+the median over `--steps` steps after warm-up. Each step is the one `moe train` runs
+(`moe.train.step.optimizer_step`: the training loss with the step's load-balance term,
+grad clip, AdamW). The goal: MoE step time at most 1.5x the dense model's with the
+`torch` backend.
 """
 
 from __future__ import annotations
@@ -25,27 +27,26 @@ from moe.config import load_config
 from moe.data.shards import load_data
 from moe.model import MoELM
 from moe.params import count_params
-from moe.train import build_optimizer
+from moe.train import build_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_steps(model_cfg, train_cfg, batches, warmup: int) -> list[float]:
-    torch.manual_seed(0)
-    model = MoELM(model_cfg)
-    opt = build_optimizer(model, train_cfg)
+def time_steps(model, opt, cfg, batches, warmup: int) -> list[float]:
+    """Seconds of each step after `warmup`: the step `moe train` runs (`optimizer_step`)."""
     times = []
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        out = model(x, y)
-        loss = out.ce_loss + train_cfg.aux_loss_coef * out.lb_loss + \
-            train_cfg.z_loss_coef * out.z_loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, lambda _micro, b=batch: b, 1, cfg, torch.device("cpu"))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
+
+
+def _model_and_opt(cfg):
+    torch.manual_seed(0)
+    model = MoELM(cfg.model)
+    return model, build_optimizer(model, cfg.train)
 
 
 def main() -> None:
@@ -74,7 +75,9 @@ def main() -> None:
     results, base = [], None
     for name, mc in rows:
         counts = count_params(mc)
-        ms = 1e3 * statistics.median(time_steps(mc, cfg.train, batches, args.warmup))
+        run_cfg = dataclasses.replace(cfg, model=mc)
+        model, opt = _model_and_opt(run_cfg)
+        ms = 1e3 * statistics.median(time_steps(model, opt, run_cfg, batches, args.warmup))
         base = base or ms
         results.append({"model": name, "active": counts.active, "total": counts.total,
                         "ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3,

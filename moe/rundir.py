@@ -13,10 +13,11 @@ RUN_DIR/config.toml    the resolved run config (reproduces the run alone)
        /export-hf/     the transformers export `moe eval --harness` runs (cached)
        /harness.json   lm-evaluation-harness results
        /tb/            TensorBoard events ([log] tracker = "tensorboard")
+       /worker.log     output of the `local` executor's worker process
 ```
 
 The training loop, the evaluator and the sweep launcher call this class and never
-build a run's paths themselves. Its invariants:
+build a run's paths themselves; a sweep's directory is `moe.sweepdir.SweepDir`'s. Its invariants:
 
 - every file is written atomically (temp file, fsync, rename: `moe.io`), so a
   reader never sees half a file;
@@ -69,6 +70,7 @@ RESULT = "result.json"
 EXPORT_HF = "export-hf"
 HARNESS = "harness.json"
 TENSORBOARD = "tb"
+WORKER_LOG = "worker.log"
 
 WRITER_LOCK = ".train.lock"
 
@@ -111,6 +113,17 @@ class RunDir:
     def __fspath__(self) -> str:
         return str(self.path)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and self.path == other.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        """The directory's name: the run id for a run of a sweep."""
+        return self.path.name
+
     # ------------------------------------------------------------------ paths
 
     @property
@@ -148,6 +161,10 @@ class RunDir:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def worker_log_path(self) -> Path:
+        return self.path / WORKER_LOG
 
     # ------------------------------------------------------------------ config
 
@@ -447,14 +464,3 @@ def update_status(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
 def is_done(run_dir: str | os.PathLike) -> bool:
     return RunDir(run_dir).is_done()
 
-
-RECIPES = "recipes"
-
-
-def recipe_dirs(sweep_dir: str | os.PathLike) -> list[RunDir]:
-    """SWEEP_DIR/recipes/*/: outputs of `moe merge` and `moe ensemble` kept beside a sweep's
-    runs (apart from runs/, so they never enter the sweep's own fits)."""
-    root = Path(sweep_dir) / RECIPES
-    if not root.is_dir():
-        return []
-    return [RunDir(p) for p in sorted(root.iterdir()) if (p / RESULT).is_file()]

@@ -14,3 +14,13 @@ TINY = [
 def tiny_config(*overrides: str) -> RunConfig:
     """A run that trains in about a second on one core (32 steps of 8 x 32 tokens)."""
     return apply_overrides(RunConfig(), [*TINY, *overrides])
+
+
+def stale_file(path, age_s: float):
+    """A leftover temporary file `age_s` seconds old (as an interrupted atomic write leaves)."""
+    import os
+    import time
+
+    path.write_text("partial")
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path

@@ -301,6 +301,34 @@ def test_no_host_sync_in_the_moe_layer_forward(backend):
 
 @gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_no_host_sync_in_the_model_forward_and_the_step_balance_loss(backend):
+    from moe.model.lm import IGNORE_INDEX
+    from moe.train.balance import routing_counts, step_balance_term
+
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=2, n_experts=8, top_k=2, seq_len=64,
+                      vocab_size=100, experts_backend=backend)
+    model = MoELM(cfg).cuda()
+    idx = torch.randint(0, 100, (4, 64), device="cuda")
+    tgt = idx.clone()
+    tgt[0, :7] = IGNORE_INDEX  # padding: a router mask that is not all-true
+
+    def micro_step():
+        out = model(idx, tgt)
+        lb = step_balance_term(out, routing_counts(out), cfg.top_k, n_parts=1)
+        return out.ce_loss + 1e-2 * lb + 1e-3 * out.z_loss
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        micro_step()  # warm-up: Triton's autotuning synchronises, once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            micro_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_bf16_autocast_on_gpu_runs_the_experts_in_bf16(backend):
     cfg = ModelConfig(d_model=64, n_layers=1, n_heads=2, n_experts=5, top_k=2, seq_len=16,
                       vocab_size=40, experts_backend=backend)

@@ -20,6 +20,7 @@ PACKAGE = ROOT / "moe"
 # docs/architecture.md, "Layers": a module may import modules of its own rank or below.
 RANKS = {
     "moe.io": 0, "moe.config": 0, "moe.params": 0, "moe.rundir": 0, "moe.procs": 0,
+    "moe.sweepdir": 0, "moe.record": 0,
     "moe.kernels": 1,
     "moe.model": 2, "moe.data": 2, "moe.tasks": 2,
     "moe.checkpoint": 3, "moe.checkpoint_dcp": 3,
@@ -32,7 +33,8 @@ RANKS = {
     "moe": 7,
 }
 # Torch-free modules: what planning, analysis and the launcher stand on.
-TORCH_FREE = ("moe.io", "moe.config", "moe.params", "moe.rundir", "moe.analysis")
+TORCH_FREE = ("moe.io", "moe.config", "moe.params", "moe.rundir", "moe.sweepdir", "moe.record",
+              "moe.analysis")
 
 
 def module_name(path: Path) -> str:
@@ -149,7 +151,7 @@ def _all_imports(path: Path) -> set[str]:
 
 def test_importing_analysis_loads_no_torch():
     code = ("import sys, moe.analysis, moe.analysis.report, moe.analysis.plots, "
-            "moe.analysis.bootstrap, moe.sweeps.plan, moe.rundir; "
+            "moe.analysis.bootstrap, moe.sweeps.plan, moe.rundir, moe.sweepdir, moe.record; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True)

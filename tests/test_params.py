@@ -5,9 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_config
 from moe.config import ModelConfig, load_config
 from moe.model import MoELM
-from moe.params import count_params, forward_flops_per_token, train_flops_per_token
+from moe.params import (
+    count_params,
+    estimate_train_memory,
+    forward_flops_per_token,
+    train_flops_per_token,
+)
+from moe.train.schedule import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +65,31 @@ def test_flops_follow_6n_plus_attention():
                if p.ndim >= 2 and "embed" not in n and "experts" not in n)
     assert matmul == used + c.experts_active
     assert torch.is_tensor(model.head.weight)
+
+
+def test_estimated_states_equal_the_built_model_and_optimizer():
+    """Parameters, gradients and AdamW moments, counted on the real objects after a step."""
+    cfg = tiny_config()
+    model = MoELM(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    x = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+    model(x, x).ce_loss.backward()
+    opt.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    moments = sum(v.numel() * v.element_size() for s in opt.state.values()
+                  for v in s.values() if torch.is_tensor(v) and v.dim())
+    est = estimate_train_memory(cfg)
+    assert est.params == weights and est.optimizer == grads + moments
+
+
+def test_activations_scale_with_the_micro_batch():
+    one = estimate_train_memory(tiny_config("train.batch_size=8"))
+    two = estimate_train_memory(tiny_config("train.batch_size=16"))
+    accum = estimate_train_memory(tiny_config("train.batch_size=16", "train.grad_accum=2"))
+    assert two.activations == 2 * one.activations and accum.activations == one.activations
+    ranks = estimate_train_memory(tiny_config("train.batch_size=16"), world=2)
+    assert ranks.activations == one.activations and ranks.params == one.params
+    sharded = estimate_train_memory(tiny_config("train.batch_size=16"), world=2,
+                                    shard_states=True)
+    assert sharded.params == one.params // 2

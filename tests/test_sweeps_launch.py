@@ -8,12 +8,15 @@ import os
 import socket
 from pathlib import Path
 
+import fakeslurm
 import pandas as pd
 import pytest
 
+from helpers import stale_file
 from moe.app.sweep_cmd import register
 from moe.io import atomic_write_json, file_lock
-from moe.rundir import read_status, update_status
+from moe.rundir import RunDir, read_status, update_status
+from moe.sweepdir import SweepDir
 from moe.sweeps import collect, launch, plan, status
 from moe.sweeps.launch import LaunchError
 from moe.sweeps.local import Display
@@ -129,8 +132,8 @@ def test_concurrent_launch_is_refused(tmp_path):
 
 def _hammer(run_dir: str, worker: int, n: int) -> None:
     for i in range(n):
-        record_requeue(run_dir, reason=f"w{worker}")
-        record_submission(run_dir, "slurm", f"{worker}_{i}")
+        record_requeue(RunDir(run_dir), reason=f"w{worker}")
+        record_submission(RunDir(run_dir), "slurm", f"{worker}_{i}")
         update_status(run_dir, tokens_done=i)
 
 
@@ -154,8 +157,8 @@ def test_display_writes_plain_lines_without_escape_codes(tmp_path):
     display = Display(2, enabled=True, stream=stream)
     update_status(tmp_path, state="done", last_loss=1.5)
     display.event("started x")
-    display.finished(tmp_path, "done", 1.0)
-    display.refresh([tmp_path])
+    display.finished(RunDir(tmp_path), "done", 1.0)
+    display.refresh([RunDir(tmp_path)])
     display.close()
     text = stream.getvalue()
     assert "\x1b" not in text and "\r" not in text
@@ -183,7 +186,7 @@ def _ddp_rank(rank: int, run_dir: str, port: int) -> None:
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     from moe.sweeps.job import run_in_dir
 
-    run_in_dir(run_dir)
+    run_in_dir(RunDir(run_dir))
 
 
 def test_two_gloo_ranks_train_one_run_data_parallel(tmp_path):
@@ -192,7 +195,7 @@ def test_two_gloo_ranks_train_one_run_data_parallel(tmp_path):
     from moe.sweeps.launch import prepare_run_dir
 
     run = plan(tiny_spec(grid={"model.n_experts": [4], "model.top_k": [2]}))[0]
-    run_dir = prepare_run_dir(tmp_path, run)
+    run_dir = prepare_run_dir(SweepDir(tmp_path), run).path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -208,7 +211,7 @@ def test_status_fails_a_run_whose_worker_died(tmp_path):
     from moe.sweeps.launch import prepare_run_dir
 
     run = plan(tiny_spec(grid={"model.n_experts": [1], "model.top_k": [1]}))[0]
-    run_dir = prepare_run_dir(tmp_path, run)
+    run_dir = prepare_run_dir(SweepDir(tmp_path), run).path
     dead = subprocess.Popen(["true"])
     dead.wait()
     update_status(run_dir, state="running", job_ids=[f"local:{socket.gethostname()}:{dead.pid}"])
@@ -221,13 +224,14 @@ def test_requeues_count_once_whichever_way_they_happen(tmp_path):
     from moe.rundir import read_status
     from moe.sweeps.records import record_requeue, record_start, record_submission
 
-    record_submission(tmp_path, "slurm", job_id="7_0")
-    record_start(tmp_path, "7_0", restarts=0)
+    run = RunDir(tmp_path)
+    record_submission(run, "slurm", job_id="7_0")
+    record_start(run, "7_0", restarts=0)
     assert read_status(tmp_path)["attempts"] == 1
-    record_start(tmp_path, "7_0", restarts=1)  # `scontrol requeue` by hand: not seen before
+    record_start(run, "7_0", restarts=1)  # `scontrol requeue` by hand: not seen before
     assert read_status(tmp_path)["attempts"] == 2
-    record_requeue(tmp_path, "preempted", job_id="7_0")  # submitit's checkpoint() path
-    record_start(tmp_path, "7_0", restarts=2)  # the same requeue, seen again at start
+    record_requeue(run, "preempted", job_id="7_0")  # submitit's checkpoint() path
+    record_start(run, "7_0", restarts=2)  # the same requeue, seen again at start
     status = read_status(tmp_path)
     assert status["attempts"] == 3 and status["state"] == "running"
 
@@ -276,3 +280,25 @@ def test_workers_import_this_checkout():
     first = Path(worker_env()["PYTHONPATH"].split(os.pathsep)[0])
     assert (first / "moe" / "__init__.py").is_file()
     assert (first / "moe" / "__init__.py").resolve() == Path(__import__("moe").__file__).resolve()
+
+
+def test_stale_temporary_files_are_cleaned_at_launch(tmp_path, monkeypatch):
+    fakeslurm.install(tmp_path, monkeypatch)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    old = stale_file(sweep / ".results.parquet.abc.tmp", 7200)
+    launch(fakeslurm.two_run_spec(), sweep, executor="slurm", progress=False)
+    assert not old.exists()
+
+
+def test_parallel_workers_divide_the_cores(monkeypatch):
+    """Two runs side by side on N cores get N // 2 threads each (their `auto` cap), unless the
+    user chose OMP_NUM_THREADS."""
+    from moe.sweeps.local import worker_env
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_env(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert worker_env(cores + 1)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_env(2)["OMP_NUM_THREADS"] == "3"

@@ -4,7 +4,7 @@ schedule (with the EMA), regularised parameter scaling and ensemble scaling.
 Input: a results table whose rows are trained runs (config columns `train.schedule`,
 `data.order`, `train.weight_decay`, `data.unique_tokens`, `val_loss_ema`, ...) and recipe
 outputs (`recipe` = "merge" | "ensemble", from `moe merge` / `moe ensemble`); a sweep
-directory adds the result.json of every SWEEP_DIR/recipes/*/ (`moe.rundir.recipe_dirs`).
+directory adds the result.json of every SWEEP_DIR/recipes/*/ (`moe.sweepdir.SweepDir.recipes`).
 
 Every fitted or estimated quantity is a record with `estimate`, `interval` (a seeded
 percentile bootstrap over runs), `identified` and `warnings`: `identified` is False when
@@ -22,7 +22,7 @@ import pandas as pd
 
 from moe.analysis import fit as fitmod
 from moe.analysis.bootstrap import bootstrap_fit
-from moe.rundir import recipe_dirs
+from moe.sweepdir import SweepDir
 
 RECIPE_COLUMNS = ("recipe", "data.order", "train.ema_decay", "data.unique_tokens",
                   "val_loss_ema")
@@ -45,7 +45,8 @@ def with_recipe_outputs(df: pd.DataFrame, source) -> pd.DataFrame:
     """`df` plus the rows of SWEEP_DIR/recipes/*/result.json when `source` is a sweep dir."""
     if source is None or isinstance(source, pd.DataFrame) or not Path(source).is_dir():
         return df
-    rows = [r for r in (d.read_result() for d in recipe_dirs(source)) if isinstance(r, dict)]
+    rows = [r for r in (d.read_result() for d in SweepDir(source).recipes())
+            if isinstance(r, dict)]
     if not rows:
         return df
     extra = pd.DataFrame.from_records([{k: v for k, v in r.items()

@@ -1,13 +1,13 @@
 """Reading and validating results tables (output files are written atomically by `moe.io`).
 
-A results table (docs/architecture.md, "Results table") has one row per run with columns
-run_id, d_model, n_layers, n_experts, top_k, sparsity, n_params_total, n_params_active,
-n_params_embedding, tokens, tpp, flops, train_loss, val_loss and, per task ``<name>``,
-``task/<name>/{loss,bits_per_token,bits_per_byte,accuracy,kind}``.
+A results table has one row per run; its columns, their meaning and units are the results
+record's (`moe.record`: `COLUMNS` first, then ``task/<name>/<metric>`` per task, then the
+rest).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moe.record import TASK_PREFIX, task_column  # noqa: F401 (TASK_PREFIX is re-exported)
+from moe.sweepdir import SweepDir
+
 MIN_POINTS = 5
 PRETRAIN_LOSS = "pretrain_loss"  # the loss role in a canonical frame (moe.analysis.columns)
-TASK_PREFIX = "task/"
 
 
 class TableError(ValueError):
@@ -28,15 +30,17 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
     """Read a results table from a csv/parquet file or a sweep directory's results.parquet."""
     path = Path(source)
     if path.is_dir():
-        table = path / "results.parquet"
+        table = SweepDir(path).results_path
         if not table.is_file():
             raise TableError(
                 f"{path} has no results.parquet; run `moe sweep collect {path}` first")
         path = table
     if not path.exists():
-        raise FileNotFoundError(f"no such table: {path}")
+        raise FileNotFoundError(errno.ENOENT, "no such table", str(path))  # names the path
     suffix = path.suffix.lower()
     try:
+        if suffix in (".parquet", ".csv", ".txt"):
+            _refuse_duplicate_columns(path, suffix)
         if suffix == ".parquet":
             df = pd.read_parquet(path)
         elif suffix in (".csv", ".txt"):
@@ -49,6 +53,26 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TableError(f"cannot read {path}: {first}") from exc
     return df
+
+
+def _refuse_duplicate_columns(path: Path, suffix: str) -> None:
+    """TableError naming every column the file's header gives twice: pandas would rename the
+    second `val_loss` to `val_loss.1` (CSV) or keep one of them, and either would be used
+    without a word."""
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    else:
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as f:
+            names = next(csv.reader(f), [])
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})
+    if dups:
+        raise TableError(f"{path} has duplicate column(s) {', '.join(map(repr, dups))}; "
+                         "keep one of each (which one is meant cannot be guessed)")
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> None:
@@ -125,7 +149,7 @@ def task_names(df: pd.DataFrame) -> list[str]:
 
 def task_kind(df: pd.DataFrame, task: str) -> str:
     """The task's kind ("memorization", "reasoning"), or "unknown" without a kind column."""
-    col = f"{TASK_PREFIX}{task}/kind"
+    col = task_column(task, "kind")
     if col not in df.columns:
         return "unknown"
     kinds = df[col].dropna().astype(str).unique()

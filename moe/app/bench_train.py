@@ -1,7 +1,8 @@
 """`moe bench train`: training throughput of one run config on generated tokens.
 
-Runs `--steps` optimizer steps (forward, backward, grad clip, AdamW) of the
-config's model, in the precision training uses (bf16 autocast on CUDA), on
+Runs `--steps` optimizer steps of the config's model -- the step `moe train`
+runs (`moe.train.step.optimizer_step`: forward, the training loss, backward, grad
+clip, AdamW) -- in the precision training uses (bf16 autocast on CUDA), on
 uniformly random tokens, after `--warmup` untimed steps (which also run Triton's
 autotuning), and reports tokens/s, achieved TFLOP/s (moe.params' training
 FLOPs per token: 6 x active parameters plus attention), MFU against the GPU's
@@ -39,19 +40,12 @@ def _model_and_opt(cfg, device):
     return model, build_optimizer(model, cfg.train)
 
 
-def _step(model, opt, cfg, tokens_BT1: torch.Tensor, device) -> torch.Tensor:
-    from moe.train.loop import autocast_for
+def _step(model, opt, cfg, tokens_BT1: torch.Tensor, device) -> float:
+    """One step of `moe train` (`moe.train.step.optimizer_step`) on one micro-batch."""
+    from moe.train.step import optimizer_step
 
-    tcfg = cfg.train
-    with autocast_for(tcfg, device):
-        out = model(tokens_BT1[:, :-1], tokens_BT1[:, 1:])
-    loss = out.ce_loss + tcfg.aux_loss_coef * out.lb_loss + tcfg.z_loss_coef * out.z_loss
-    loss.backward()
-    if tcfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
+    batch = (tokens_BT1[:, :-1], tokens_BT1[:, 1:])
+    return optimizer_step(model, opt, lambda _micro: batch, 1, cfg, device).loss
 
 
 def _sync(device: torch.device) -> None:
@@ -77,8 +71,8 @@ def _timed_steps(cfg, device, micro_batch: int, seq_len: int, steps: int,
     losses = [_step(model, opt, cfg, batch(), device) for _ in range(steps)]
     _sync(device)
     elapsed_s = time.perf_counter() - t0
-    return {"elapsed_s": elapsed_s, "final_loss": float(losses[-1]),
-            "finite": all(math.isfinite(float(v)) for v in losses)}
+    return {"elapsed_s": elapsed_s, "final_loss": losses[-1],
+            "finite": all(math.isfinite(v) for v in losses)}
 
 
 def bench_train(cfg, *, device: torch.device, steps: int, warmup: int, micro_batch: int | None,

@@ -25,6 +25,7 @@ def run_demo(sweep_dir: Path, *, spec_path: Path | None = None, max_parallel: in
              progress: bool = True) -> dict[str, Path]:
     """Run the demo into `sweep_dir`; returns the paths of what it made."""
     from moe.analysis.report import make_report
+    from moe.sweepdir import SweepDir
     from moe.sweeps import collect, launch, load_spec, plan
     from moe.sweeps.plan import format_plan
 
@@ -35,7 +36,8 @@ def run_demo(sweep_dir: Path, *, spec_path: Path | None = None, max_parallel: in
     print(format_plan(runs, "table", spec.estimate.device))
     print(f"[2/4] launch: training and evaluating on this machine, {max_parallel} at a time "
           f"(finished runs are reused) -> {sweep_dir}")
-    report = launch(spec, sweep_dir, executor="local", max_parallel=max_parallel,
+    sweep = SweepDir(sweep_dir)
+    report = launch(spec, sweep, executor="local", max_parallel=max_parallel,
                     progress=progress)
     failed = sorted(r for r, s in report.final_states.items() if s != "done")
     if report.skipped_done:
@@ -43,11 +45,10 @@ def run_demo(sweep_dir: Path, *, spec_path: Path | None = None, max_parallel: in
     if failed:
         print(f"      {len(failed)} run(s) failed: {', '.join(failed)} "
               f"(see `moe sweep status {sweep_dir}`)")
-    table_path = sweep_dir / "results.parquet"
-    collected = collect(sweep_dir, table_path)
+    table_path = sweep.results_path
+    collected = collect(sweep, table_path)
     print(f"[3/4] collect: {len(collected.table)} runs -> {table_path}")
-    report_path = sweep_dir / "report.md"
-    fig_dir = sweep_dir / "figures"
+    report_path, fig_dir = sweep.report_path, sweep.figures_dir
     make_report(sweep_dir, report_path, fig_dir)
     figures = sorted(fig_dir.glob("*.png"))
     print(f"[4/4] fit, figures and report -> {report_path}")

@@ -28,6 +28,13 @@ PARALLEL_DATA = ("ddp", "fsdp")
 ORDERS = ("shuffled", "ascending-quality")
 
 
+def sparsity(top_k, n_experts):
+    """1 - k/E: the fraction of expert parameters a token does not use. The one home of the
+    rule (numbers or numpy/pandas arrays): the config, the results table and the synthetic
+    tables all call it."""
+    return 1.0 - top_k / n_experts
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of the decoder LM. n_experts = 1, top_k = 1 is a dense model."""
@@ -99,8 +106,8 @@ class ModelConfig:
 
     @property
     def sparsity(self) -> float:
-        """1 - k/E: the fraction of expert parameters a token does not use."""
-        return 1.0 - self.top_k / self.n_experts
+        """1 - k/E (`sparsity`)."""
+        return sparsity(self.top_k, self.n_experts)
 
     @property
     def is_dense(self) -> bool:
@@ -150,8 +157,9 @@ class TrainConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
     device: str = "auto"
     """auto | cpu | cuda."""
-    num_threads: int = 0
-    """torch CPU threads (0 = torch's default)."""
+    num_threads: int | str = "auto"
+    """torch CPU threads: "auto" (chosen at start from the model's size and the cores free
+    then: `moe.train.resources.auto_num_threads`), a count, or 0 (torch's default)."""
     save_every: int = 0
     """Keep a weights-only snapshot every this many steps for `moe merge` (0 = none); kept
     apart from the resume checkpoints and never pruned."""
@@ -173,7 +181,11 @@ class TrainConfig:
         _positive(self, "batch_size", "grad_accum", "lr", "checkpoint_every", "keep_checkpoints",
                   "log_every")
         _nonnegative(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip",
-                     "aux_loss_coef", "z_loss_coef", "num_threads")
+                     "aux_loss_coef", "z_loss_coef")
+        if isinstance(self.num_threads, str) and self.num_threads != "auto" or \
+                isinstance(self.num_threads, int) and self.num_threads < 0:
+            raise ConfigError(f"train.num_threads={self.num_threads!r} must be \"auto\" or a "
+                              "count >= 0 (0 = torch's default)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
                               f"train.grad_accum={self.grad_accum}")
@@ -352,10 +364,14 @@ class ParallelConfig:
     """Sequences per rank per forward pass; 0 = train.batch_size / train.grad_accum / ranks.
     When set (a planned layout sets it) the step accumulates batch_size / (ranks x
     micro_batch) micro-batches, whatever train.grad_accum says."""
+    timeout_min: float = 60.0
+    """How long a collective waits for the other ranks before the job fails. Rank 0 alone
+    writes checkpoints and evaluates the EMA weights while the others wait at a barrier;
+    NCCL's default (10 minutes) is too short for a large model's checkpoint."""
 
     def __post_init__(self) -> None:
         _choice(self, "data", PARALLEL_DATA)
-        _positive(self, "expert")
+        _positive(self, "expert", "timeout_min")
         _nonnegative(self, "micro_batch")
 
 

@@ -59,6 +59,7 @@ from moe.eval.generate import (
 from moe.eval.shard import EvalShard, Lockstep
 from moe.io import atomic_write_json
 from moe.model import IGNORE_INDEX
+from moe.model import precision as precision_policy
 from moe.rundir import RunDir
 from moe.tasks import Task, TaskData, TaskItem, get_task
 
@@ -155,11 +156,13 @@ def answer_logprobs(model: torch.nn.Module, examples: list[Encoded], *, batch_si
 
 def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data: TaskData,
                   eval_cfg: EvalConfig, seq_len: int, device: torch.device | str = "cpu",
-                  shard: EvalShard | None = None) -> dict[str, Any]:
+                  shard: EvalShard | None = None, precision: str = "auto") -> dict[str, Any]:
     """One task's metrics (see the module docstring); the model must be in eval mode.
 
-    With a `shard` of W > 1 ranks every rank calls this with the same arguments: each
-    evaluates its items (`moe.eval.shard`) and every rank returns the metrics of all.
+    Scoring and generation run in the run's `precision` (`moe.model.precision`), as its
+    training did. With a `shard` of W > 1 ranks every rank calls this with the same
+    arguments: each evaluates its items (`moe.eval.shard`) and every rank returns the
+    metrics of all.
     """
     shard, device = shard or EvalShard(), torch.device(device)
     n_shots = task.n_shots if eval_cfg.n_shots < 0 else eval_cfg.n_shots
@@ -171,10 +174,11 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data
         shots = task.shots_for(item, i, data.shot_pool, n_shots)
         conts = item.choices if multiple_choice else (item.answer,)
         groups.append(encode_item(task, tokenizer, item, shots, conts, seq_len))
-    logps = iter(answer_logprobs(model, [e for g in groups for e in g],
-                                 batch_size=eval_cfg.batch_size, pad_id=tokenizer.pad_id,
-                                 device=device))
-    _drain(model)
+    with precision_policy.autocast(precision, device):
+        logps = iter(answer_logprobs(model, [e for g in groups for e in g],
+                                     batch_size=eval_cfg.batch_size, pad_id=tokenizer.pad_id,
+                                     device=device))
+    _drain(model, precision_policy.autocast(precision, device))
     records = []
     for i, g in zip(mine, groups, strict=True):
         item = data.items[i]
@@ -186,15 +190,16 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data
     if generative:
         items = [data.items[r["index"]] for r in records]
         for r, ok in zip(records, _generation_hits(model, tokenizer, task, items, records,
-                                                   seq_len, eval_cfg.batch_size, device),
-                         strict=True):
+                                                   seq_len, eval_cfg.batch_size, device,
+                                                   precision), strict=True):
             r["correct"] = ok
-        _drain(model, generation_autocast(device))
+        _drain(model, generation_autocast(device, precision))
         if eval_cfg.samples:
             for r, ok in zip(records, _majority_hits(model, tokenizer, task, items, records,
-                                                     seq_len, eval_cfg, device), strict=True):
+                                                     seq_len, eval_cfg, device, precision),
+                             strict=True):
                 r["maj"] = ok
-            _drain(model, generation_autocast(device))
+            _drain(model, generation_autocast(device, precision))
     for r in records:
         del r["prompt"]  # only the numbers travel between ranks
     records = sorted(shard.gather(records), key=lambda r: r["index"])
@@ -248,17 +253,17 @@ def _budgets(task: Task, records: list[dict[str, Any]]) -> list[int]:
 
 def _generation_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem],
                      records: list[dict[str, Any]], seq_len: int, batch_size: int,
-                     device) -> list[bool]:
+                     device, precision: str) -> list[bool]:
     """Whether each item's greedy answer is correct."""
     texts = greedy_generate(model, [r["prompt"] for r in records], _budgets(task, records),
                             tokenizer=tokenizer, stop=task.stop, seq_len=seq_len,
-                            batch_size=batch_size, device=device)
+                            batch_size=batch_size, device=device, precision=precision)
     return [bool(task.is_correct(t, item)) for t, item in zip(texts, items, strict=True)]
 
 
 def _majority_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem],
                    records: list[dict[str, Any]], seq_len: int, eval_cfg: EvalConfig,
-                   device) -> list[bool]:
+                   device, precision: str) -> list[bool]:
     """maj@K per item: K sampled answers, the most frequent final answer judged.
 
     Sample j of item i is seeded by its key i * K + j, wherever the item is evaluated.
@@ -271,7 +276,7 @@ def _majority_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem
                         seed=eval_cfg.seed)
     texts = generate_texts(model, prompts, budgets, tokenizer=tokenizer, stop=task.stop,
                            seq_len=seq_len, batch_size=eval_cfg.batch_size, device=device,
-                           sampling=sampling, keys=keys)
+                           sampling=sampling, keys=keys, precision=precision)
     return [bool(task.is_correct(majority_vote(texts[n * K: (n + 1) * K], task.vote_key), item))
             for n, item in enumerate(items)]
 
@@ -319,7 +324,8 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, cfg: RunConfig,
         with torch.no_grad():
             for name, (task, data) in loaded.items():
                 results[name] = evaluate_task(runner, tokenizer, task, data, cfg.eval,
-                                              cfg.model.seq_len, device, shard)
+                                              cfg.model.seq_len, device, shard,
+                                              cfg.train.precision)
                 if progress and shard.rank == 0:
                     print(f"{name:<20} {summary_line(results[name])}", file=sys.stderr)
     finally:

@@ -138,8 +138,9 @@ class TopKRouter(nn.Module):
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
             lb = load_balance_loss(probs_TE, expert_idx_TK, mask_T)
             zl = z_loss(logits_TE, mask_T)
-        stats = routing_stats(probs_TE.detach(), expert_idx_TK, mask_T)
-        prob_sum_E = (probs_TE if mask_T is None else probs_TE[mask_T]).sum(dim=0)
+            stats = routing_stats(probs_TE.detach(), expert_idx_TK, mask_T)
+            keep_T, _ = _token_weights(probs_TE.shape[0], mask_T, probs_TE)
+            prob_sum_E = (probs_TE * keep_T.unsqueeze(-1)).sum(dim=0)
         return RouterOutput(expert_idx_TK=expert_idx_TK, weight_TK=weight_TK, lb_loss=lb,
                             z_loss=zl, stats=stats, prob_sum_E=prob_sum_E)
 

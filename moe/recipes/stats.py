@@ -9,7 +9,7 @@ import torch
 
 from moe.config import RunConfig
 from moe.data.shards import TokenData
-from moe.train.loop import autocast_for, validation_batches
+from moe.train.step import autocast_for, validation_batches
 
 
 @torch.no_grad()

@@ -29,13 +29,13 @@ EXIT_FAILED = 3  # a worker's exit code when training failed (status.json says w
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """A picklable, requeue-able call that trains the run in `run_dir`."""
+    """A picklable, requeue-able call that trains the run in `run`."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
-        self.run_dir = str(run_dir)
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
 
     def __call__(self) -> dict[str, Any]:
-        return run_in_dir(self.run_dir)
+        return run_in_dir(self.run)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Called by submitit on rank 0 when the job is preempted or times out. During
@@ -43,28 +43,27 @@ class RunJob(submitit.helpers.Checkpointable):
         # boundary (`moe.train.preempt`), so the requeued job is just a fresh RunJob for
         # the same directory: it resumes from there. How often a timed-out job requeues
         # is `max_num_timeout` (the cluster profile's, or `plan.requeue_limit`).
-        record_requeue(self.run_dir, reason="requeued after preemption or timeout",
+        record_requeue(self.run, reason="requeued after preemption or timeout",
                        job_id=current_job_id())
-        return submitit.helpers.DelayedSubmission(RunJob(self.run_dir))
+        return submitit.helpers.DelayedSubmission(RunJob(self.run))
 
 
-def run_in_dir(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train (or resume) the run whose config.toml is in `run_dir`; return its result record."""
+def run_in_dir(run: RunDir) -> dict[str, Any]:
+    """Train (or resume) the run whose config.toml is in `run`; return its result record."""
     from moe.train import TrainingFailed, train_run  # torch is imported only inside jobs
     from moe.train.preempt import Preempted
 
-    run = RunDir(run_dir)
     cfg = run.read_config()
-    owns_group = _init_distributed()
+    owns_group = _init_distributed(cfg.parallel.timeout_min)
     rank0 = _rank() == 0
     try:
         if rank0 and not run.is_done():
             with run.writer_lock():  # another job trains this run: fail before touching status
                 pass
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-            record_start(run.path, current_job_id(), restarts)
+            record_start(run, current_job_id(), restarts)
         with _preemption_watch():
-            return train_run(cfg, run.path)
+            return train_run(cfg, run)
     except Preempted:
         return {}  # a rank other than 0 after the checkpoint; rank 0's handler requeued
     except (TrainingFailed, RunLocked):
@@ -103,7 +102,7 @@ def current_job_id() -> str | None:
     return None
 
 
-def _init_distributed() -> bool:
+def _init_distributed(timeout_min: float) -> bool:
     """Start a process group when this job has several ranks; True if we started it."""
     import torch.distributed as dist
 
@@ -116,7 +115,7 @@ def _init_distributed() -> bool:
             set_cuda_visible_devices=False, overwrite=True)
     from moe.train.distributed import init_from_env
 
-    return init_from_env()
+    return init_from_env(timeout_min)
 
 
 def _rank() -> int:
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from moe.train import TrainingFailed
 
     try:
-        run_in_dir(argv[0])
+        run_in_dir(RunDir(argv[0]))
     except TrainingFailed as exc:
         print(f"training failed: {exc}", file=sys.stderr)
         return EXIT_FAILED

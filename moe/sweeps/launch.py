@@ -21,21 +21,19 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from moe.config import ConfigError, config_hash, legacy_config_hash
-from moe.io import atomic_write_text, file_lock
-from moe.rundir import RunDir, UnreadableRunFile, clean_stale_tmp
+from moe.record import task_column
+from moe.rundir import RunDir, UnreadableRunFile
+from moe.sweepdir import SweepDir
 from moe.sweeps.plan import RunPlan, plan, requeue_limit, with_estimate
 from moe.sweeps.profile import ClusterProfile, check_no_control_chars
 from moe.sweeps.records import record_failure, record_submission
 from moe.sweeps.scheduler import ACTIVE, LOCAL_ALIVE, SchedulerError, job_states
 from moe.sweeps.spec import SweepSpec
-from moe.sweeps.status import RUNS, read_run_files
+from moe.sweeps.status import read_run_files
 
 EXECUTORS = ("local", "debug", "slurm")
-LOCK = ".launch.lock"
-SLURM_LOGS = "slurm"
 SWEEP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
@@ -69,7 +67,7 @@ def check_sweep_name(name: str) -> str:
     return name
 
 
-def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local",
+def launch(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, executor: str = "local",
            max_parallel: int = 2, progress: bool = True,
            profile: ClusterProfile | None = None) -> LaunchReport:
     """Plan (validating everything), then start the runs of `spec` in `sweep_dir`."""
@@ -82,15 +80,14 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
     check_sweep_name(spec.name)
     estimate = with_estimate(spec, profile.mfu, profile.gpu_peak_tflops) if profile else None
     runs = plan(spec, estimate, profile)
-    sweep_dir = Path(sweep_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(sweep_dir / LOCK, blocking=False) as held:
+    sweep = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
+    with sweep.launch_lock() as held:
         if not held:
-            raise LaunchError(f"another `moe sweep launch` is running on {sweep_dir} "
-                              f"(lock {sweep_dir / LOCK}); wait for it to finish")
-        clean_stale_tmp([sweep_dir])
-        atomic_write_text(sweep_dir / "sweep.toml", spec.to_toml())
-        dirs, unreadable = _prepare_all(sweep_dir, runs)
+            raise LaunchError(f"another `moe sweep launch` is running on {sweep.path} "
+                              f"(lock {sweep.launch_lock_path}); wait for it to finish")
+        sweep.clean_stale_tmp()
+        sweep.write_spec(spec.to_toml())
+        dirs, unreadable = _prepare_all(sweep, runs)
         todo, done, in_flight, bad = select_runs(dirs)
         report = LaunchReport(submitted=tuple(d.name for d in todo),
                               skipped_done=tuple(d.name for d in done),
@@ -102,7 +99,7 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
             profile = profile or ClusterProfile()
             nodes = {d.name: (r.layout or {}).get("nodes", profile.nodes)
                      for d, r in zip(dirs, runs, strict=True)}
-            job_ids = submit_slurm(todo, sweep_dir, profile, spec.name, nodes=nodes,
+            job_ids = submit_slurm(todo, sweep, profile, spec.name, nodes=nodes,
                                    max_num_timeout=profile.max_num_timeout or
                                    requeue_limit(runs, profile))
             return replace(report, job_ids=job_ids)
@@ -115,51 +112,49 @@ def launch(spec: SweepSpec, sweep_dir: str | os.PathLike, executor: str = "local
         return replace(report, final_states=final)
 
 
-def _prepare_all(sweep_dir: Path, runs: list[RunPlan]
-                 ) -> tuple[list[Path], list[tuple[str, str]]]:
+def _prepare_all(sweep: SweepDir, runs: list[RunPlan]
+                 ) -> tuple[list[RunDir], list[tuple[str, str]]]:
     """prepare_run_dir for every run; a run whose config.toml cannot be parsed is set aside."""
     dirs, unreadable = [], []
     for run in runs:
         try:
-            dirs.append(prepare_run_dir(sweep_dir, run))
+            dirs.append(prepare_run_dir(sweep, run))
         except (ConfigError, UnreadableRunFile) as exc:
             unreadable.append((run.run_id, f"config.toml is unreadable: {exc}"[:300]))
     for d in dirs:
-        RunDir(d).clean_stale_tmp()
+        d.clean_stale_tmp()
     return dirs, unreadable
 
 
-def prepare_run_dir(sweep_dir: Path, run: RunPlan) -> Path:
+def prepare_run_dir(sweep: SweepDir, run: RunPlan) -> RunDir:
     """runs/<run_id>/config.toml: written once, and updated when only settings outside the
     run id changed (evaluation tasks, logging), so a finished run is evaluated, not retrained.
 
     A run launched by version 0.1 lives under its old id (a hash of every field) and is used.
     """
-    run_dir = sweep_dir / RUNS / run.run_id
-    legacy = sweep_dir / RUNS / legacy_config_hash(run.config)
-    if not run_dir.exists() and RunDir(legacy).has_config():
-        run_dir = legacy
-    rd = RunDir(run_dir)
+    rd = sweep.run(run.run_id)
+    legacy = sweep.run(legacy_config_hash(run.config))
+    if not rd.path.exists() and legacy.has_config():
+        rd = legacy
     if rd.has_config():
         existing = rd.read_config()
         if config_hash(existing) != run.run_id:
             raise LaunchError(f"{rd.config_path} does not hash to its run id {run.run_id}; it "
                               "was edited by hand: move the run directory away and relaunch")
         if existing == run.config:
-            return run_dir
+            return rd
     rd.write_config(run.config)
-    return run_dir
+    return rd
 
 
-def missing_tasks(run_dir: Path) -> list[str]:
+def missing_tasks(run: RunDir) -> list[str]:
     """Tasks in the run's config that its finished result has no columns for."""
-    rd = RunDir(run_dir)
-    result = rd.read_result() or {}
-    return [t for t in rd.read_config().eval.tasks if f"task/{t}/loss" not in result]
+    result = run.read_result() or {}
+    return [t for t in run.read_config().eval.tasks if task_column(t) not in result]
 
 
-def select_runs(dirs: list[Path]
-                ) -> tuple[list[Path], list[Path], list[Path], list[tuple[str, str]]]:
+def select_runs(dirs: list[RunDir]
+                ) -> tuple[list[RunDir], list[RunDir], list[RunDir], list[tuple[str, str]]]:
     """Split run dirs into (to submit, done, still queued or running, unreadable with why)."""
     last_jobs, bad = {}, []
     for d in dirs:
@@ -167,7 +162,7 @@ def select_runs(dirs: list[Path]
         if isinstance(status, str):
             bad.append((d.name, status))
             continue
-        if not RunDir(d).is_done() and status.get("state") in ("pending", "running") \
+        if not d.is_done() and status.get("state") in ("pending", "running") \
                 and status.get("job_ids"):
             last_jobs[d] = str(status["job_ids"][-1])
     dirs = [d for d in dirs if d.name not in dict(bad)]
@@ -178,7 +173,7 @@ def select_runs(dirs: list[Path]
                           f"submitted: {exc}") from None
     todo, done, in_flight = [], [], []
     for d in dirs:
-        if RunDir(d).is_done() and not missing_tasks(d):
+        if d.is_done() and not missing_tasks(d):
             done.append(d)
         elif d in last_jobs and states.get(last_jobs[d]) in ACTIVE | {LOCAL_ALIVE}:
             in_flight.append(d)
@@ -187,7 +182,7 @@ def select_runs(dirs: list[Path]
     return todo, done, in_flight, bad
 
 
-def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile, name: str,
+def submit_slurm(dirs: list[RunDir], sweep: SweepDir, profile: ClusterProfile, name: str,
                  nodes: dict[str, int] | None = None, max_num_timeout: int = 3
                  ) -> dict[str, str]:
     """Submit every run as one task of a job array (one sbatch call per planned node count:
@@ -197,9 +192,9 @@ def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile, nam
     from moe.sweeps.job import RunJob
     from moe.sweeps.local import PACKAGE_ROOT
 
-    check_no_control_chars("sweep directory", str(sweep_dir.resolve()))
+    check_no_control_chars("sweep directory", str(sweep.path.resolve()))
     check_no_control_chars("checkout path", str(PACKAGE_ROOT))
-    executor = submitit.AutoExecutor(folder=sweep_dir / SLURM_LOGS / "%j", cluster="slurm",
+    executor = submitit.AutoExecutor(folder=sweep.slurm_job_folder, cluster="slurm",
                                      slurm_max_num_timeout=max_num_timeout)
     params = profile.executor_parameters(job_name=f"moe-{check_sweep_name(name)}")
     # Jobs unpickle RunJob, so they must import this checkout even if it is not installed;
@@ -207,7 +202,7 @@ def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile, nam
     root = shlex.quote(str(PACKAGE_ROOT))
     params["slurm_setup"] = [f"export PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}",
                              *params["slurm_setup"]]
-    groups: dict[int, list[Path]] = {}
+    groups: dict[int, list[RunDir]] = {}
     for d in dirs:
         groups.setdefault((nodes or {}).get(d.name, profile.nodes), []).append(d)
     dirs = [d for group in groups.values() for d in group]  # jobs come back in this order
@@ -220,7 +215,7 @@ def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile, nam
                 raise LaunchError(f"cluster profile rejected by submitit: {exc}") from None
             with executor.batch():
                 for d in group:
-                    jobs.append(executor.submit(RunJob(d.resolve())))
+                    jobs.append(executor.submit(RunJob(RunDir(d.path.resolve()))))
     except LaunchError:
         raise
     except Exception as exc:
@@ -232,7 +227,7 @@ def submit_slurm(dirs: list[Path], sweep_dir: Path, profile: ClusterProfile, nam
     return {d.name: job.job_id for d, job in zip(dirs, jobs, strict=True)}
 
 
-def run_debug(dirs: list[Path]) -> dict[str, str]:
+def run_debug(dirs: list[RunDir]) -> dict[str, str]:
     """Train each run in this process, one after another (for debugging with pdb)."""
     from moe.sweeps.job import run_in_dir
     from moe.train import TrainingFailed
@@ -246,6 +241,6 @@ def run_debug(dirs: list[Path]) -> dict[str, str]:
             pass  # recorded in status.json; go on with the other runs
         except Exception as exc:
             record_failure(d, f"{type(exc).__name__}: {exc}"[:500])
-        final[d.name] = "done" if RunDir(d).is_done() else "failed"
+        final[d.name] = "done" if d.is_done() else "failed"
     return final
 

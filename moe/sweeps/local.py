@@ -1,7 +1,8 @@
 """The `local` executor: run a sweep on this machine, `max_parallel` worker processes at once.
 
 Each worker is `python -m moe.sweeps.job RUN_DIR` (one run per process, so a crash
-or a NaN takes down one run only), with its output in RUN_DIR/worker.log.
+or a NaN takes down one run only), with its output in RUN_DIR/worker.log
+(`RunDir.worker_log_path`).
 Progress goes to stderr: a tqdm bar over runs with the running runs' progress
 and loss when stderr is a terminal, one plain line per event otherwise (no
 escape codes in logs).
@@ -27,19 +28,18 @@ from moe.sweeps.records import record_failure, record_submission
 from moe.sweeps.scheduler import EXECUTOR_ENV, local_job_id
 
 POLL_S = 0.5
-WORKER_LOG = "worker.log"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so workers import this checkout
 
 
 @dataclass
 class _Worker:
-    run_dir: Path
+    run_dir: RunDir
     proc: subprocess.Popen
     log: IO[bytes]
     started_s: float
 
 
-def run_local(run_dirs: list[Path], *, max_parallel: int = 2, progress: bool = True
+def run_local(run_dirs: list[RunDir], *, max_parallel: int = 2, progress: bool = True
               ) -> dict[str, str]:
     """Run every directory's training in worker processes; return {run_id: final state}."""
     if max_parallel < 1:
@@ -50,7 +50,7 @@ def run_local(run_dirs: list[Path], *, max_parallel: int = 2, progress: bool = T
         try:
             while queue or running:
                 while queue and len(running) < max_parallel:
-                    _start(queue.pop(0), running)
+                    _start(queue.pop(0), running, max_parallel)
                     display.event(f"started {running[-1].run_dir.name}")
                 time.sleep(POLL_S)
                 for w in [w for w in running if w.proc.poll() is not None]:
@@ -98,36 +98,45 @@ def _stop_workers_on_error(running: list[_Worker]):
         raise
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(max_parallel: int = 1) -> dict[str, str]:
+    """The launcher's environment plus this checkout on the path and, unless the user set it,
+    OMP_NUM_THREADS = this machine's cores / max_parallel: the cap of the workers'
+    `train.num_threads = "auto"`, so parallel runs divide the cores instead of sharing them."""
     env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // max_parallel))
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + path if path else "")
     env[EXECUTOR_ENV] = "local"  # tells the worker its job id is its own pid
     return env
 
 
-def worker_command(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "moe.sweeps.job", str(run_dir)]
+def worker_command(run: RunDir) -> list[str]:
+    return [sys.executable, "-m", "moe.sweeps.job", str(run.path)]
 
 
-def _start(run_dir: Path, running: list[_Worker]) -> None:
+def _start(run_dir: RunDir, running: list[_Worker], max_parallel: int) -> None:
     """Start a worker and add it to `running` before its job id is recorded, so a signal that
     arrives once the id is visible finds the worker to stop."""
-    log = open(run_dir / WORKER_LOG, "ab")
+    log = open(run_dir.worker_log_path, "ab")
     proc = subprocess.Popen(worker_command(run_dir), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=worker_env())
+                            stdin=subprocess.DEVNULL, env=worker_env(max_parallel))
     running.append(_Worker(run_dir=run_dir, proc=proc, log=log, started_s=time.time()))
     record_submission(run_dir, "local", local_job_id(proc.pid))
 
 
 def _finish(w: _Worker) -> str:
     w.log.close()
-    if RunDir(w.run_dir).is_done():
+    if w.run_dir.is_done():
         return "done"
-    state = RunDir(w.run_dir).read_status().get("state")
+    state = w.run_dir.read_status().get("state")
     if state != "failed":  # the worker died before it could say why
         record_failure(w.run_dir, f"worker exited with code {w.proc.returncode} without a "
-                                  f"result: {_last_line(w.run_dir / WORKER_LOG)}")
+                                  f"result: {_last_line(w.run_dir.worker_log_path)}")
     return "failed"
 
 
@@ -160,9 +169,9 @@ class Display:
         else:
             print(f"[{self.n_finished}/{self.n_runs}] {text}", file=self.stream, flush=True)
 
-    def finished(self, run_dir: Path, state: str, elapsed_s: float) -> None:
+    def finished(self, run_dir: RunDir, state: str, elapsed_s: float) -> None:
         self.n_finished += 1
-        status = RunDir(run_dir).read_status()
+        status = run_dir.read_status()
         loss = status.get("last_loss")
         detail = f"loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
         if state == "failed":
@@ -171,12 +180,12 @@ class Display:
         if self.bar is not None:
             self.bar.update(1)
 
-    def refresh(self, running: list[Path]) -> None:
+    def refresh(self, running: list[RunDir]) -> None:
         if self.bar is None:
             return
         parts = []
         for d in running:
-            s = RunDir(d).read_status()
+            s = d.read_status()
             done, total, loss = s.get("tokens_done"), s.get("tokens_total"), s.get("last_loss")
             pct = f"{100 * done / total:.0f}%" if done is not None and total else "starting"
             parts.append(f"{d.name} {pct}" + (f" loss {loss:.3g}" if loss is not None else ""))

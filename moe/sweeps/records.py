@@ -7,18 +7,17 @@ launcher can update one sweep directory at once without losing a field.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from moe.rundir import RunDir
 
 
-def _update(run_dir: str | os.PathLike, fn) -> dict[str, Any]:
-    return RunDir(run_dir).edit_status(fn)
+def _update(run: RunDir, fn) -> dict[str, Any]:
+    return run.edit_status(fn)
 
 
-def record_submission(run_dir: str | os.PathLike, executor: str,
+def record_submission(run: RunDir, executor: str,
                       job_id: str | None = None) -> dict[str, Any]:
     """One more attempt: the executor, the new job id, and state pending.
 
@@ -35,10 +34,10 @@ def record_submission(run_dir: str | os.PathLike, executor: str,
             new.update(state="pending", reason=None)
         return new
 
-    return _update(run_dir, fn)
+    return _update(run, fn)
 
 
-def record_requeue(run_dir: str | os.PathLike, reason: str,
+def record_requeue(run: RunDir, reason: str,
                    job_id: str | None = None) -> dict[str, Any]:
     """A preempted or timed-out job goes back to the queue: one more attempt."""
 
@@ -51,10 +50,10 @@ def record_requeue(run_dir: str | os.PathLike, reason: str,
             new["requeues_counted"] = counted
         return new
 
-    return _update(run_dir, fn)
+    return _update(run, fn)
 
 
-def record_start(run_dir: str | os.PathLike, job_id: str | None,
+def record_start(run: RunDir, job_id: str | None,
                  restarts: int = 0) -> dict[str, Any]:
     """The job starts running. `restarts` is SLURM_RESTART_COUNT: a requeue that did not
     pass through `RunJob.checkpoint` (an admin's `scontrol requeue`, a node failure)
@@ -70,9 +69,9 @@ def record_start(run_dir: str | os.PathLike, job_id: str | None,
             new["requeues_counted"] = counted
         return new
 
-    return _update(run_dir, fn)
+    return _update(run, fn)
 
 
-def record_failure(run_dir: str | os.PathLike, reason: str) -> dict[str, Any]:
+def record_failure(run: RunDir, reason: str) -> dict[str, Any]:
     """The launcher saw the run fail (submission error, worker crash, scheduler kill)."""
-    return _update(run_dir, lambda old: {**old, "state": "failed", "reason": reason})
+    return _update(run, lambda old: {**old, "state": "failed", "reason": reason})

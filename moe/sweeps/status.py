@@ -14,16 +14,15 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from moe.rundir import STATES, RunDir, UnreadableRunFile
+from moe.sweepdir import RUNS, SweepDir
 from moe.sweeps.plan import render_table
 from moe.sweeps.scheduler import ACTIVE, LOCAL_ALIVE, LOCAL_GONE, SchedulerError, job_states
 from moe.sweeps.spec import SpecError
 
 FORMATS = ("table", "json")
-RUNS = "runs"
 UNREADABLE = "unreadable"
 REPORTED_STATES = (*STATES, UNREADABLE)
 
@@ -54,34 +53,34 @@ class RunStatus:
         return self.tokens_done / self.tokens_total
 
 
-def run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
+def run_dirs(sweep: SweepDir) -> list[RunDir]:
     """The run directories of a sweep (those with a config.toml), sorted by run id."""
-    root = Path(sweep_dir) / RUNS
-    if not root.is_dir():
-        raise SpecError(f"{sweep_dir} is not a sweep directory (no {RUNS}/); "
+    if not sweep.has_runs():
+        raise SpecError(f"{sweep.path} is not a sweep directory (no {RUNS}/); "
                         "create one with `moe sweep launch`")
-    return sorted(p for p in root.iterdir() if (p / "config.toml").is_file())
+    return sweep.runs()
 
 
-def status(sweep_dir: str | os.PathLike, *, ask_scheduler: bool = True) -> list[RunStatus]:
+def status(sweep: SweepDir | str | os.PathLike, *, ask_scheduler: bool = True
+           ) -> list[RunStatus]:
     """Every run's status; the scheduler is asked about unfinished runs' last job ids."""
-    dirs = run_dirs(sweep_dir)
-    records = {d: read_run_files(d) for d in dirs}
-    pending_ids = [_last_job(r) for d, r in records.items() if isinstance(r, dict)
-                   and not RunDir(d).is_done() and r.get("state") in ("pending", "running")]
+    runs = run_dirs(sweep if isinstance(sweep, SweepDir) else SweepDir(sweep))
+    records = {run: read_run_files(run) for run in runs}
+    pending_ids = [_last_job(r) for run, r in records.items() if isinstance(r, dict)
+                   and not run.is_done() and r.get("state") in ("pending", "running")]
     sched = None
     if ask_scheduler:
         try:
             sched = job_states([j for j in pending_ids if j])
         except SchedulerError:
             sched = None  # report what the files say; launch refuses in this case
-    return [RunStatus(run_id=d.name, state=UNREADABLE, reason=records[d])
-            if isinstance(records[d], str) else run_status(d, records[d], sched) for d in dirs]
+    return [RunStatus(run_id=run.name, state=UNREADABLE, reason=records[run])
+            if isinstance(records[run], str) else run_status(run, records[run], sched)
+            for run in runs]
 
 
-def read_run_files(run_dir: Path) -> dict[str, Any] | str:
+def read_run_files(run: RunDir) -> dict[str, Any] | str:
     """A run's status.json, after checking its result.json parses; else why it cannot be read."""
-    run = RunDir(run_dir)
     try:
         run.read_result()
         return run.read_status()
@@ -89,15 +88,15 @@ def read_run_files(run_dir: Path) -> dict[str, Any] | str:
         return f"{exc}; move it away and relaunch (the run resumes from its checkpoints)"
 
 
-def run_status(run_dir: Path, record: dict[str, Any], sched: dict[str, str] | None
+def run_status(run: RunDir, record: dict[str, Any], sched: dict[str, str] | None
                ) -> RunStatus:
     """Combine a run's files with the scheduler's view of its last job (None: not asked)."""
     job = _last_job(record)
-    fields = dict(run_id=run_dir.name, tokens_done=record.get("tokens_done"),
+    fields = dict(run_id=run.name, tokens_done=record.get("tokens_done"),
                   tokens_total=record.get("tokens_total"), last_loss=record.get("last_loss"),
                   attempts=int(record.get("attempts", 0)), job_id=job,
                   scheduler_state=sched.get(job) if job and sched else None)
-    if RunDir(run_dir).is_done():
+    if run.is_done():
         return RunStatus(**fields, state="done")
     state = record.get("state", "pending")
     state = state if state in STATES else "failed"

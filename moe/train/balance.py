@@ -72,8 +72,8 @@ def step_balance_term(out: ModelOutput, counts_LE: torch.Tensor, top_k: int,
     prob_sum_LE = torch.stack(list(out.prob_sums)).float()
     n_layers, n_experts = prob_sum_LE.shape
     counts = counts_LE.to(prob_sum_LE.device, torch.float32)
-    n_tokens = counts[0].sum() / top_k  # every real token fills top_k slots in every layer
-    if n_tokens == 0:
-        return prob_sum_LE.sum() * 0.0
+    # every real token fills top_k slots in every layer; with none, f = 0 and the term is 0
+    # (a clamp, not an `if`: a Python branch on a device tensor waits for the device)
+    n_tokens = (counts[0].sum() / top_k).clamp_min(1.0)
     f_LE = counts / (top_k * n_tokens)
     return n_parts * n_experts * (f_LE * prob_sum_LE).sum() / (n_tokens * n_layers)

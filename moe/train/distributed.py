@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,11 +35,13 @@ class Dist:
         return value
 
 
-def init_from_env() -> bool:
+def init_from_env(timeout_min: float = 60.0) -> bool:
     """Join the process group described by the environment (torchrun, or a SLURM job's
     exported WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT); True if this call started it.
 
-    nccl with one GPU per local rank when CUDA is available, else gloo.
+    nccl with one GPU per local rank when CUDA is available, else gloo. Collectives wait
+    `timeout_min` (the run's `parallel.timeout_min`) for the other ranks: longer than
+    rank 0 alone takes to write a checkpoint or evaluate the EMA weights.
     """
     if not dist.is_available() or dist.is_initialized():
         return False
@@ -48,5 +51,6 @@ def init_from_env() -> bool:
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                            timeout=timedelta(minutes=timeout_min))
     return True

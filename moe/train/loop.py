@@ -1,4 +1,9 @@
-"""The training job of one run: budget, schedule, loop, checkpoints, resume, result.
+"""The run lifecycle: the training job of one run directory, from its config to its record.
+
+The step math is `moe.train.step` (the loss, one optimizer step, the validation loss);
+the record the run ends with is `moe.record`. This module owns what happens around the
+steps: resources, the writer lock, resume, checkpoints, logging, periodic and final
+evaluation, failure marks.
 
 `train_run(cfg, run_dir)` is what `moe train` and every sweep job call. It is
 safe to call again on the same directory: it resumes from the newest valid
@@ -10,8 +15,6 @@ step (data sampling, learning rate).
 Token budget: `train.tokens`, or `train.tpp` x *total* parameters (the paper's
 convention: sparse models get more tokens than dense ones of equal active size).
 Optimizer steps = ceil(tokens / (batch_size * seq_len)).
-
-Loss = CE + aux_loss_coef * load-balance + z_loss_coef * router z-loss.
 """
 
 from __future__ import annotations
@@ -21,170 +24,38 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from moe.checkpoint import run_ids_of, save_checkpoint
-from moe.config import RunConfig, TrainConfig, config_hash
+from moe.config import RunConfig, config_hash
 from moe.data.shards import TokenData, load_data
 from moe.eval import EvalShard, evaluate_tasks, flat_results, load_tasks
-from moe.model import ModelOutput, MoELM
-from moe.model.lm import IGNORE_INDEX
-from moe.params import count_params, resolve_tokens, train_flops_per_token
+from moe.model import MoELM, precision
+from moe.params import resolve_tokens
+from moe.record import build_result, task_column
 from moe.rundir import RunDir
 from moe.train.averaging import WeightEMA, save_snapshot
-from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts, step_balance_term
 from moe.train.distributed import Dist
-from moe.train.parallel import Parallel, clip_grad_norm, grad_sync, parallelize, shards_weights
+from moe.train.parallel import Parallel, parallelize, shards_weights
 from moe.train.preempt import active_watch
-from moe.train.resources import check_resources
+from moe.train.resources import apply_num_threads, check_resources
 from moe.train.resume import load_newest, save_sharded_step
 from moe.train.schedule import build_optimizer, lr_at, total_steps
+from moe.train.step import (
+    StepStats,
+    grad_accum_steps,
+    pick_device,
+    train_step,
+    validation_loss,
+)
 from moe.train.tracking import Tracker, open_tracker
 
 
 class TrainingFailed(RuntimeError):
     """The run diverged (NaN/inf loss); status.json says where and why."""
-
-
-def pick_device(tcfg: TrainConfig) -> torch.device:
-    if tcfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but CUDA is not available; use train.device=cpu")
-    if tcfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(tcfg.device)
-
-
-def autocast_for(tcfg: TrainConfig, device: torch.device):
-    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@dataclass
-class StepStats:
-    loss: float
-    ce: float
-    lb: float
-    z: float
-    grad_norm: float
-    routing: tuple
-    """RoutingStats per MoE layer of the last micro-batch (read only when logging)."""
-
-    @property
-    def load(self) -> list[float]:
-        return [s.max_over_mean_load for s in self.routing]
-
-
-def grad_accum_steps(cfg: RunConfig, world: int) -> int:
-    """Micro-batches per step: train.grad_accum, or what parallel.micro_batch implies."""
-    micro = cfg.parallel.micro_batch
-    if not micro:
-        return cfg.train.grad_accum
-    if cfg.train.batch_size % (micro * world):
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
-                         f"parallel.micro_batch={micro} x {world} ranks")
-    return cfg.train.batch_size // (micro * world)
-
-
-def _micro_rows(cfg: RunConfig, ddp: Dist, micro: int) -> slice:
-    """This rank's rows of the step's global batch in micro-batch `micro`.
-
-    The global batch is a pure function of (seed, step); micro-batch m on rank r takes
-    rows [m * B/A + r * B/(A W), ...) of it, so any (A, W) split covers the same rows.
-    """
-    micro_bs = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
-    per_rank = micro_bs // ddp.world
-    start = micro * micro_bs + ddp.rank * per_rank
-    return slice(start, start + per_rank)
-
-
-def train_step(model, opt, data: TokenData, cfg: RunConfig, step: int, lr: float,
-               device: torch.device, ddp: Dist, par: Parallel | None = None) -> StepStats:
-    """One optimizer step over grad_accum micro-batches of this rank's share of the batch.
-
-    The load-balance loss is the step's (all micro-batches, all ranks: `moe.train.balance`).
-    """
-    tcfg = cfg.train
-    n_micro = grad_accum_steps(cfg, ddp.world)
-    par = par or Parallel(world=ddp.world)
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-    def micro_batch(micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = data.train.batch(tcfg.seed, step, tcfg.batch_size, _micro_rows(cfg, ddp, micro))
-        return x.to(device), y.to(device)
-
-    def forward(x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
-        with autocast_for(tcfg, device):
-            return model(x, y)
-
-    counts = None
-    if n_micro > 1 and tcfg.aux_loss_coef > 0 and not cfg.model.is_dense:
-        counts = count_step_routing(model, map(micro_batch, range(n_micro)), ddp.world,
-                                    forward)
-    totals = torch.zeros(4, device=device)  # loss, ce, lb, z
-    routing: tuple = ()
-    for micro in range(n_micro):
-        x, y = micro_batch(micro)
-        with grad_sync(model, par, micro == n_micro - 1):
-            out: ModelOutput = forward(x, y)
-            step_counts = counts if counts is not None else all_ranks_sum(
-                routing_counts(out), ddp.world)
-            lb = step_balance_term(out, step_counts, cfg.model.top_k,
-                                   n_micro * ddp.world)
-            loss = out.ce_loss + tcfg.aux_loss_coef * lb + tcfg.z_loss_coef * out.z_loss
-            (loss / n_micro).backward()
-        parts = torch.stack([loss.detach(), out.ce_loss.detach(), lb.detach(),
-                             out.z_loss.detach()]).float()
-        totals += parts / n_micro
-        routing = out.routing
-    grad_norm = clip_grad_norm(model, par, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
-    totals = ddp.mean(totals)
-    loss_v, ce_v, lb_v, z_v = totals.tolist()
-    if math.isfinite(loss_v) and math.isfinite(float(grad_norm)):
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return StepStats(loss=loss_v, ce=ce_v, lb=lb_v, z=z_v, grad_norm=float(grad_norm),
-                     routing=routing)
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, data: TokenData, cfg: RunConfig,
-                    device: torch.device, ddp: Dist | None = None) -> float:
-    """Mean CE (nats/token) over data.val_batches fixed batches of the held-out split.
-
-    Every rank evaluates its rows of each batch, a micro-batch of rows at a time (so
-    full-vocabulary logits exist for one micro-batch only), and the sums are reduced.
-    """
-    ddp = ddp or Dist()
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # CE x tokens, tokens
-    n_micro = grad_accum_steps(cfg, ddp.world)
-    for i in range(cfg.data.val_batches):
-        for micro in range(n_micro):
-            rows = _micro_rows(cfg, ddp, micro)
-            x, y = data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size, rows)
-            x, y = x.to(device), y.to(device)
-            with autocast_for(cfg.train, device):
-                ce = model(x, y).ce_loss
-            n_tokens = (y != IGNORE_INDEX).sum()
-            sums += torch.stack([ce.double() * n_tokens, n_tokens.double()])
-    if ddp.world > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    return float(sums[0] / sums[1])
-
-
-def validation_batches(data: TokenData, cfg: RunConfig):
-    """The fixed held-out (inputs, targets) batches every validation loss is measured on."""
-    for i in range(cfg.data.val_batches):
-        yield data.val.batch(cfg.train.seed + 1_000_003, i, cfg.train.batch_size)
 
 
 def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
@@ -262,21 +133,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
     """The model laid out by [parallel], and its optimizer (built on the sharded weights)."""
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    apply_num_threads(cfg, device, ddp.world)
     per_micro = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     if per_micro % ddp.world:
         raise ValueError(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
                          f"divisible by the {ddp.world} data-parallel ranks")
     torch.manual_seed(cfg.train.seed)
     model = MoELM(cfg.model).to(device)
-    bf16 = not isinstance(autocast_for(cfg.train, device), contextlib.nullcontext)
+    bf16 = precision.uses_bf16(cfg.train.precision, device)
     model, par = parallelize(model, cfg, device, ddp, bf16)
     opt = build_optimizer(model, cfg.train)
     return model, opt, par
 
 
-def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = False
+def train_run(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, *, progress: bool = False
               ) -> dict[str, Any]:
     """Train (or resume, or return the finished result of) the run in `run_dir`.
 
@@ -288,7 +158,7 @@ def train_run(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = Fa
     (`RunDir.writer_lock`, held until this returns); a failure once the directory holds
     this run marks it failed with the reason.
     """
-    run = RunDir(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     ddp = Dist.current()
     if not run.is_done():  # a finished run only evaluates
         check_resources(cfg, pick_device(cfg.train), ddp.world)
@@ -379,7 +249,7 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
                               cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
         if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
             _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
-        stop = watch is not None and watch.poll(ddp.world)
+        stop = watch is not None and watch.poll(ddp.world, device)
         if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
             _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
         if stop:
@@ -424,7 +294,7 @@ def _evaluate_missing(run: RunDir, cfg: RunConfig, data: TokenData, device: torc
     if result.get("run_id", config_hash(cfg)) not in run_ids_of(cfg):
         raise ValueError(f"{run.path} holds the finished run {result.get('run_id')!r}, not "
                          f"{config_hash(cfg)!r}; use a new --out directory or its config")
-    missing = [t for t in cfg.eval.tasks if f"task/{t}/loss" not in result]
+    missing = [t for t in cfg.eval.tasks if task_column(t) not in result]
     if missing:
         if ddp.is_main:
             run.update_status(state="running", reason=f"evaluating {', '.join(missing)}")
@@ -461,26 +331,6 @@ def _finish_ema(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ema
                       {**result, "val_loss": val_ema, "val_loss_raw": result["val_loss"],
                        "recipe": "ema"})
     return {"val_loss_ema": val_ema}
-
-
-def build_result(cfg: RunConfig, **metrics: Any) -> dict[str, Any]:
-    """The flat result record: headline columns, every config key, counts, metrics."""
-    counts = count_params(cfg.model)
-    tokens = resolve_tokens(cfg)
-    record: dict[str, Any] = {
-        "run_id": config_hash(cfg), "d_model": cfg.model.d_model,
-        "n_layers": cfg.model.n_layers, "n_experts": cfg.model.n_experts,
-        "top_k": cfg.model.top_k, "sparsity": cfg.model.sparsity,
-        "n_params_total": counts.total, "n_params_active": counts.active,
-        "n_params_embedding": counts.embedding, "tokens": tokens,
-        "tpp": tokens / counts.total,
-        "flops": train_flops_per_token(cfg.model) * tokens,
-    }
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            record[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
-    record.update(metrics)
-    return record
 
 
 def _finish(run: RunDir, cfg: RunConfig, model, data: TokenData, device, ddp: Dist,

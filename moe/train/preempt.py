@@ -57,9 +57,12 @@ class PreemptionWatch:
         if callable(self.previous):
             self.previous(self.signum, frame)
 
-    def poll(self, world: int) -> bool:
-        """At a step boundary: did any rank get the signal? (the same answer on every rank)"""
-        flag = torch.tensor([1.0 if self.pending else 0.0])
+    def poll(self, world: int, device: torch.device | str = "cpu") -> bool:
+        """At a step boundary: did any rank get the signal? (the same answer on every rank)
+
+        The flag lives on the run's `device`: NCCL reduces CUDA tensors only.
+        """
+        flag = torch.tensor([1.0 if self.pending else 0.0], device=device)
         if world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

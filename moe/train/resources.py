@@ -1,24 +1,42 @@
-"""Refuse a run that cannot fit this machine, before anything is allocated or written.
+"""Fit a run to this machine before anything is allocated or written.
 
 `check_resources` compares `moe.params.estimate_train_memory` with the memory of
 the device the run will use (the GPU's, or the machine's RAM: the smaller of
 physical memory and the cgroup limit) and the thread count with the CPUs.
+
+`train.num_threads = "auto"` picks the CPU thread count at start (`auto_num_threads`):
+more threads pay only when each of torch's ops is big enough to split, and never on a
+core another process keeps busy (docs/architecture.md, "CPU threads"). Measured on 2
+cores (benchmarks/bench_cpu.py): a pocket model (d_model 32-64) trains 2-3x slower on 2
+threads than on 1 even on a quiet machine, and up to 11x slower beside another job,
+because a step is thousands of small ops and every one waits for the slower thread.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from moe.config import ConfigError, RunConfig
-from moe.params import estimate_train_memory
+from moe.params import estimate_train_memory, train_flops_per_token
 
 THREADS_PER_CPU = 4
 """train.num_threads above this many per CPU core is refused (oversubscription, crashes)."""
 GiB = 1 << 30
+MIN_FLOPS_PER_THREAD = 3e9
+"""Training FLOPs of one micro-batch per thread below which another thread costs more in
+per-op hand-offs than it adds (between d_model 64, where 1 thread wins, and 128, where 2
+win, at 16 x 128 tokens: bench_cpu.py)."""
+FREE_SLACK = 0.25
+"""A core counts as free when other processes keep it busy less than this fraction."""
+CORES_ENV = "OMP_NUM_THREADS"
+"""Threads a job may use (OpenMP's variable, which torch's default also follows): the local
+launcher sets it to the cores / max_parallel for runs side by side."""
 
 
 class ResourceError(ConfigError):
@@ -50,10 +68,86 @@ def device_memory_bytes(device: torch.device) -> tuple[int | None, str]:
     return machine_memory_bytes(), "this machine's RAM"
 
 
+def choose_num_threads(*, flops_per_step: float, cores: int, busy_cores: float) -> int:
+    """Threads for a run: one per core that is free (busy less than FREE_SLACK) and not more
+    than the micro-batch's FLOPs can keep busy (MIN_FLOPS_PER_THREAD each); at least 1."""
+    free = math.floor(cores - max(busy_cores, 0.0) + FREE_SLACK)
+    by_size = int(flops_per_step // MIN_FLOPS_PER_THREAD)
+    return max(1, min(cores, free, by_size))
+
+
+def usable_cores() -> int:
+    """This process's share of the cores: its CPU affinity, divided among the ranks of this
+    node and capped by OMP_NUM_THREADS (set by a launcher or the user)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cap = os.environ.get(CORES_ENV, "")
+    if cap.isdigit() and int(cap) > 0:
+        cores = min(cores, int(cap))
+    return max(1, cores)
+
+
+def busy_cores(sample_s: float = 0.1) -> float:
+    """Cores of this process's affinity kept busy by other processes now: a /proc/stat sample
+    over `sample_s` (this process sleeps meanwhile), else the 1-minute load average."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        before = _cpu_times(cpus)
+        time.sleep(sample_s)
+        after = _cpu_times(cpus)
+    except (AttributeError, OSError, ValueError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    busy = 0.0
+    for cpu, (total, idle) in after.items():
+        d_total, d_idle = total - before[cpu][0], idle - before[cpu][1]
+        busy += (d_total - d_idle) / d_total if d_total > 0 else 0.0
+    return busy
+
+
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """{cpu: (total jiffies, idle + iowait jiffies)} from /proc/stat for these CPUs."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields[:8]]
+            times[int(name[3:])] = (sum(values), values[3] + values[4])
+    if not times:
+        raise ValueError("no per-CPU lines in /proc/stat")
+    return times
+
+
+def auto_num_threads(cfg: RunConfig, world: int = 1) -> int:
+    """`choose_num_threads` for this run's micro-batch on the cores free now."""
+    micro_rows = getattr(getattr(cfg, "parallel", None), "micro_batch", 0) or \
+        cfg.train.batch_size // cfg.train.grad_accum // max(world, 1)
+    flops = train_flops_per_token(cfg.model) * micro_rows * cfg.model.seq_len
+    return choose_num_threads(flops_per_step=flops, cores=usable_cores(),
+                              busy_cores=busy_cores())
+
+
+def apply_num_threads(cfg: RunConfig, device: torch.device, world: int = 1) -> int:
+    """Set torch's CPU threads from train.num_threads; returns the count in use. "auto" on a
+    GPU keeps torch's default (the CPU only feeds the GPU there)."""
+    wanted = cfg.train.num_threads
+    if wanted == "auto" and device.type == "cpu":
+        wanted = auto_num_threads(cfg, world)
+    if isinstance(wanted, int) and wanted > 0:
+        torch.set_num_threads(wanted)
+    return torch.get_num_threads()
+
+
 def check_resources(cfg: RunConfig, device: torch.device, world: int = 1) -> None:
     """ResourceError (one line, naming what to change) when the run cannot fit."""
     cpus = os.cpu_count() or 1
-    if cfg.train.num_threads > THREADS_PER_CPU * cpus:
+    threads = cfg.train.num_threads
+    if isinstance(threads, int) and threads > THREADS_PER_CPU * cpus:
         raise ResourceError(f"train.num_threads={cfg.train.num_threads} is more than "
                             f"{THREADS_PER_CPU} x the {cpus} CPU cores; use at most "
                             f"{THREADS_PER_CPU * cpus} (or 0 for torch's default)")

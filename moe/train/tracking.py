@@ -18,6 +18,7 @@ from typing import Any
 from moe.config import RunConfig
 from moe.config.schema import LogConfig
 from moe.rundir import RunDir
+from moe.sweepdir import SweepDir
 
 _SKIP = frozenset({"step", "steps_total", "time"})
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
@@ -88,12 +89,8 @@ def sweep_group(run: RunDir, log: LogConfig) -> str | None:
     """log.group, else the sweep's name for a run at SWEEP_DIR/runs/<run_id>."""
     if log.group:
         return log.group
-    spec = run.path.parent.parent / "sweep.toml"
-    if run.path.parent.name != "runs" or not spec.is_file():
-        return None
-    from moe.config import read_toml
-
-    return str(read_toml(spec).get("name") or run.path.parent.parent.name)
+    sweep = SweepDir.of_run(run)
+    return None if sweep is None else sweep.name()
 
 
 def _import(tracker: str):

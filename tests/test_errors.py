@@ -1,4 +1,4 @@
-"""Issue 14, item 6: every expected failure of a command reaches the user as one line,
+"""`moe.app.errors`: every expected failure of a command reaches the user as one line,
 `error: <what> (<path>)`, with the exit code README.md documents; MOE_DEBUG=1 still
 shows the traceback. Faults are injected where the command writes or computes."""
 

@@ -1,5 +1,6 @@
-"""Issue 14, item 1: nothing from a spec or a cluster profile becomes a line of its own in
-the generated sbatch script, and every value the script's shell reads is quoted.
+"""Cluster profiles and the sbatch script (`moe.sweeps.profile`): nothing from a spec or a
+cluster profile becomes a line of its own in the generated sbatch script, and every value
+the script's shell reads is quoted.
 
 Each probe launches through the slurm executor with a stub `sbatch` on PATH that keeps
 the script it is given (tests/fakeslurm.py); the injected command must appear in no line.

@@ -1,4 +1,4 @@
-"""Issue 14, item 2: a checkpoint is used only when its digest verifies, its stored step is
+"""`moe.checkpoint`: a checkpoint is used only when its digest verifies, its stored step is
 its file's, its run id is the run's and its tensors fit the model; otherwise it is skipped
 with a warning naming why and the previous one is used. Pruning keeps verified ones."""
 

@@ -1,7 +1,8 @@
-"""Issue 14, item 3 (one writer per run directory) and the late-failure half of item 5:
-a second trainer of a directory is refused naming the holder's PID; a finished directory
-asked for another run is an error; a config that never trained does not block the rerun;
-a failure once the directory holds the run marks it failed with the reason."""
+"""`moe.rundir.RunDir`, the owner of a run directory's files: one writer per directory (a
+second trainer is refused naming the holder's PID), a finished directory asked for another
+run is an error, a config that never trained does not block the rerun, a failure once the
+directory holds the run marks it failed with the reason, a torn metrics line does not
+swallow the next row, and stale temporary files are cleaned when a run starts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import tiny_config
+from helpers import stale_file, tiny_config
 from moe.app.cli import main
 from moe.rundir import RunDir, RunLocked
 from moe.train import train_run
@@ -90,3 +91,34 @@ def test_interrupt_marks_the_run_failed(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_run(tiny_config("train.tokens=2048"), tmp_path)
     assert RunDir(tmp_path).read_status()["state"] == "failed"
+
+
+def test_torn_last_metrics_line_does_not_swallow_the_next_row(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (1, 2, 3):
+        run.append_metrics({"step": step, "loss": 1.0})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 4, "loss": 0.9')  # the crash hit mid-line
+    run.truncate_metrics(3)  # the resume from the step-3 checkpoint
+    run.append_metrics({"step": 4, "loss": 0.5})
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]
+    assert run.metrics_path.read_text().endswith('"loss": 0.5}\n')
+
+
+def test_append_after_a_torn_line_starts_a_new_line(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_metrics({"step": 1})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 2, "lo')
+    run.append_metrics({"step": 3})  # no truncate: e.g. a periodic-eval row
+    assert [r["step"] for r in run.read_metrics()] == [1, 3]
+
+
+def test_stale_temporary_files_are_cleaned_when_a_run_starts(tmp_path):
+    run = RunDir(tmp_path)
+    run.checkpoints_dir.mkdir(parents=True)
+    old = [stale_file(tmp_path / ".status.json.abc.tmp", 7200),
+           stale_file(run.checkpoints_dir / ".step-00000008.pt.xyz.tmp", 7200)]
+    fresh = stale_file(tmp_path / ".result.json.new.tmp", 10)  # may be a live writer's
+    train_run(tiny_config("train.tokens=2048"), tmp_path)
+    assert not any(p.exists() for p in old) and fresh.exists()

@@ -1,4 +1,4 @@
-"""Issue 14, item 7: a shard directory's meta.json may name only files inside it, dtype
+"""`moe.data.shards`: a shard directory's meta.json may name only files inside it, dtype
 uint16 or uint32; token ids are checked against the vocabulary when preparing and on a
 sample when loading."""
 

@@ -1,0 +1,83 @@
+"""The `local` executor (`moe.sweeps.local`): SIGTERM to the launcher stops its workers,
+and `--max-parallel 0` is refused before anything is written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import fakeslurm
+import pytest
+
+from helpers import tiny_config
+from moe.rundir import RunDir
+from moe.sweeps import launch
+from moe.sweeps.launch import LaunchError
+
+LAUNCHER = textwrap.dedent("""
+    import sys
+    import moe.sweeps.local as local
+    from moe.rundir import RunDir
+    # a worker that would run for a minute (the real one imports torch and trains)
+    local.worker_command = lambda d: [sys.executable, "-c", "import time; time.sleep(60)"]
+    local.run_local([RunDir(sys.argv[1])], max_parallel=1, progress=False)
+""")
+
+
+def test_sigterm_to_the_local_launcher_stops_its_workers(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.write_config(tiny_config("train.tokens=100000000"))
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(run.path)],
+                                stderr=subprocess.PIPE)
+    worker_pid = None
+    try:
+        deadline = time.time() + 60
+        while not run.read_status().get("job_ids"):
+            assert time.time() < deadline and launcher.poll() is None, "no worker started"
+            time.sleep(0.05)
+        worker_pid = int(run.read_status()["job_ids"][-1].split(":")[2])
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        assert not _alive(worker_pid), "the worker outlived its launcher"
+        status = run.read_status()
+        assert status["state"] == "failed" and "launcher interrupted" in status["reason"]
+    finally:
+        for pid in (launcher.pid, worker_pid):
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+
+
+def _alive(pid: int) -> bool:
+    deadline = time.time() + 5  # a terminated process may take a moment to go
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False
+        except FileNotFoundError:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_max_parallel_below_one_is_refused_before_anything_is_written(tmp_path, n):
+    sweep = tmp_path / "sweep"
+    with pytest.raises(LaunchError, match=f"--max-parallel {n} must be at least 1"):
+        launch(fakeslurm.two_run_spec(), sweep, executor="local", max_parallel=n)
+    assert not sweep.exists()
+
+
+def test_cli_refuses_max_parallel_zero_in_one_line(tmp_path, capsys):
+    from moe.app.cli import main
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(fakeslurm.two_run_spec().to_toml())
+    assert main(["sweep", "launch", str(spec), "--dir", str(tmp_path / "d"),
+                 "--max-parallel", "0"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "d").exists()
