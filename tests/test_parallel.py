@@ -350,7 +350,7 @@ def _dtypes_of_one_step(cfg, model) -> dict:
             lambda m, a: note("parity", "router weight", str(m.weight_ED.dtype)))
         block.ffn.router.register_forward_hook(
             lambda m, a, o: note("parity", "routing weights", str(o.weight_TK.dtype)))
-        block.attn.wq.register_forward_pre_hook(
+        block.attn.wo.register_forward_pre_hook(
             lambda m, a: note("gathered", "attention", str(m.weight.dtype)))
     real = experts_mod._LOADED["torch"]
 
