@@ -7,6 +7,7 @@ rest).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -34,9 +35,11 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
                 f"{path} has no results.parquet; run `moe sweep collect {path}` first")
         path = table
     if not path.exists():
-        raise FileNotFoundError(f"no such table: {path}")
+        raise FileNotFoundError(errno.ENOENT, "no such table", str(path))  # names the path
     suffix = path.suffix.lower()
     try:
+        if suffix in (".parquet", ".csv", ".txt"):
+            _refuse_duplicate_columns(path, suffix)
         if suffix == ".parquet":
             df = pd.read_parquet(path)
         elif suffix in (".csv", ".txt"):
@@ -49,6 +52,26 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TableError(f"cannot read {path}: {first}") from exc
     return df
+
+
+def _refuse_duplicate_columns(path: Path, suffix: str) -> None:
+    """TableError naming every column the file's header gives twice: pandas would rename the
+    second `val_loss` to `val_loss.1` (CSV) or keep one of them, and either would be used
+    without a word."""
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    else:
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as f:
+            names = next(csv.reader(f), [])
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})
+    if dups:
+        raise TableError(f"{path} has duplicate column(s) {', '.join(map(repr, dups))}; "
+                         "keep one of each (which one is meant cannot be guessed)")
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> None:

@@ -199,7 +199,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     cols = _columns(args)
     df = _select(read_table(args.source), args.where, "--where")
-    figs = plots.save_figures(cols.canonical(df), args.output)
+    figs = plots.save_figures(cols.canonical(df), args.output, force=args.force)
     for name, paths in figs.paths.items():
         print(f"{name}: {paths[0]} (+ .pdf)")
     for name, why in figs.skipped.items():
@@ -217,7 +217,7 @@ def _report(args: argparse.Namespace) -> int:
     df = _select(read_table(args.source), args.where, "--where")
     path = make_report(cols.canonical(df), Path(args.output), args.fig_dir,
                        n_boot=args.bootstrap, seed=args.seed, source=str(args.source),
-                       n_label=cols.n)
+                       n_label=cols.n, force=args.force)
     print(f"report: {path}")
     return 0
 
@@ -241,6 +241,11 @@ def _column_flags(p: argparse.ArgumentParser, *, full: bool) -> None:
             p.add_argument(f"--{role}-col", default=None, help=f"{what} column")
         p.add_argument("--task-col", action="append", metavar="NAME=COLUMN[:KIND]",
                        help="a task loss column (KIND memorization|reasoning); repeatable")
+
+
+def _force_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write figures into a directory that holds other files")
 
 
 def register(subparsers) -> None:
@@ -280,6 +285,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plot", help="draw the paper figures (PNG and PDF)")
     p.add_argument("source", help="sweep directory or results table")
     p.add_argument("-o", "--output", required=True, help="figure directory")
+    _force_flag(p)
     _column_flags(p, full=True)
     p.set_defaults(func=_plot)
 
@@ -289,5 +295,6 @@ def register(subparsers) -> None:
     p.add_argument("--fig-dir", default=None, help="default: figures/ next to the report")
     p.add_argument("--bootstrap", type=int, default=200, metavar="K")
     p.add_argument("--seed", type=int, default=0)
+    _force_flag(p)
     _column_flags(p, full=True)
     p.set_defaults(func=_report)

@@ -45,7 +45,14 @@ from typing import Any
 import numpy as np
 
 from moe.data.tokenizer import load_tokenizer
-from moe.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from moe.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    claim_output_dir,
+    read_json,
+)
 
 STATE = "prepare-state.json"
 _SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
@@ -333,10 +340,13 @@ def _fingerprint(paths: list[Path], tokenizer: str, text_key: str, eos_token: st
             "eos_token": eos_token, "shard_tokens": shard_tokens}
 
 
-def _start_state(out: Path, fingerprint: dict[str, Any], itemsize: int) -> dict[str, Any]:
-    """A fresh state, or the one a killed run left (its shards checked)."""
+def _start_state(out: Path, fingerprint: dict[str, Any], itemsize: int,
+                 force: bool = False) -> dict[str, Any]:
+    """A fresh state, or the one a killed run left (its shards checked). Any other
+    non-empty directory is refused unless `force` (`moe.io.check_output_dir`)."""
     if (out / "meta.json").exists():
         raise ValueError(f"{out} already holds shards (meta.json); choose a new --out directory")
+    check_output_dir(out, "data prepare", force=force or (out / STATE).is_file())
     for tmp in out.glob(".shard-*.tmp"):  # a kill mid-write leaves its temporary file
         tmp.unlink(missing_ok=True)
     state = read_json(out / STATE)
@@ -356,7 +366,7 @@ def prepare_corpus(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, 
                    tokenizer: str = "byte", text_key: str = "text",
                    eos_token: str | None = None, shard_tokens: int = 1 << 26,
                    workers: int | None = None, batch_chars: int = 1 << 20,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, force: bool = False) -> dict[str, Any]:
     """Tokenise the inputs into OUT_DIR's shards (resuming a killed run); returns meta.json."""
     out = Path(out_dir)
     paths = [Path(p) for p in inputs]
@@ -368,8 +378,8 @@ def prepare_corpus(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, 
         raise ValueError(f"shard_tokens={shard_tokens} must be positive")
     tok = load_tokenizer(tokenizer, eos_token=eos_token)
     state = _start_state(out, _fingerprint(paths, tokenizer, text_key, eos_token, shard_tokens),
-                         token_dtype(tok.vocab_size).itemsize)
-    out.mkdir(parents=True, exist_ok=True)
+                         token_dtype(tok.vocab_size).itemsize, force)
+    claim_output_dir(out, "data prepare", force=True)  # checked above
     writer = ShardWriter(out, shard_tokens, state, tok.vocab_size)
     jobs = iter_jobs(paths, text_key, batch_chars, skip_docs=state["next_doc"])
     n_workers = (os.cpu_count() or 1) if workers is None else workers

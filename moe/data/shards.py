@@ -41,14 +41,16 @@ def encode_documents(docs: Iterable[str], tok: Tokenizer) -> np.ndarray:
 def prepare_shards(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, *,
                    tokenizer: str = "byte", text_key: str = "text",
                    eos_token: str | None = None, shard_tokens: int = SHARD_TOKENS,
-                   workers: int | None = None, progress: bool = False) -> dict:
+                   workers: int | None = None, progress: bool = False,
+                   force: bool = False) -> dict:
     """Tokenise a corpus into a shard directory, streaming and resumable
-    (`moe.data.prepare`); returns its meta.json."""
+    (`moe.data.prepare`); returns its meta.json. A non-empty OUT_DIR that is not an
+    unfinished prepare is refused unless `force`."""
     from moe.data.prepare import prepare_corpus
 
     return prepare_corpus(inputs, out_dir, tokenizer=tokenizer, text_key=text_key,
                           eos_token=eos_token, shard_tokens=shard_tokens, workers=workers,
-                          progress=progress)
+                          progress=progress, force=force)
 
 
 TOKEN_DTYPES = ("uint16", "uint32")

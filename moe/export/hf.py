@@ -22,6 +22,10 @@ file as `tokenizer.json`; a byte-level run (the pocket corpus) exports an exact
 `tokenizers` equivalent of the built-in byte tokenizer (ids 0-255 are the
 bytes, `<|endoftext|>` = 256, `<pad>` = 257), so `AutoTokenizer` works on every
 export. `export.json` records the run and the checkpoint step exported.
+
+The output directory must be new, empty, or an earlier export of the same run (refreshed
+in place, as `moe eval --harness` does with RUN_DIR/export-hf); another model's export or
+unrelated files are refused unless `force` (`moe.io.check_output_dir`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,13 @@ import torch
 
 from moe.config import ModelConfig
 from moe.data.tokenizer import ByteTokenizer, Tokenizer
-from moe.io import atomic_write_json, atomic_write_text
+from moe.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    claim_output_dir,
+    new_file_mode,
+)
 from moe.model.lm import split_qkv
 
 
@@ -195,6 +205,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600; the umask decides
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -202,22 +213,28 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-              dtype: str = "float32") -> Path:
-    """Write RUN_DIR's newest checkpoint as a transformers model directory; returns it."""
+              dtype: str = "float32", force: bool = False) -> Path:
+    """Write RUN_DIR's newest checkpoint as a transformers model directory; returns it.
+
+    OutputDirNotEmpty (exit 2) when `out_dir` holds anything but an export of this run,
+    unless `force`.
+    """
     from moe.checkpoint import load_run_model
     from moe.data.tokenizer import tokenizer_for_data
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ExportError(f"--dtype {dtype!r} must be float32 or bfloat16")
+    source = str(Path(run_dir).resolve())
+    force = force or _exported_run(out_dir) == source  # an earlier export of this run
+    check_output_dir(out_dir, "export", source=source, force=force)
     model, cfg, step = load_run_model(run_dir)
     try:
         import safetensors  # noqa: F401
     except ImportError:
         raise ExportError("export needs safetensors: pip install safetensors") from None
     tok = tokenizer_for_data(cfg.data.source)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out_dir, "export", source=source, force=force)
     _save_safetensors(hf_state_dict(model.state_dict(), cfg.model, torch_dtype),
                       out / "model.safetensors")
     atomic_write_json(out / "config.json", hf_config(cfg.model, tok, dtype))
@@ -227,6 +244,15 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     atomic_write_json(out / "export.json", {"run_dir": str(Path(run_dir).resolve()),
                                             "step": step, "format": "hf", "dtype": dtype})
     return out
+
+
+def _exported_run(out_dir: str | os.PathLike) -> str | None:
+    """The run directory an export directory was written from (None if not an export)."""
+    try:
+        record = json.loads((Path(out_dir) / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("run_dir") if isinstance(record, dict) else None
 
 
 def exported_step(out_dir: str | os.PathLike) -> int | None:

@@ -48,7 +48,8 @@ def load_newest(run: RunDir, model, opt, device, ddp: Dist, par: Parallel,
     recent train losses that result.json's train_loss averages ((0, []) if none).
 
     A single-file checkpoint is used only when it verifies, belongs to this run and fits the
-    model and optimizer (`moe.checkpoint`); otherwise the previous one is tried.
+    model and optimizer (`moe.checkpoint`); a sharded one only when its files match their
+    manifest (`moe.checkpoint_dcp`); otherwise the previous one is tried.
     """
     newest = newest_checkpoint(run)
     if newest is not None and newest[0] == "dcp":
@@ -62,7 +63,7 @@ def load_newest(run: RunDir, model, opt, device, ddp: Dist, par: Parallel,
     state = load_latest_checkpoint(run, map_location=device, run_ids=run_ids_of(cfg),
                                    accept=_fits(model, opt, cfg, par))
     if state is None:
-        if ddp.is_main and run.list_checkpoints():
+        if ddp.is_main and (run.list_checkpoints() or run.list_sharded_checkpoints()):
             run.update_status(reason="no loadable checkpoint; restarted from step 0")
         return 0, []
     if par.distributed_state:
