@@ -58,13 +58,20 @@ def _handle_kernels(args) -> int:
     backends = _parse_backends(args.backends)
     lines = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115 - open while it runs
 
+    shape_records: list[dict] = []
+
     def on_record(record: dict) -> None:
         outcome = (f"{record['fwdbwd_ms']} ms fwd+bwd" if "fwdbwd_ms" in record
                    else record.get("skipped") or record.get("error"))
         print(f"d={record['d_model']} E={record['n_experts']} k={record['top_k']} "
               f"{record['backend']}: {outcome}", flush=True)
+        shape_records.append(record)
+        done = [record] if len(shape_records) < len(backends) else \
+            [record, {"ratios": ratios(shape_records)[0]}]  # the shape is complete
+        if len(done) == 2:
+            shape_records.clear()
         if lines is not None:
-            lines.write(json.dumps(record) + "\n")
+            lines.write("".join(json.dumps(r) + "\n" for r in done))
             lines.flush()
 
     try:
@@ -98,7 +105,8 @@ def register(subparsers) -> None:
                     "perf_counter timing; GPU-only backends are listed with the reason.")
     p.add_argument("-o", "--out", help="write the results as JSON here (and a .md table beside)")
     p.add_argument("--jsonl", help="append each result to this file as one JSON line the "
-                                   "moment it is measured (a stopped run keeps what finished)")
+                                   "moment it is measured, and each shape's same-run ratios "
+                                   "({\"ratios\": ...}) once it is complete")
     p.add_argument("--shapes", choices=("paper", "small"),
                    help="paper: the 12 paper shapes at 16k tokens (default on CUDA); "
                         "small: two tiny shapes (default on CPU)")

@@ -84,6 +84,7 @@ def bench_train(cfg, *, device: torch.device, steps: int, warmup: int, micro_bat
     """Throughput record of `steps` timed training steps (see the module docstring)."""
     from moe.model.experts import auto_backend
     from moe.params import count_params, train_flops_per_token
+    from moe.train.parallel import compiles
 
     seq_len = seq_len or cfg.model.seq_len
     if steps < 1 or warmup < 0 or seq_len < 1 or seq_len > cfg.model.seq_len:
@@ -107,6 +108,7 @@ def bench_train(cfg, *, device: torch.device, steps: int, warmup: int, micro_bat
     return {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "experts_backend": auto_backend(device) if backend == "auto" else backend,
+        "compiled": compiles(cfg, device),
         "n_params_active": count_params(cfg.model).active, "steps": steps,
         "warmup_steps": warmup, "micro_batch": batch, "seq_len": seq_len,
         "tokens_per_s": tokens_per_s, "tflops": tflops,
