@@ -14,7 +14,6 @@ import pandas as pd
 from moe.analysis import findings as findmod
 from moe.analysis import fit as fitmod
 from moe.analysis import plots, recipes, records, sparsity
-from moe.analysis.bootstrap import bootstrap_fit
 from moe.analysis.columns import describe_missing, ensure_canonical
 from moe.analysis.tables import (
     PRETRAIN_LOSS,
@@ -63,13 +62,9 @@ def _missing(df: pd.DataFrame, need: list[str]) -> list[str]:
 
 
 def _fit_and_check(data: fitmod.FitData, n_boot: int, seed: int):
-    """(fit with its final verdict, bootstrap or None): bootstrapped only when the point fit
-    is identified (bootstrapping an unidentified fit only measures its degeneracy)."""
-    fit = fitmod.fit_data(data)
-    if n_boot < 2 or not fit.verdict.identified:
-        return fit, None
-    boot = bootstrap_fit(fit, data, n_resamples=n_boot, seed=seed)
-    return fitmod.with_bootstrap(fit, data, boot), boot
+    """(fit with its final verdict, bootstrap or None) under the one policy of `moe fit`
+    (:func:`moe.analysis.records.approach3`)."""
+    return records.approach3(data, n_boot=n_boot, seed=seed)
 
 
 def _law_section(df: pd.DataFrame, n_boot: int, seed: int,
@@ -307,9 +302,9 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     missing = df.attrs.get("missing", [])
     if missing:
         lines += [f"Columns not in the table: {describe_missing(df, missing)}.", ""]
-    found = findmod.compute_findings(df, n_boot=max(n_boot, 2), seed=seed)
-    lines += findmod.findings_section(found)
-    rec: dict = {}
+    found, optima = findmod.findings_and_optima(df, n_boot=n_boot, seed=seed)
+    lines += findmod.findings_section(found, optima)
+    rec: dict = {"sparsity_optima": [o.to_dict() for o in optima]}
     law_lines, chin = _law_section(df, n_boot, seed, rec)
     sections = [law_lines, _isoflop_section(df, chin, n_boot, seed, rec),
                 _sparsity_section(df, n_boot, seed, rec)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,32 @@ def task_kind(df: pd.DataFrame, task: str) -> str:
         return "unknown"
     kinds = df[col].dropna().astype(str).unique()
     return str(kinds[0]) if len(kinds) else "unknown"
+
+
+def _quote_columns(expr: str, columns) -> str:
+    """``expr`` with every column name that is not a Python identifier (dotted names from
+    experiment-tracker exports, ``task/x/loss``, names with spaces) put in backticks, the
+    quoting pandas' query needs; names already in backticks are left alone."""
+    special = sorted((str(c) for c in columns if not str(c).isidentifier()), key=len,
+                     reverse=True)
+    if not special:
+        return expr
+    parts = re.split(r"(`[^`]*`|'[^']*'|\"[^\"]*\")", expr)  # keep quoted spans as they are
+    pattern = re.compile(r"(?<![\w.`])(" + "|".join(map(re.escape, special)) + r")(?![\w`])")
+    return "".join(p if i % 2 else pattern.sub(r"`\1`", p) for i, p in enumerate(parts))
+
+
+def select(df: pd.DataFrame, expr: str | None, flag: str) -> pd.DataFrame:
+    """Rows selected by a pandas query (``--where``/``--test-where``); column names with dots
+    or slashes work as written. A bad expression or an empty selection is a one-line error
+    naming the flag."""
+    if expr is None:
+        return df
+    try:
+        out = df.query(_quote_columns(expr, df.columns))
+    except Exception as exc:  # pandas raises many types for a bad expression
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(f"{flag} {expr!r}: {first}") from None
+    if out.empty:
+        raise TableError(f"{flag} {expr!r} selects no rows")
+    return out
