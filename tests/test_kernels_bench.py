@@ -32,7 +32,9 @@ def test_bench_kernels_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     assert env["torch"] == torch.__version__ and env["triton"] and env["device"]
     by_backend = {r["backend"]: r for r in report["results"]}
     assert set(by_backend) == set(bench.BACKENDS)
-    assert streamed == report["results"]  # every record, one line each, as measured
+    # every record, one line each as measured, then the shape's ratios once it is complete
+    assert streamed[:-1] == report["results"]
+    assert streamed[-1] == {"ratios": kbench.ratios(report["results"])[0]}
     for name in ("loop", "torch", "dense"):
         assert by_backend[name]["fwdbwd_ms"] > 0 and by_backend[name]["fwd_tflops"] > 0
     if not torch.cuda.is_available():
