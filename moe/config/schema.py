@@ -316,11 +316,17 @@ class LogConfig:
     """Project of the wandb / trackio runs."""
     group: str = ""
     """Group of the run ("" = the sweep's name for a run of a sweep)."""
+    progress_every_s: float = 30.0
+    """Seconds between one-line progress reports on stderr when it is not a terminal (a log
+    file, a SLURM job); 0 = none. On a terminal a progress bar is drawn instead."""
 
     def __post_init__(self) -> None:
         _choice(self, "tracker", TRACKERS)
         if not self.project:
             raise ConfigError("log.project must be a non-empty name")
+        if self.progress_every_s < 0:
+            raise ConfigError(f"log.progress_every_s={self.progress_every_s} must be >= 0 "
+                              "(0 = no progress lines)")
 
 
 @dataclass(frozen=True, kw_only=True)
