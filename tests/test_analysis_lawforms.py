@@ -210,3 +210,18 @@ def test_predict_warns_outside_the_fitted_range_and_refuses_a_non_fit(tmp_path, 
                  "json"]) == 0
     best = json.loads(capsys.readouterr().out)
     assert 6 * best["n_opt"] * best["d_opt"] == pytest.approx(1e21, rel=1e-6)
+
+
+def test_report_has_a_which_law_section_choosing_by_held_out_error():
+    from moe.analysis import report
+    from moe.analysis.columns import ensure_canonical
+
+    truth = kaplan.PUBLISHED  # planted: a Kaplan-law table; the section must choose kaplan
+    loss = lawforms.get("kaplan").predict(DENSE, truth) * np.exp(
+        np.random.default_rng(3).normal(0, 0.002, len(DENSE["n"])))
+    df = pd.DataFrame({"n_params_total": DENSE["n"], "tokens": DENSE["d"], "val_loss": loss,
+                       "flops": 6 * DENSE["n"] * DENSE["d"]})
+    rec: dict = {}
+    section = "\n".join(report._which_law_section(ensure_canonical(df), 10, 0, rec))
+    assert section.startswith("## Which law") and "Chosen: **kaplan**" in section
+    assert rec["which_law"]["compare"]["chosen"] == "kaplan"
