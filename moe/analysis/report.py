@@ -335,9 +335,9 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     missing = df.attrs.get("missing", [])
     if missing:
         lines += [f"Columns not in the table: {describe_missing(df, missing)}.", ""]
-    found = findmod.compute_findings(df, n_boot=max(n_boot, 2), seed=seed)
-    lines += findmod.findings_section(found)
-    rec: dict = {}
+    found, optima = findmod.findings_and_optima(df, n_boot=n_boot, seed=seed)
+    lines += findmod.findings_section(found, optima)
+    rec: dict = {"sparsity_optima": [o.to_dict() for o in optima]}
     law_lines, chin = _law_section(df, n_boot, seed, rec)
     sections = [law_lines, _isoflop_section(df, chin, n_boot, seed, rec),
                 _which_law_section(df, n_boot, seed, rec),
