@@ -11,7 +11,9 @@ README.md ("Reliability"):
     3  training failed (diverged: NaN/inf loss); status.json says where and why
     4  permission denied
     5  the disk is full, or another operating-system I/O error
+    129 `moe train` stopped by SIGHUP after a checkpoint (moe.train.signals)
     130 interrupted (Ctrl-C)
+    143 `moe train` stopped by SIGTERM after a checkpoint (moe.train.signals)
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ EXIT_TRAINING_FAILED = 3
 EXIT_PERMISSION = 4
 EXIT_OS = 5
 EXIT_INTERRUPTED = 130
+EXIT_SIGHUP = 129  # 128 + the signal number, as a shell reports it: moe.train.signals
+EXIT_SIGTERM = 143
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
