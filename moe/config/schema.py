@@ -169,6 +169,9 @@ class TrainConfig:
     """Optimizer step after which the EMA starts (it is a copy of the weights there)."""
     min_lr_frac: float | None = None
     """Final learning rate as a fraction of `lr` (replaces `min_lr` when set)."""
+    compile: bool | None = None
+    """torch.compile each block for training and evaluation (unset: on CUDA, off on CPU,
+    where compiling costs more than it saves on small models)."""
 
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.tpp is None):
