@@ -30,12 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("loop", "torch", "triton", "megablocks", "dense")
+from moe.config import EXPERT_BACKENDS
+from moe.errors import BadInput
+
+BACKENDS = (*(b for b in EXPERT_BACKENDS if b != "auto"), "dense")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAPER_TOKENS = 16384
 
 
-class BenchError(ValueError):
+class BenchError(BadInput):
     """Bad `moe bench` arguments (one-line message)."""
 
 

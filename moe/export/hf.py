@@ -36,10 +36,11 @@ import torch
 
 from moe.config import ModelConfig
 from moe.data.tokenizer import ByteTokenizer, Tokenizer
+from moe.errors import BadInput
 from moe.io import atomic_write_json, atomic_write_text
 
 
-class ExportError(ValueError):
+class ExportError(BadInput):
     """The export cannot be written as asked; the message says why."""
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ModelConfig
+from moe.errors import BadInput
 from moe.model.experts import SwiGLUExperts, init_std_for_output
 from moe.model.router import RoutingStats, TopKRouter
 
@@ -248,7 +249,7 @@ class MoELM(nn.Module):
         cached ones, the cache advances by T, and logits_BTV holds the last position only."""
         B, T = idx_BT.shape
         if T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
+            raise BadInput(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
         if cache is not None and targets_BT is not None:
             raise ValueError("targets and a KV cache do not mix: the loss needs every position")
         # Routing losses count only real tokens: those with a target to predict.

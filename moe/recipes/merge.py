@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from moe.data.shards import load_data
+from moe.errors import BadInput
 from moe.model import MoELM
 from moe.recipes.stats import validation_stats
 from moe.record import build_result
@@ -51,10 +52,10 @@ DECAYS = ("mean", *SHAPES)
 def target_coefficients(steps: list[int], decay: str) -> np.ndarray:
     """w_1 .. w_k: the weight each of the window's k updates gets in the merged model."""
     if decay not in DECAYS:
-        raise ValueError(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
+        raise BadInput(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
     s = np.asarray(steps, dtype=float)
     if s.ndim != 1 or len(s) < 1 or np.any(np.diff(s) <= 0):
-        raise ValueError(f"snapshot steps must be increasing, got {list(steps)}")
+        raise BadInput(f"snapshot steps must be increasing, got {list(steps)}")
     k = len(s) - 1
     if k == 0:
         return np.zeros(0)
@@ -95,10 +96,10 @@ def merge_state_dicts(states: list[dict[str, torch.Tensor]], coeffs) -> dict[str
 def window_snapshots(run: RunDir, window: int) -> list[tuple[int, Path]]:
     """The snapshots at step >= last - window, oldest first."""
     if window < 0:
-        raise ValueError(f"--window must be >= 0 steps, got {window}")
+        raise BadInput(f"--window must be >= 0 steps, got {window}")
     snaps = run.list_snapshots()
     if not snaps:
-        raise ValueError(f"{run.path} has no snapshots to merge; train it with "
+        raise BadInput(f"{run.path} has no snapshots to merge; train it with "
                          "train.save_every > 0 (e.g. --set train.save_every=10)")
     last = snaps[-1][0]
     return [(s, p) for s, p in snaps if s >= last - window]
@@ -114,7 +115,7 @@ def merge_run(run_dir: str | os.PathLike, *, window: int, decay: str,
     run, target = RunDir(run_dir), RunDir(out)
     device = torch.device(device)
     if target.has_config() or target.is_done():
-        raise ValueError(f"{target.path} already holds a run; choose a new --out directory")
+        raise BadInput(f"{target.path} already holds a run; choose a new --out directory")
     cfg = run.read_config()
     snaps = window_snapshots(run, window)
     steps = [s for s, _ in snaps]
