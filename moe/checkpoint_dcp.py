@@ -11,13 +11,23 @@ describe them as the global [E, ...] tensor (DTensor (Shard(0), Shard(0)) over t
 ("ep", "dp") mesh). A checkpoint is written to `step-N.dcp.partial/` and renamed by rank
 0 once every rank has finished, so a half-written one is never loaded.
 
+Verified like `.pt` checkpoints: before the rename, rank 0 writes `sha256.json` (a manifest
+of every file's SHA-256) into the directory. A sharded checkpoint is loaded only when its
+manifest exists and every file is present, listed and matches its digest; otherwise it is
+skipped with a warning naming the file and the previous one is used (DCP itself checks no
+data: a flipped byte in a shard loads as a wrong weight).
+
 Single-process runs keep `moe.checkpoint`'s files; `newest_checkpoint` tells which
 kind is newest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.io import atomic_write_json, read_json
 from moe.rundir import RunDir
+
+MANIFEST = "sha256.json"
+"""Inside each step-N.dcp/: {"sha256": {relative file name: hex digest}} of every other file."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +54,83 @@ class ExpertLayout:
 
 
 def newest_checkpoint(run: RunDir) -> tuple[str, int] | None:
-    """("pt" | "dcp", step) of the newest checkpoint of either kind; None if none."""
+    """("pt" | "dcp", step) of the newest checkpoint of either kind (of the sharded ones, the
+    newest that verifies); None if none."""
     found = [("pt", s) for s, _ in run.list_checkpoints()[:1]]
-    found += [("dcp", s) for s, _ in run.list_sharded_checkpoints()[:1]]
+    sharded = newest_verified_sharded(run)
+    if sharded is not None:
+        found.append(("dcp", sharded))
     return max(found, key=lambda kind_step: kind_step[1]) if found else None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the SHA-256 of every file of a written checkpoint, atomically."""
+    atomic_write_json(directory / MANIFEST,
+                      {"sha256": {name: _sha256_file(directory / name)
+                                  for name in _files(directory)}})
+
+
+def verify_sharded(directory: Path) -> None:
+    """ValueError naming the file when a sharded checkpoint is not exactly what its manifest
+    lists: no manifest, a file missing, added, or whose SHA-256 differs."""
+    try:
+        manifest = read_json(directory / MANIFEST)
+    except ValueError:
+        manifest = None
+    digests = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(digests, dict):
+        raise ValueError(f"no readable {MANIFEST} in {directory} (unverifiable)")
+    for name in sorted(set(_files(directory)) | set(digests)):
+        path = directory / name
+        if name not in digests:
+            raise ValueError(f"{path} is not listed in {MANIFEST}")
+        if not path.is_file():
+            raise ValueError(f"{path} is missing")
+        if _sha256_file(path) != digests[name]:
+            raise ValueError(f"{path} does not match its SHA-256 in {MANIFEST} (damaged)")
+
+
+def newest_verified_sharded(run: RunDir) -> int | None:
+    """Step of the newest sharded checkpoint that verifies; each newer one is skipped with a
+    warning naming the damaged file. Under a process group rank 0 checks, and every rank
+    gets its answer (they must load the same one)."""
+    step = None
+    if not _is_dist() or dist.get_rank() == 0:
+        for candidate, path in run.list_sharded_checkpoints():
+            try:
+                verify_sharded(path)
+            except (ValueError, OSError) as exc:
+                warnings.warn(f"sharded checkpoint {path.name} (step {candidate}) is unusable: "
+                              f"{exc}; falling back to the previous one", stacklevel=2)
+                continue
+            step = candidate
+            break
+    if _is_dist():
+        box = [step]
+        dist.broadcast_object_list(box, src=0)
+        step = box[0]
+    return step
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
 
 
 def _is_dist() -> bool:
@@ -98,10 +185,12 @@ def save_sharded(run: RunDir, step: int, model: nn.Module, opt: torch.optim.Opti
         dist.barrier()
     _, _, state = _state(model, opt, experts)
     state["extra"] = extra
-    dcp.save(state, checkpoint_id=partial)
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=partial)
     if _is_dist():
         dist.barrier()
     if rank0:
+        write_manifest(partial)  # before publication: a published one always has it
         run.publish_sharded_checkpoint(step, keep)
     if _is_dist():
         dist.barrier()
@@ -122,7 +211,8 @@ def load_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None
     msd, osd, state = _state(model, opt, experts)
     state["extra"] = {"step": 0, "rng_cpu": torch.get_rng_state(), "run_id": "",
                       "recent_ce": "[]"}
-    dcp.load(state, checkpoint_id=path, no_dist=alone or not _is_dist())
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=path, no_dist=alone or not _is_dist())
     # DCP wrote the tensors in place, so torch's own dicts hold the loaded values
     if opt is None:
         set_model_state_dict(model, msd)

@@ -3,7 +3,9 @@
 Every file the toolkit writes goes through here, so a reader (a status poll, a
 collect, a resumed job) never sees half a file: the bytes go to a temporary
 file in the same directory, are fsynced, and the temporary file is renamed over
-the target, which POSIX makes atomic.
+the target, which POSIX makes atomic. The file gets the mode `open()` would give it
+(0666 less the process's umask), not the 0600 of a temporary file, so a colleague or a
+server running as another user reads what the umask lets them read.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
+
+from moe.errors import BadInput
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -24,6 +28,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -36,6 +41,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc, 4.7+);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode POSIX `open(path, O_CREAT, 0o666)` gives a new file: 0666 & ~umask."""
+    return 0o666 & ~current_umask()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -109,6 +134,52 @@ def update_json(path: str | os.PathLike, fn: Callable[[dict], dict]) -> dict:
         new = fn(dict(read_json(path, default={}) or {}))
         atomic_write_json(path, new)
     return new
+
+
+OUTPUT_MARKER = ".moe-output.json"
+"""Written by `claim_output_dir` into each directory a command made: which command, from what."""
+
+
+class OutputDirNotEmpty(BadInput):
+    """An output directory holds files that the command did not write (exit 2)."""
+
+
+def check_output_dir(path: str | os.PathLike, command: str, *, source: str | None = None,
+                     force: bool = False, own_names: Collection[str] = ()) -> Path:
+    """Refuse a non-empty `path` unless `command` made it (from `source`) or `force`.
+
+    Commands that write a directory of outputs (export, merge, ensemble, data prepare,
+    figures) call this before any work, so nothing mixes with or overwrites files they
+    did not write; rerunning the same command on the same source into its own
+    directory is allowed. A directory holding only `own_names` (the files the command
+    writes, e.g. figure names) counts as its own too.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirNotEmpty(f"{path} is a file, not a directory; choose a directory")
+    if force or not path.is_dir() or not any(path.iterdir()):
+        return path
+    if own_names and all(p.name in own_names or p.name == OUTPUT_MARKER
+                         for p in path.iterdir()):
+        return path
+    try:
+        made_by = read_json(path / OUTPUT_MARKER)
+    except (ValueError, OSError):
+        made_by = None
+    if made_by == {"command": command, "source": source}:
+        return path
+    raise OutputDirNotEmpty(f"{path} is not empty and was not written by `moe {command}`"
+                            + (f" of {source}" if source else "") + "; choose a new or empty "
+                            "directory, or pass --force to write into it")
+
+
+def claim_output_dir(path: str | os.PathLike, command: str, *, source: str | None = None,
+                     force: bool = False, own_names: Collection[str] = ()) -> Path:
+    """`check_output_dir`, then create the directory and mark it as `command`'s."""
+    path = check_output_dir(path, command, source=source, force=force, own_names=own_names)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / OUTPUT_MARKER, {"command": command, "source": source})
+    return path
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -77,6 +77,24 @@ def test_save_all_figures_writes_png_and_pdf(pocket, tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_figures_go_only_into_a_figure_directory(pocket, tmp_path):
+    from moe.io import OutputDirNotEmpty
+
+    figs = tmp_path / "figures"
+    figs.mkdir()
+    (figs / "fig1_loss_vs_params.png").write_bytes(b"")  # an earlier plot's (or report's)
+    plots.claim_figure_dir(figs)
+    other = tmp_path / "other" / "figures"  # not made by plot, holding another file
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("someone's files")
+    with pytest.raises(OutputDirNotEmpty, match=str(other)):
+        plots.save_figures(pocket, other)
+    with pytest.raises(OutputDirNotEmpty, match="--force"):  # refused before any fit
+        make_report(pocket, tmp_path / "other" / "report.md", n_boot=10)
+    assert sorted(p.name for p in other.parent.rglob("*")) == ["figures", "notes.txt"]
+    plots.claim_figure_dir(other, force=True)
+
+
 def test_cli_plot_all_seven_from_sweep_dir(tmp_path, capsys):
     df = synthetic.isoflop_table(TRUTH)
     pocket = synthetic.pocket_table()

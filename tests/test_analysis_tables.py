@@ -91,6 +91,41 @@ def test_missing_file_and_bad_format(tmp_path):
     one_line_error(exc, "unknown table format")
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_duplicate_columns_are_an_error_naming_them(good_table, tmp_path, suffix):
+    twice = pd.concat([good_table, good_table[["val_loss", "tokens"]] * 2], axis=1)
+    assert list(twice.columns).count("val_loss") == 2
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        twice.to_csv(path, index=False)
+    else:  # pandas refuses to write duplicates; pyarrow, like other tools, does not
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_arrays([pa.array(twice.iloc[:, i]) for i in
+                                             range(twice.shape[1])], names=list(twice.columns)),
+                       path)
+    with pytest.raises(TableError) as exc:
+        run_cli("fit", path)
+    one_line_error(exc, str(path), "duplicate column(s) 'tokens', 'val_loss'")
+
+
+def test_missing_table_is_an_error_naming_it(tmp_path, capsys):
+    from moe.app.cli import main
+
+    for command in (["fit"], ["report"]):
+        assert main([*command, str(tmp_path / "nope.csv")]) == 2
+        assert str(tmp_path / "nope.csv") in capsys.readouterr().err
+
+
+def test_undecodable_csv_names_the_file(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("n_params_total,tokens,val_loss,note\n1,2,3,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TableError) as exc:
+        read_table(path)
+    one_line_error(exc, str(path))
+
+
 def test_unknown_law_and_bad_bootstrap(good_table, tmp_path):
     with pytest.raises(TableError):
         fit.prepare(good_table, law="kaplan")

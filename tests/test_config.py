@@ -2,12 +2,14 @@
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 from moe.config import (
     ConfigError,
+    ConfigNotice,
     RunConfig,
     apply_overrides,
     config_from_dict,
@@ -30,9 +32,23 @@ def test_toml_round_trip_and_hash(tmp_path):
     assert again.train.tokens == 1_000_000 and again.train.tpp is None
 
 
-def test_set_switches_budget_mode():
-    cfg = load_config(ROOT / "configs" / "pocket-tiny.toml", ["train.tpp=5"])
+def test_set_switching_the_budget_mode_says_what_it_replaced():
+    path = ROOT / "configs" / "pocket-tiny.toml"  # gives train.tokens = 1_000_000
+    with pytest.warns(ConfigNotice, match=r"--set train.tpp=5 replaces train.tokens=1000000"):
+        cfg = load_config(path, ["train.tpp=5"])
     assert cfg.train.tpp == 5.0 and cfg.train.tokens is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same key as the file: nothing replaced, no notice
+        assert load_config(path, ["train.tokens=2e6"]).train.tokens == 2_000_000
+
+
+def test_set_giving_both_budget_keys_is_refused_like_a_file_giving_both(tmp_path):
+    with pytest.raises(ConfigError, match="train.tokens and train.tpp"):
+        load_config(ROOT / "configs" / "pocket-tiny.toml", ["train.tpp=5", "train.tokens=1e6"])
+    both = tmp_path / "both.toml"
+    both.write_text("[train]\ntokens = 1000\ntpp = 5\n")
+    with pytest.raises(ConfigError, match="tokens and tpp"):
+        load_config(both)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -69,6 +85,7 @@ def test_unknown_section():
     (["--set", "model.top_k=99"], "top_k=99"),
     (["--set", "model.colour=3"], "unknown config key"),
     (["--set", "train.tpp=3", "--set", "train.seed=x"], "train.seed must be an integer"),
+    (["--set", "train.tpp=3", "--set", "train.tokens=1e6"], "both train.tokens and train.tpp"),
 ])
 def test_cli_config_errors_are_one_line_and_write_nothing(tmp_path, args, match):
     out = tmp_path / "run"

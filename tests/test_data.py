@@ -90,3 +90,12 @@ def test_prepare_errors(tmp_path, capsys):
     assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "o2")]) == 2
     assert "--text-key" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("meta", [b"\xff\xfe not text", b'{"shards": []}', b"[1, 2"])
+def test_damaged_meta_json_is_an_error_naming_it(tmp_path, meta):
+    from moe.data.tokenizer import tokenizer_for_data
+
+    (tmp_path / "meta.json").write_bytes(meta)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'meta.json'} is not a shard directory"):
+        tokenizer_for_data(str(tmp_path))

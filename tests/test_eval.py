@@ -293,3 +293,35 @@ def test_write_eval_merges(tmp_path):
     result = read_json(tmp_path / "result.json")
     assert result["run_id"] == "r" and result["task/y/kind"] == "reasoning"
     assert result["task/y/accuracy"] is None and "task/x/loss" not in result
+
+
+def test_task_scoring_and_generation_run_in_the_runs_precision():
+    """bf16 runs are scored and generate under bf16 autocast, as they trained: every matmul
+    but the router's in bf16 (`moe.model.precision`); fp32 runs stay fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moe.data.tokenizer import tokenizer_for_data
+    from tests.helpers import tiny_config
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name.split("::")[-1] in ("mm", "addmm", "bmm", "torch_grouped_mm"):
+                self.dtypes.append((args[0].dtype, args[0].shape[-1], args[1].shape[-1]))
+            return func(*args, **(kwargs or {}))
+
+    for precision, matmul_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = tiny_config(f"train.precision={precision}", 'eval.tasks=["pocket-reasoning"]',
+                          "eval.max_items=2", "eval.accuracy=true", "model.experts_backend=torch",
+                          "model.seq_len=128")
+        torch.manual_seed(0)
+        model = MoELM(cfg.model)
+        with Matmuls() as rec:
+            evaluate_tasks(model, tokenizer_for_data(cfg.data.source), cfg)
+        router = [d for d, _, width in rec.dtypes if width == cfg.model.n_experts]
+        others = {d for d, _, width in rec.dtypes if width != cfg.model.n_experts}
+        assert router and set(router) == {torch.float32}
+        assert others == {matmul_dtype}, (precision, others)

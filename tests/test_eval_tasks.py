@@ -137,6 +137,15 @@ def test_missing_data_is_a_one_line_error(tmp_path, monkeypatch, name, file):
     assert str(tmp_path / file) in message and "huggingface.co/datasets/" in message
 
 
+def test_task_file_that_is_not_utf8_is_an_error_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "gsm8k").mkdir()
+    bad = tmp_path / "gsm8k" / "test.jsonl"
+    bad.write_bytes('{"question": "caf\xe9?", "answer": "#### 1"}\n'.encode("latin-1"))
+    monkeypatch.setenv("MOE_TASK_DATA", str(tmp_path))
+    with pytest.raises(TaskDataError, match=f"{bad} is not UTF-8 text"):
+        get_task("gsm8k").load(DataConfig())
+
+
 def test_malformed_row_names_the_schema(tmp_path, monkeypatch):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q?", "solution": "1"}\n')

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,34 @@ def test_lm_eval_on_the_export_matches_our_loglikelihoods(tmp_path):
         lls.append(sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids))))
     ppl = out["results"]["local_qa"]["perplexity,none"]
     assert ppl == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)
+
+
+def test_export_refuses_a_directory_it_did_not_write_unless_forced(tmp_path, capsys):
+    run_a = saved_run(tmp_path / "a")
+    run_b = saved_run(tmp_path / "b", "model.d_model=48")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("someone's files")
+    assert moe_main(["export", str(run_a), "--out", str(busy)]) == 2
+    assert str(busy) in capsys.readouterr().err and not (busy / "model.safetensors").exists()
+    hf = tmp_path / "hf"
+    assert moe_main(["export", str(run_a), "--out", str(hf)]) == 0
+    weights = (hf / "model.safetensors").read_bytes()
+    assert moe_main(["export", str(run_a), "--out", str(hf)]) == 0  # its own: refreshed
+    assert moe_main(["export", str(run_b), "--out", str(hf)]) == 2  # another model's export
+    assert "--force" in capsys.readouterr().err
+    assert (hf / "model.safetensors").read_bytes() == weights
+    assert moe_main(["export", str(run_b), "--out", str(hf), "--force"]) == 0
+    assert (hf / "model.safetensors").read_bytes() != weights
+    assert moe_main(["export", str(run_a), "--out", str(busy), "--force"]) == 0
+
+
+def test_exported_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_hf(saved_run(tmp_path), tmp_path / "hf")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == 0o644  # POSIX: 0666 & ~022
+    assert set(modes.values()) == {0o644}, modes

@@ -55,6 +55,30 @@ def test_every_kernel_and_config_builds_for_sm80_and_sm90_without_spills(tmp_pat
     assert {b["arch"] for b in builds} == {"sm_80", "sm_90"}
 
 
+def test_blackwell_builds_use_its_tensor_cores_without_spills(tmp_path):
+    """One kernel and config for sm_100 (the whole set: `moe kernels compile --arch sm_100`)."""
+    from moe.kernels import tiles
+
+    script = ("import json, sys\nfrom pathlib import Path\nfrom moe.kernels import aot, tiles\n"
+              "name, fn, sig, const = aot._kernel_specs()[0]\n"
+              "b = aot._build_one(name, fn, sig, const, tiles.HOPPER_CONFIGS[1], 'sm_100', True,"
+              " Path(sys.argv[1]))\n"
+              "print(json.dumps({**b.__dict__, 'spilled_bytes': b.spilled_bytes}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    build = json.loads(proc.stdout)
+    assert build["arch"] == "sm_100" and build["config"] == aot.config_name(
+        tiles.HOPPER_CONFIGS[1])
+    assert build["spilled_bytes"] == 0 and 0 < build["registers"] <= aot.MAX_REGISTERS
+    assert build["tcgen05"] and not build["wgmma"]  # Blackwell's MMA, not Hopper's
+    assert 0 < build["shared_bytes"] <= aot.SMEM_LIMIT_BYTES[100]
+    assert ".target sm_100" in Path(build["ptx_path"]).read_text()
+
+
 def test_unknown_arch_is_a_one_line_error(tmp_path):
     from moe.app.cli import main
 

@@ -166,3 +166,89 @@ def test_a_training_micro_step_reads_nothing_back_from_the_device(accumulated):
     assert model.blocks[0].ffn.router.weight_ED.grad.abs().sum() > 0
     want = out.routing[0].tokens_per_expert_E.sum()  # dropless: every real token, k slots
     assert int(want) == (32 - 5) * cfg.top_k
+
+
+def _attention_oracle(x_BTD, wq, wk, wv, wo, n_heads, n_kv, theta):
+    """Causal attention from the definition: separate q/k/v projections, RoPE as a rotation
+    of each pair (i, i + hs/2) by position * theta^(-2i/hs), softmax over earlier keys."""
+    B, T, _ = x_BTD.shape
+    hs = wq.shape[0] // n_heads
+    q = (x_BTD @ wq.T).view(B, T, n_heads, hs).double()
+    k = (x_BTD @ wk.T).view(B, T, n_kv, hs).double()
+    v = (x_BTD @ wv.T).view(B, T, n_kv, hs).double()
+
+    def rope(t):
+        out = t.clone()
+        for pos in range(T):
+            for i in range(hs // 2):
+                a = pos * theta ** (-2 * i / hs)
+                x1, x2 = t[:, pos, :, i], t[:, pos, :, i + hs // 2]
+                out[:, pos, :, i] = x1 * math.cos(a) - x2 * math.sin(a)
+                out[:, pos, :, i + hs // 2] = x1 * math.sin(a) + x2 * math.cos(a)
+        return out
+
+    q, k = rope(q), rope(k)
+    y = torch.zeros(B, T, n_heads, hs, dtype=torch.float64)
+    for h in range(n_heads):
+        kv = h // (n_heads // n_kv)
+        scores = torch.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kv]) / math.sqrt(hs)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        y[:, :, h] = torch.softmax(scores, -1) @ v[:, :, kv]
+    return y.view(B, T, -1).float() @ wo.T
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_fused_qkv_attention_equals_separate_projections(n_kv):
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=n_kv, n_experts=1,
+                      top_k=1, seq_len=8, vocab_size=20)
+    model = MoELM(cfg)
+    attn = model.blocks[0].attn
+    wq, wk, wv = (w.detach().clone() for w in attn.qkv_weights())
+    x = torch.randn(2, 7, 32)
+    want = _attention_oracle(x, wq, wk, wv, attn.wo.weight.detach(), 4, n_kv, cfg.rope_theta)
+    torch.testing.assert_close(attn(x, model.rope_cos, model.rope_sin), want, **TOL[torch.float32])
+
+
+def test_checkpoints_with_separate_qkv_load_and_init_draws_are_unchanged():
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
+                      seq_len=8, vocab_size=20)
+    torch.manual_seed(3)
+    model = MoELM(cfg)
+    # replay the draws of the layout with separate wq, wk, wv: the modules' own inits at
+    # construction (embedding, then per block q, k, v, o; the head), then reset_parameters
+    # (embed, head, per block q, k, v, o, experts, router): the same initial weights
+    torch.manual_seed(3)
+    torch.nn.Embedding(20, 32)
+    for _ in range(2):
+        for rows in (32, 16, 16, 32):
+            torch.nn.Linear(32, rows, bias=False)
+    torch.nn.Linear(32, 20, bias=False)
+    gen = {}
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    gen["embed"] = torch.empty(20, 32).normal_(std=std)
+    gen["head"] = torch.empty(20, 32).normal_(std=std)
+    for i in range(2):
+        for name, rows in (("wq", 32), ("wk", 16), ("wv", 16)):
+            gen[f"{i}.{name}"] = torch.empty(rows, 32).normal_(std=std)
+        gen[f"{i}.wo"] = torch.empty(32, 32).normal_(std=out_std)
+        gen[f"{i}.w13"] = torch.empty(4, 32, 2 * cfg.d_hidden).normal_(std=std)
+        gen[f"{i}.w2"] = torch.empty(4, cfg.d_hidden, 32).normal_(std=out_std)
+        gen[f"{i}.router"] = torch.empty(4, 32).normal_(std=std)
+    state = model.state_dict()
+    for i in range(2):
+        fused = torch.cat([gen[f"{i}.{n}"] for n in ("wq", "wk", "wv")])
+        assert torch.equal(state[f"blocks.{i}.attn.wqkv.weight"], fused)
+        assert torch.equal(state[f"blocks.{i}.ffn.router.weight_ED"], gen[f"{i}.router"])
+    # an old checkpoint (separate wq, wk, wv) loads into the fused layout
+    old = dict(state)
+    for i in range(2):
+        wq, wk, wv = old.pop(f"blocks.{i}.attn.wqkv.weight").split([32, 16, 16])
+        old.update({f"blocks.{i}.attn.wq.weight": wq, f"blocks.{i}.attn.wk.weight": wk,
+                    f"blocks.{i}.attn.wv.weight": wv})
+    fresh = MoELM(cfg)
+    fresh.load_state_dict(old)
+    idx = torch.randint(0, 20, (2, 8))
+    assert torch.equal(fresh(idx).logits_BTV, model(idx).logits_BTV)
+    del old["blocks.0.attn.wk.weight"]
+    with pytest.raises(ValueError, match="wqkv"):
+        MoELM(cfg).load_state_dict(old)

@@ -272,3 +272,142 @@ def test_collectives_wait_the_configured_timeout_not_nccls_ten_minutes(monkeypat
     assert tiny_config().parallel.timeout_min == 60
     with pytest.raises(ConfigError, match="parallel.timeout_min"):
         tiny_config("parallel.timeout_min=0")
+
+
+def _expert_parallel_layer(out_path: str) -> None:
+    """On each of 2 ranks: the expert-parallel layer vs the whole layer, bf16 autocast."""
+    import torch.distributed as dist
+
+    from moe.model.experts import SwiGLUExperts
+    from moe.train import expert_parallel
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same weights on both ranks, different tokens
+    whole = SwiGLUExperts(16, 32, 4, backend="torch")
+    whole.reset_parameters(0.3, 0.3)
+    ep = expert_parallel.make_expert_parallel(
+        SwiGLUExperts(16, 32, 4, backend="torch").requires_grad_(False), dist.group.WORLD)
+    with torch.no_grad():
+        for name, p in ep.named_parameters():
+            p.copy_(getattr(whole, name)[expert_parallel.expert_block(4, 2, rank)])
+    torch.manual_seed(1 + rank)
+    x_TD = torch.randn(37, 16)
+    idx_TK = torch.rand(37, 4).argsort(-1)[:, :3]  # k = 3, every expert on both ranks
+    weight_TK = torch.rand(37, 3).softmax(-1)
+    sent, real = [], expert_parallel._all_to_all
+    expert_parallel._all_to_all = lambda x, *a: sent.append(x.dtype) or real(x, *a)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    torch.Tensor.tolist = lambda t: reads.append(t.shape) or real_tolist(t)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ep(x_TD, idx_TK, weight_TK)
+            want = whole(x_TD, idx_TK, weight_TK)
+    finally:
+        expert_parallel._all_to_all, torch.Tensor.tolist = real, real_tolist
+    assert sent == [torch.bfloat16, torch.bfloat16], sent  # rows there and back, half bytes
+    assert len(reads) == 1, reads  # one host read per layer: both exchanges' split sizes
+    assert got.dtype == torch.float32 and torch.equal(got, want), (got - want).abs().max()
+    Path(out_path + f".{rank}").write_text("ok")
+
+
+def test_expert_parallel_layer_sends_bf16_rows_and_combines_like_one_process(tmp_path):
+    run_ranks(2, _expert_parallel_layer, str(tmp_path / "done"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.0", "done.1"]
+
+
+MATMULS = {"mm", "addmm", "bmm", "matmul", "linear", "torch_grouped_mm", "_grouped_mm",
+           "grouped_mm", "_scaled_dot_product_flash_attention_for_cpu",
+           "_scaled_dot_product_attention_math"}
+
+
+def _dtypes_of_one_step(cfg, model) -> dict:
+    """Under the run's autocast: block inputs and outputs, router weight and routing weights,
+    expert operands, every matmul's operands, the losses; and weights as FSDP gathers them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moe.model import experts as experts_mod
+    from moe.train.step import autocast_for
+
+    inner = getattr(model, "module", model)
+    seen: dict[str, list] = {"parity": [], "gathered": []}
+
+    def note(kind, *what):
+        seen[kind].append([*what])
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in MATMULS:
+                note("parity", name, sorted({str(a.dtype) for a in args
+                                             if isinstance(a, torch.Tensor)
+                                             and a.is_floating_point()}))
+            return func(*args, **(kwargs or {}))
+
+    for block in inner.blocks:
+        block.register_forward_pre_hook(lambda m, a: note("parity", "block in", str(a[0].dtype)))
+        block.register_forward_hook(lambda m, a, o: note("parity", "block out", str(o[0].dtype)))
+        block.ffn.router.register_forward_pre_hook(
+            lambda m, a: note("parity", "router weight", str(m.weight_ED.dtype)))
+        block.ffn.router.register_forward_hook(
+            lambda m, a, o: note("parity", "routing weights", str(o.weight_TK.dtype)))
+        block.attn.wo.register_forward_pre_hook(
+            lambda m, a: note("gathered", "attention", str(m.weight.dtype)))
+    real = experts_mod._LOADED["torch"]
+
+    def experts(x, plan, w13, w2):
+        note("parity", "experts", str(x.dtype), str(w13.dtype), str(w2.dtype))
+        y = real(x, plan, w13, w2)
+        note("parity", "expert rows", str(y.dtype))
+        return y
+
+    experts_mod._LOADED["torch"] = experts
+    idx = torch.randint(0, 200, (2, cfg.model.seq_len), generator=torch.Generator().manual_seed(0))
+    try:
+        with autocast_for(cfg.train, torch.device("cpu")), Matmuls():
+            out = model(idx, idx)
+    finally:
+        experts_mod._LOADED["torch"] = real
+    note("parity", "losses", str(out.ce_loss.dtype), str(out.lb_loss.dtype),
+         str(out.z_loss.dtype), str(out.prob_sums[0].dtype))
+    (out.ce_loss + out.lb_loss).backward()
+    return seen
+
+
+def _layout_dtypes(out_path: str) -> None:
+    import torch.distributed as dist
+
+    from moe.train.distributed import Dist
+    from moe.train.parallel import parallelize
+
+    found = {}
+    layouts = {"one process": [], "ddp": ["parallel.data=ddp"], "fsdp": ["parallel.data=fsdp"],
+               "fsdp x ep": ["parallel.data=fsdp", "parallel.expert=2"]}
+    for name, overrides in layouts.items():
+        cfg = tiny_config("train.precision=bf16", "model.experts_backend=torch", *overrides)
+        torch.manual_seed(0)
+        model = MoELM(cfg.model)
+        if name != "one process":
+            model, _ = parallelize(model, cfg, torch.device("cpu"), Dist.current(), bf16=True)
+        found[name] = _dtypes_of_one_step(cfg, model)
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(found))
+
+
+def test_one_precision_policy_on_every_layout(tmp_path):
+    """bf16 autocast on CPU: the same tensors have the same dtype on one process, DDP, FSDP2
+    and FSDP2 x EP (docs/architecture.md, "Precision"); FSDP gathers matmul weights in bf16."""
+    run_ranks(2, _layout_dtypes, str(tmp_path / "dtypes.json"))
+    found = json.loads((tmp_path / "dtypes.json").read_text())
+    one = found["one process"]["parity"]
+    assert ["block in", "torch.float32"] in one and ["block out", "torch.float32"] in one
+    assert ["router weight", "torch.float32"] in one
+    assert ["routing weights", "torch.float32"] in one
+    assert ["experts", "torch.bfloat16", "torch.bfloat16", "torch.bfloat16"] in one
+    assert ["expert rows", "torch.bfloat16"] in one
+    assert one[-1] == ["losses"] + ["torch.float32"] * 4
+    fp32_matmuls = [m for m in one if m[0] in MATMULS and m[1] != ["torch.bfloat16"]]
+    assert fp32_matmuls == [["mm", ["torch.float32"]]] * 2  # the two routers, nothing else
+    for layout in ("ddp", "fsdp", "fsdp x ep"):
+        assert found[layout]["parity"] == one, layout
+    assert {d for _, d in found["fsdp"]["gathered"]} == {"torch.bfloat16"}  # half the bytes
+    assert {d for _, d in found["ddp"]["gathered"]} == {"torch.float32"}  # autocast casts

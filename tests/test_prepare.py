@@ -130,6 +130,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         prepare_corpus([_touch(tmp_path / "x.csv")], tmp_path / "o2")
 
 
+def test_a_directory_holding_other_files_is_refused_unless_forced(tmp_path, capsys):
+    from moe.app.cli import main
+
+    src = write_inputs(tmp_path, documents(20))["txt"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone's files")
+    assert main(["data", "prepare", str(src), "--out", str(out), "--workers", "0"]) == 2
+    assert str(out) in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
+    assert main(["data", "prepare", str(src), "--out", str(out), "--workers", "0",
+                 "--force"]) == 0
+    assert_same(shards_of(out), reference_shards(documents(20), ByteTokenizer(), 1 << 26))
+
+
 def _touch(path: Path) -> Path:
     path.write_text("a,b\n")
     return path

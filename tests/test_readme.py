@@ -76,6 +76,10 @@ def stand_in(words: list[str], tmp: Path) -> list[str] | None:
         out.append(word)
     if "--bootstrap" in out:
         out[out.index("--bootstrap") + 1] = "20"
+    if "train.save_every=10" in out:  # the stand-in run has 8 steps: snapshots at 4 and 8
+        out[out.index("train.save_every=10")] = "train.save_every=4"
+    if out[0] == "merge":  # a window over the stand-in's last two snapshots
+        out[out.index("--window") + 1] = "4"
     return out
 
 

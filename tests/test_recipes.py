@@ -72,17 +72,48 @@ def constant_run(tmp_path_factory):
     return root
 
 
-def test_one_snapshot_window_returns_that_snapshot(constant_run, tmp_path):
+@pytest.mark.parametrize("window, why", [
+    ("0", "positive number of steps"),  # nothing merged
+    ("3", "only the last snapshot"),  # snapshots every 4 steps: one in the window
+    ("33", "longer than the run"),  # the run has 32 steps
+])
+def test_window_that_merges_nothing_or_outlasts_the_run_is_refused(constant_run, tmp_path,
+                                                                   capsys, window, why):
     out = tmp_path / "merged"
-    assert main(["merge", str(constant_run / "run"), "--window", "0", "--decay", "cosine",
+    assert main(["merge", str(constant_run / "run"), "--window", window, "--decay", "cosine",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert why in err and window in err  # names the value and what is wrong with it
+    assert not out.exists()
+
+
+def test_the_shortest_window_merges_the_last_two_snapshots(constant_run, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", str(constant_run / "run"), "--window", "4", "--decay", "mean",
                  "--out", str(out)]) == 0
     src = RunDir(constant_run / "run")
-    last = load_snapshot(src, *src.list_snapshots()[-1])["model"]
+    (s1, p1), (s2, p2) = src.list_snapshots()[-2:]
+    a, b = load_snapshot(src, s1, p1)["model"], load_snapshot(src, s2, p2)["model"]
     merged = load_latest_checkpoint(out)["model"]
-    for name, tensor in last.items():
-        assert torch.equal(tensor, merged[name]), name
-    record = json.loads((out / "result.json").read_text())
-    assert record["val_loss"] == record["last/val_loss"] and record["merge.k"] == 0
+    for name, tensor in b.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(merged[name], (a[name] + tensor) / 2)
+    assert json.loads((out / "result.json").read_text())["merge.k"] == 1
+
+
+def test_merge_and_ensemble_refuse_a_directory_holding_other_files(constant_run, tmp_path,
+                                                                   capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("someone's files")
+    run = str(constant_run / "run")
+    assert main(["merge", run, "--window", "8", "--out", str(busy)]) == 2
+    assert main(["ensemble", run, run, "--out", str(busy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count(str(busy)) == 2 and "--force" in err
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]  # nothing written
+    assert main(["ensemble", run, run, "--out", str(busy), "--force"]) == 0
+    assert (busy / "result.json").is_file()
 
 
 def test_merged_run_is_a_run_directory(constant_run, tmp_path):
@@ -174,3 +205,17 @@ def test_merge_without_snapshots_says_how_to_get_them(tmp_path, capsys):
                  str(tmp_path / "m")]) == 2
     assert "train.save_every" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_damaged_snapshot_is_an_error_naming_the_file(constant_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(constant_run / "run", run)
+    _, last = RunDir(run).list_snapshots()[-1]
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    assert main(["merge", str(run), "--window", "8", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert str(last) in err and "checksum mismatch" in err

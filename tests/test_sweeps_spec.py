@@ -73,6 +73,30 @@ def test_invalid_combinations_are_all_listed():
     assert "d_model=30" in msg and "d_model=34" in msg and "d_model=32" not in msg
 
 
+def test_a_huge_grid_is_refused_at_once_with_its_size(tmp_path):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "huge.toml"  # 1000 x 1000 points: resolving them all takes half an hour
+    spec.write_text('name = "huge"\n[base.model]\nd_model = 32\n[grid]\n'
+                    f'"train.seed" = {list(range(1000))}\n"train.lr" = '
+                    f'{[1e-3 + i * 1e-6 for i in range(1000)]}\n')
+    proc = subprocess.run([sys.executable, "-m", "moe", "sweep", "plan", str(spec)],
+                          capture_output=True, text=True, timeout=30)  # "a few seconds"
+    assert proc.returncode == 2
+    assert "1,000,000 points, more than the 2,000" in proc.stderr
+
+
+def test_grid_size_limit_counts_points_before_filtering(monkeypatch):
+    import moe.sweeps.spec as specmod
+
+    monkeypatch.setattr(specmod, "MAX_GRID_POINTS", 6)
+    assert len(expand(make_spec()).configs) == 5  # 3 x 2 = 6 points, one filtered
+    with pytest.raises(SpecError, match="has 8 points"):
+        expand(make_spec(grid=[{"model.n_experts": [1, 4, 8], "model.top_k": [1, 2]},
+                               {"model.n_experts": [16], "model.top_k": [1, 2]}]))
+
+
 def test_duplicate_runs_are_rejected():
     with pytest.raises(SpecError, match="duplicate run"):
         expand(make_spec(grid={"model.top_k": [1, 1]}))

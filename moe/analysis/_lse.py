@@ -23,6 +23,8 @@ import itertools
 import numpy as np
 from scipy.optimize import minimize
 
+from moe.errors import BadInput
+
 HUBER_DELTA = 1e-3
 _TINY = 1e-12
 # Epoch's grid (Besiroglu et al. 2024): exponents {0, .5, .., 2}, e {-1, -.5, .., 1},
@@ -126,22 +128,34 @@ def varpro_candidates(exponents, log_x, log_y, weights, delta=HUBER_DELTA, n_irl
     basis = np.empty((len(exponents), k + 1, log_x.shape[0]))  # (G, K+1, n)
     basis[:, 0, :] = 1.0
     basis[:, 1:, :] = np.exp(-exponents[:, :, None] * log_x.T[None])
-    basis /= y
-    omega = np.broadcast_to(weights, (len(exponents), len(weights))).copy()
-    for _ in range(n_irls):
-        bw = basis * omega[:, None, :]
-        gram = np.matmul(bw, basis.transpose(0, 2, 1))
-        coef = batch_nnls(gram, bw.sum(axis=2))  # (G, K+1)
-        resid = 1.0 - np.einsum("gm,gmn->gn", coef, basis)
-        omega = weights * np.minimum(1.0, delta / np.maximum(np.abs(resid), _TINY))
-    coef = np.maximum(coef, _TINY * y.min())
-    ratio = np.einsum("gm,gmn->gn", coef, basis)  # L_hat / L
-    values = huber(-np.log(ratio), delta) @ weights
+    coef, values = project(basis, y, weights, delta, n_irls)
     thetas = np.empty((len(exponents), 2 * k + 1))
     thetas[:, :k] = np.log(coef[:, 1:])
     thetas[:, k] = np.log(coef[:, 0])
     thetas[:, k + 1:] = exponents
     return thetas, values
+
+
+def project(basis, y, weights, delta=HUBER_DELTA, n_irls=4):
+    """Non-negative coefficients c (G, m) of y_hat = c @ basis[g] for each of G bases (G, m, n).
+
+    Huber-weighted IRLS on relative residuals 1 - y_hat/y (which approximate log residuals),
+    exact NNLS each step (:func:`batch_nnls`); zero coefficients are raised to a tiny positive
+    value. Returns (coefficients, objectives (G,): the weighted Huber sum of log residuals).
+    """
+    basis = basis / y
+    omega = np.broadcast_to(weights, (len(basis), len(weights))).copy()
+    for _ in range(n_irls):
+        bw = basis * omega[:, None, :]
+        gram = np.matmul(bw, basis.transpose(0, 2, 1))
+        coef = batch_nnls(gram, bw.sum(axis=2))  # (G, m)
+        resid = 1.0 - np.einsum("gm,gmn->gn", coef, basis)
+        omega = weights * np.minimum(1.0, delta / np.maximum(np.abs(resid), _TINY))
+    coef = np.maximum(coef, _TINY * y.min())
+    ratio = np.einsum("gm,gmn->gn", coef, basis)  # y_hat / y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = huber(-np.log(ratio), delta) @ weights
+    return coef, np.where(np.isfinite(values), values, np.inf)
 
 
 def exponent_grid(k: int, lo=0.02, hi=2.5, n_per_axis=None) -> np.ndarray:
@@ -219,7 +233,7 @@ def global_fit(log_x, log_y, weights=None, delta=HUBER_DELTA, *, n_refine=8, pat
         if stale >= patience:
             break
     if best_theta is None:
-        raise ValueError("the fit found no finite objective; check the data for extreme values")
+        raise BadInput("the fit found no finite objective; check the data for extreme values")
     return best_theta, best_f
 
 

@@ -32,6 +32,7 @@ ROLES = {
     "width": ("d_model", "--width-col"),
     "top_k": ("top_k", "--top-k-col"),
     "n_experts": ("n_experts", "--n-experts-col"),
+    "granularity": ("granularity", "--granularity-col"),
     "tpp": ("tpp", "--tpp-col"),
 }
 TASK_KINDS = ("memorization", "reasoning", "unknown")
@@ -64,6 +65,7 @@ class Columns:
     width: str = "d_model"
     top_k: str = "top_k"
     n_experts: str = "n_experts"
+    granularity: str = "granularity"
     tpp: str = "tpp"
     tasks: tuple = ()  # of TaskColumn
     explicit: frozenset = field(default_factory=frozenset)
@@ -97,6 +99,15 @@ class Columns:
             raise TableError(f"{path}: every [tasks.NAME] needs loss = \"column\"")
         merged = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
         return cls.build(merged, tasks=(*found, *tasks))
+
+    def require(self, df: pd.DataFrame, roles, *, purpose: str, columns: dict | None = None):
+        """A one-line error naming the flag of the first role whose column is missing
+        (``columns`` overrides a role's column, e.g. {"c": value of --c-col})."""
+        for role in roles:
+            col = (columns or {}).get(role) or getattr(self, role)
+            if col not in df.columns:
+                raise TableError(f"{purpose} needs column {col!r} (map it with "
+                                 f"{ROLES[role][1]}); the table has: {_shown(df)}")
 
     def source(self, role: str) -> str:
         """'column (--flag)' for messages."""

@@ -24,6 +24,7 @@ import pandas as pd
 from moe.analysis.columns import ensure_canonical
 from moe.analysis.sparsity import task_metric_col, tasks_with
 from moe.analysis.tables import PRETRAIN_LOSS, task_kind
+from moe.errors import BadInput
 
 LEVEL = 0.95
 MEMO_MARGIN = 0.2  # "one curve": sparsity's share of the movement of memorization loss < 1/5
@@ -297,7 +298,7 @@ def topk_finding(rows: pd.DataFrame, *, n_boot: int, seed: int) -> Finding:
 def compute_findings(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> list[Finding]:
     """The three findings on a results table, in a fixed order."""
     if n_boot < 2:
-        raise ValueError(f"n_boot must be >= 2 for a bootstrap interval, got {n_boot}")
+        raise BadInput(f"n_boot must be >= 2 for a bootstrap interval, got {n_boot}")
     rows = run_table(df)
     return [memorization_finding(rows, n_boot=n_boot, seed=seed),
             reasoning_finding(rows, n_boot=n_boot, seed=seed),

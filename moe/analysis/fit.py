@@ -18,6 +18,7 @@ from moe.analysis import _lse, identify, laws
 from moe.analysis._threads import single_thread_blas
 from moe.analysis.identify import Verdict
 from moe.analysis.tables import TableError, numeric_column, used_columns
+from moe.errors import BadInput
 
 LAWS = ("chinchilla", "fixed_data")
 PARAM_NAMES = {"chinchilla": ("E", "A", "B", "alpha", "beta"), "fixed_data": ("E", "A", "alpha")}
@@ -71,6 +72,7 @@ class LawFit:
     fpt: tuple = (6.0, 1.0)  # FLOPs per token = fpt[0] * N^fpt[1] (allocation uses it)
     compute_note: str = ""
     verdict: Verdict = field(default_factory=lambda: Verdict(identified=True))
+    checks: dict = field(default_factory=dict)  # {"ran": [...], "not_run": {name: why}}
 
     @property
     def n_kind(self) -> str:
@@ -97,7 +99,7 @@ class LawFit:
     def allocation(self, flops) -> tuple[np.ndarray, np.ndarray]:
         """Compute-optimal (N_opt, D_opt) at compute C = FLOPs-per-token(N) x D."""
         if self.law != "chinchilla":
-            raise ValueError("compute-optimal allocation needs the chinchilla law L(N, D)")
+            raise BadInput("compute-optimal allocation needs the chinchilla law L(N, D)")
         p = self.params
         return laws.compute_optimal_allocation(flops, p["A"], p["B"], p["alpha"], p["beta"],
                                                fpt_coef=self.fpt[0], fpt_exp=self.fpt[1])
@@ -124,14 +126,14 @@ class LawFit:
                 "columns": dict(self.columns), "n_kind": self.n_kind,
                 "compute": {"flops_per_token": "k * N^v", "k": self.fpt[0], "v": self.fpt[1],
                             "source": self.compute_note},
-                "seconds": self.seconds}
+                "checks": self.checks, "seconds": self.seconds}
 
 
 def predict_params(law: str, p: dict, n, d=None) -> np.ndarray:
     """A law with named parameters at (n, d); arrays of parameters broadcast."""
     if law == "chinchilla":
         if d is None:
-            raise ValueError("the chinchilla law needs d (tokens)")
+            raise BadInput("the chinchilla law needs d (tokens)")
         return laws.chinchilla(n, d, p["E"], p["A"], p["B"], p["alpha"], p["beta"])
     return laws.fixed_data(n, p["E"], p["A"], p["alpha"])
 
@@ -234,7 +236,21 @@ def fit_data(data: FitData, *, delta: float = _lse.HUBER_DELTA, n_refine: int = 
                  objective=float(obj), n_points=len(data.loss), delta=delta, seconds=seconds,
                  columns=dict(data.columns), flops_ref=flops_ref, fpt=data.fpt,
                  compute_note=data.compute_note)
-    return replace(fit, verdict=Verdict.of(law_issues(fit, data)))
+    return replace(fit, verdict=Verdict.of(law_issues(fit, data)),
+                   checks={"ran": list(POINT_CHECKS[:-1] if data.d is None else POINT_CHECKS),
+                           "not_run": {"bootstrap intervals": "not checked: no resamples"}})
+
+
+# the checks of law_issues, by name (fit.json lists them)
+POINT_CHECKS = ("spread of each variable", "exponent range", "irreducible loss E",
+                "coefficients at bound 0", "Hessian condition", "FLOPs-per-token scatter",
+                "N-D collinearity")
+
+
+def with_checks(fit: LawFit, *, skipped: dict) -> LawFit:
+    """The fit with ``skipped`` ({check: why}) recorded as not run."""
+    return replace(fit, checks={"ran": list(fit.checks.get("ran", [])),
+                                "not_run": {**fit.checks.get("not_run", {}), **skipped}})
 
 
 def law_issues(fit: LawFit, data: FitData) -> list:
@@ -316,7 +332,12 @@ def bootstrap_issues(fit: LawFit, boot) -> list:
 
 def with_bootstrap(fit: LawFit, data: FitData, boot) -> LawFit:
     """The fit with its verdict including the bootstrap checks."""
-    return replace(fit, verdict=Verdict.of(law_issues(fit, data) + bootstrap_issues(fit, boot)))
+    not_run = {k: v for k, v in fit.checks.get("not_run", {}).items()
+               if k != "bootstrap intervals"}
+    ran = list(fit.checks.get("ran", [])) + [f"bootstrap intervals ({boot.n_resamples} "
+                                             "resamples)"]
+    return replace(fit, verdict=Verdict.of(law_issues(fit, data) + bootstrap_issues(fit, boot)),
+                   checks={"ran": ran, "not_run": not_run})
 
 
 def fit_table(df: pd.DataFrame, **kwargs) -> LawFit:

@@ -26,6 +26,14 @@ MIN_DISTINCT = 3
 MIN_DECADES = 1.0
 MAX_CONDITION = 1e5  # of the diagonally scaled Hessian; well-posed fits here are ~1e3
 NEGLIGIBLE = 1e-6  # a term this small relative to the lowest loss is at its bound 0
+# The one bootstrap policy of `moe fit` and `moe report`: checks that need resamples always
+# run, with this many resamples unless the user names a number; 0 makes them "not checked".
+CHECK_RESAMPLES = 100
+
+
+def resamples(requested: int | None) -> int:
+    """Bootstrap resamples to run: the user's number, else :data:`CHECK_RESAMPLES`."""
+    return CHECK_RESAMPLES if requested is None else int(requested)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +67,8 @@ class Verdict:
         return "; ".join(self.reasons)
 
     def to_dict(self) -> dict:
-        return {"identified": self.identified, "warnings": list(self.warnings)}
+        return {"identified": self.identified, "warnings": list(self.warnings),
+                "reasons": list(self.reasons)}
 
 
 def spread(values, name: str) -> list[Issue]:

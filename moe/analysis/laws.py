@@ -52,17 +52,18 @@ def clark_unified(n, e, a, b, c, d, e_start, e_max):
     """Unified scaling law for routed language models (Clark et al. 2022, arXiv 2202.01169,
     eq. 10), sparsity-aware through the expert count E:
 
-        log L(N, E) = a log N + b log E_hat + c log N log E_hat + d
+        log10 L(N, E) = a log10 N + b log10 E_hat + c log10 N log10 E_hat + d
 
+    in base-10 logarithms, the convention of the paper's fitted coefficients (its S-BASE row:
+    a = -0.082, b = -0.108, c = 0.009, d = 1.104, E_start = 1.847, E_max = 314.5, with which
+    the benefit of routing, b + c log10 N, vanishes near N = 10^12 as the paper states).
     N is the dense (active) parameter count of the base model, E_hat the saturated expert
     count (:func:`clark_saturated_experts`). a < 0 and b < 0 mean loss falls with N and with
-    experts; c > 0 means the benefit of experts shrinks as N grows. e_start and e_max
-    have no defaults: the paper fits them per routing method, so take them from its
-    tables for the method you compare with, or fit them to your data.
+    experts; c > 0 means the benefit of experts shrinks as N grows.
     """
-    log_n = np.log(np.asarray(n, dtype=float))
-    log_e = np.log(clark_saturated_experts(e, e_start, e_max))
-    return np.exp(a * log_n + b * log_e + c * log_n * log_e + d)
+    log_n = np.log10(np.asarray(n, dtype=float))
+    log_e = np.log10(clark_saturated_experts(e, e_start, e_max))
+    return 10.0 ** (a * log_n + b * log_e + c * log_n * log_e + d)
 
 
 def compute_optimal_exponents(alpha, beta):

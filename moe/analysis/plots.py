@@ -21,7 +21,7 @@ from moe.analysis import fit as fitmod
 from moe.analysis import isoflop, sparsity
 from moe.analysis.columns import describe_missing, ensure_canonical
 from moe.analysis.tables import PRETRAIN_LOSS, TableError, finite_rows
-from moe.io import atomic_write_bytes
+from moe.io import atomic_write_bytes, claim_output_dir
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000")
@@ -297,6 +297,16 @@ FIGURES = {
 }
 
 
+FIGURE_FILES = frozenset(f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf"))
+"""The files a figure directory may hold besides its marker (rerunning plot or report)."""
+
+
+def claim_figure_dir(out_dir: str | Path, *, force: bool = False) -> Path:
+    """A figure directory that is new, empty or holds only figures; anything else is refused
+    (exit 2) unless `force`, so figures never land among unrelated files."""
+    return claim_output_dir(out_dir, "plot", force=force, own_names=FIGURE_FILES)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FigureSet:
     """Saved figure files and the figures skipped, with reasons."""
@@ -316,9 +326,11 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str, *, dpi: int = 150) 
 
 
 def save_figures(df: pd.DataFrame, out_dir: str | Path, *, fit=None,
-                 found: list | None = None) -> FigureSet:
+                 found: list | None = None, force: bool = False) -> FigureSet:
     """Draw and save every figure the table supports; record why the others were skipped.
-    ``fit`` (the Approach-3 fit) and ``found`` (the findings) spare figures 6 and 7 a refit."""
+    ``fit`` (the Approach-3 fit) and ``found`` (the findings) spare figures 6 and 7 a refit.
+    ``out_dir`` must be new, empty or a figure directory (`claim_figure_dir`)."""
+    claim_figure_dir(out_dir, force=force)
     paths, skipped = {}, {}
     extra = {"fig6_law_contours": {"fit": fit}, "fig7_findings": {"found": found}}
     for name, func in FIGURES.items():

@@ -14,7 +14,6 @@ import pandas as pd
 from moe.analysis import findings as findmod
 from moe.analysis import fit as fitmod
 from moe.analysis import plots, recipes, records, sparsity
-from moe.analysis.bootstrap import bootstrap_fit
 from moe.analysis.columns import describe_missing, ensure_canonical
 from moe.analysis.tables import (
     PRETRAIN_LOSS,
@@ -22,7 +21,7 @@ from moe.analysis.tables import (
     finite_rows,
     read_table,
 )
-from moe.io import atomic_write_text
+from moe.io import atomic_write_text, check_output_dir
 
 NOT_A_FINDING = "its numbers are not findings and are not shown (see `moe fit` for diagnostics)"
 
@@ -63,13 +62,9 @@ def _missing(df: pd.DataFrame, need: list[str]) -> list[str]:
 
 
 def _fit_and_check(data: fitmod.FitData, n_boot: int, seed: int):
-    """(fit with its final verdict, bootstrap or None): bootstrapped only when the point fit
-    is identified (bootstrapping an unidentified fit only measures its degeneracy)."""
-    fit = fitmod.fit_data(data)
-    if n_boot < 2 or not fit.verdict.identified:
-        return fit, None
-    boot = bootstrap_fit(fit, data, n_resamples=n_boot, seed=seed)
-    return fitmod.with_bootstrap(fit, data, boot), boot
+    """(fit with its final verdict, bootstrap or None) under the one policy of `moe fit`
+    (:func:`moe.analysis.records.approach3`)."""
+    return records.approach3(data, n_boot=n_boot, seed=seed)
 
 
 def _law_section(df: pd.DataFrame, n_boot: int, seed: int,
@@ -283,7 +278,8 @@ def _tpp_and_active(long: pd.DataFrame, n_boot: int, seed: int, rec: dict) -> li
 
 
 def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
-                seed: int = 0, source: str | None = None, n_label: str | None = None) -> Path:
+                seed: int = 0, source: str | None = None, n_label: str | None = None,
+                force: bool = False) -> Path:
     """Write report.md (atomically) with the paper's findings first, then fits, optima and
     figures; report.json with every fitted object's record (``identified``, ``warnings``,
     estimates); and findings.json beside them (:mod:`moe.analysis.findings`). Returns the
@@ -291,15 +287,17 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
 
     A DataFrame that went through :meth:`Columns.canonical` keeps its column mapping;
     anything else is read with the default mapping. Raises TableError when neither a
-    section nor a figure can be made.
+    section nor a figure can be made. A figure directory holding other files than figures
+    is refused before any work unless ``force`` (:func:`plots.claim_figure_dir`).
     """
+    out_md = Path(out_md)
+    fig_dir = Path(fig_dir) if fig_dir is not None else out_md.parent / "figures"
+    check_output_dir(fig_dir, "plot", force=force, own_names=plots.FIGURE_FILES)
     if isinstance(table_or_sweep_dir, pd.DataFrame):
         df, shown = ensure_canonical(table_or_sweep_dir), source or "(DataFrame)"
     else:
         df = ensure_canonical(read_table(table_or_sweep_dir))
         shown = source or str(table_or_sweep_dir)
-    out_md = Path(out_md)
-    fig_dir = Path(fig_dir) if fig_dir is not None else out_md.parent / "figures"
     lines = ["# Scaling and sparsity report", "", f"Source: `{shown}`; {len(df)} runs.", ""]
     missing = df.attrs.get("missing", [])
     if missing:
@@ -313,7 +311,7 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     recipe_lines = recipes.recipe_sections(df, table_or_sweep_dir, n_boot=n_boot, seed=seed)
     if recipe_lines:  # only tables of recipe sweeps have them
         sections.append(recipe_lines)
-    figs = plots.save_figures(df, fig_dir, fit=chin, found=found)
+    figs = plots.save_figures(df, fig_dir, fit=chin, found=found, force=force)
     made = [sec for sec in sections if not any(x.startswith("Skipped:") for x in sec)]
     if not made and not figs.paths:
         reasons = [next(x for x in sec if x.startswith("Skipped:")) for sec in sections]

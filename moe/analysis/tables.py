@@ -7,7 +7,9 @@ rest).
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +37,11 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
                 f"{path} has no results.parquet; run `moe sweep collect {path}` first")
         path = table
     if not path.exists():
-        raise FileNotFoundError(f"no such table: {path}")
+        raise FileNotFoundError(errno.ENOENT, "no such table", str(path))  # names the path
     suffix = path.suffix.lower()
     try:
+        if suffix in (".parquet", ".csv", ".txt"):
+            _refuse_duplicate_columns(path, suffix)
         if suffix == ".parquet":
             df = pd.read_parquet(path)
         elif suffix in (".csv", ".txt"):
@@ -50,6 +54,26 @@ def read_table(source: str | os.PathLike) -> pd.DataFrame:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TableError(f"cannot read {path}: {first}") from exc
     return df
+
+
+def _refuse_duplicate_columns(path: Path, suffix: str) -> None:
+    """TableError naming every column the file's header gives twice: pandas would rename the
+    second `val_loss` to `val_loss.1` (CSV) or keep one of them, and either would be used
+    without a word."""
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    else:
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as f:
+            names = next(csv.reader(f), [])
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})
+    if dups:
+        raise TableError(f"{path} has duplicate column(s) {', '.join(map(repr, dups))}; "
+                         "keep one of each (which one is meant cannot be guessed)")
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], *, purpose: str) -> None:
@@ -131,3 +155,32 @@ def task_kind(df: pd.DataFrame, task: str) -> str:
         return "unknown"
     kinds = df[col].dropna().astype(str).unique()
     return str(kinds[0]) if len(kinds) else "unknown"
+
+
+def _quote_columns(expr: str, columns) -> str:
+    """``expr`` with every column name that is not a Python identifier (dotted names from
+    experiment-tracker exports, ``task/x/loss``, names with spaces) put in backticks, the
+    quoting pandas' query needs; names already in backticks are left alone."""
+    special = sorted((str(c) for c in columns if not str(c).isidentifier()), key=len,
+                     reverse=True)
+    if not special:
+        return expr
+    parts = re.split(r"(`[^`]*`|'[^']*'|\"[^\"]*\")", expr)  # keep quoted spans as they are
+    pattern = re.compile(r"(?<![\w.`])(" + "|".join(map(re.escape, special)) + r")(?![\w`])")
+    return "".join(p if i % 2 else pattern.sub(r"`\1`", p) for i, p in enumerate(parts))
+
+
+def select(df: pd.DataFrame, expr: str | None, flag: str) -> pd.DataFrame:
+    """Rows selected by a pandas query (``--where``/``--test-where``); column names with dots
+    or slashes work as written. A bad expression or an empty selection is a one-line error
+    naming the flag."""
+    if expr is None:
+        return df
+    try:
+        out = df.query(_quote_columns(expr, df.columns))
+    except Exception as exc:  # pandas raises many types for a bad expression
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(f"{flag} {expr!r}: {first}") from None
+    if out.empty:
+        raise TableError(f"{flag} {expr!r} selects no rows")
+    return out

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from moe.errors import BadInput
+
 
 def _warn(record: dict, what: str) -> None:
     """Every warning of a fitted object to stderr, and 'not identified' when it is not."""
@@ -27,7 +29,7 @@ def _columns(args: argparse.Namespace):
     from moe.analysis.columns import Columns, parse_task_flag
 
     flags = {"n": args.n_col, "d": args.d_col, "c": args.c_col, "loss": args.loss_col}
-    for role in ("sparsity", "width", "top_k", "n_experts", "n_active", "tpp"):
+    for role in ("sparsity", "width", "top_k", "n_experts", "n_active", "tpp", "granularity"):
         flags[role] = getattr(args, f"{role}_col", None)
     tasks = [parse_task_flag(t) for t in getattr(args, "task_col", None) or []]
     if args.columns:
@@ -36,26 +38,17 @@ def _columns(args: argparse.Namespace):
 
 
 def _select(df, expr: str | None, flag: str):
-    if expr is None:
-        return df
-    from moe.analysis.tables import TableError
+    from moe.analysis.tables import select
 
-    try:
-        out = df.query(expr)
-    except Exception as exc:  # pandas raises many types for a bad expression
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TableError(f"{flag} {expr!r}: {first}") from None
-    if out.empty:
-        raise TableError(f"{flag} {expr!r} selects no rows")
-    return out
+    return select(df, expr, flag)
 
 
 def _fit(args: argparse.Namespace) -> int:
     from moe.analysis.tables import TableError, read_table
     from moe.io import atomic_write_text
 
-    if args.bootstrap and args.bootstrap < 2:
-        raise TableError(f"--bootstrap needs at least 2 resamples, got {args.bootstrap}")
+    if args.bootstrap is not None and args.bootstrap not in (0,) and args.bootstrap < 2:
+        raise TableError(f"--bootstrap needs 0 or at least 2 resamples, got {args.bootstrap}")
     cols = _columns(args)
     df = read_table(args.table)
     test = _select(df, args.test_where, "--test-where") if args.test_where else None
@@ -64,103 +57,57 @@ def _fit(args: argparse.Namespace) -> int:
         train = train.drop(index=test.index, errors="ignore")
         if train.empty:
             raise TableError("--test-where leaves no rows to fit on")
-    if args.approach == 2:
-        record = _fit_approach2(train, cols, args, test)
-    else:
-        record = _fit_approach3(train, cols, args, test)
+    record, summary = _fit_record(train, test, cols, args)
     record["selection"] = {"where": args.where, "test_where": args.test_where,
                            "table_rows": len(df), "fitted_rows": len(train)}
-    summary, reason = record.pop("_summary"), record.pop("_reason")
     text = json.dumps(record, indent=2, allow_nan=False, default=float)
     if args.output:
         atomic_write_text(args.output, text + "\n")
-    _warn(record, f"approach {args.approach} fit")
+    _warn(record, f"approach {args.approach} fit" if not args.compare else "law comparison")
     print(summary + (f" -> {args.output}" if args.output else ""))
-    if not record["identified"]:
-        print(f"not identified: {reason} (the numbers above are diagnostics, not findings)")
+    if "identified" in record and not record["identified"]:
+        print(f"not identified: {'; '.join(record.get('reasons', []))} (the numbers above are "
+              "diagnostics, not findings)")
     return 0
 
 
-def _fit_approach3(df, cols, args, test) -> dict:
-    from moe.analysis import fit as fitmod
-    from moe.analysis.bootstrap import bootstrap_fit
-
-    kwargs = {"law": args.law, "n_col": cols.n, "d_col": cols.d, "loss_col": cols.loss,
-              "c_col": args.c_col, "flops_col": None if args.c_col else cols.c,
-              "drop_highest": args.drop_highest}
-    if "c" not in cols.explicit and cols.c not in df:
-        kwargs["flops_col"] = None
-    data = fitmod.prepare(df, **kwargs)
-    used = [cols.n, cols.loss] + ([args.c_col or cols.d] if args.law != "fixed_data" else [])
-    _dropped(data.n_nan_dropped, used)
-    result = fitmod.fit_data(data)
-    record = {**result.to_dict(), "intervals": {}}
-    if args.bootstrap:
-        boot = bootstrap_fit(result, data, n_resamples=args.bootstrap, seed=args.seed)
-        result = fitmod.with_bootstrap(result, data, boot)
-        summary = boot.to_dict(with_samples=True)
-        record.update(result.verdict.to_dict(), intervals=summary.pop("intervals"),
-                      bootstrap=summary)
-    if test is not None:
-        kwargs.update(drop_highest=0, min_points=1)
-        held = fitmod.prepare(test, **kwargs)
-        _dropped(held.n_nan_dropped, used, "held-out ")
-        record["test"] = fitmod.held_out(result, held)
-    p = result.params
-    record["_reason"] = result.verdict.reason
-    record["_summary"] = (f"{args.law}: " + ", ".join(f"{k}={v:.4g}" for k, v in p.items())
-                          + f"; objective={result.objective:.6g}; n={result.n_points} "
-                          f"(N = {result.n_kind}); {result.seconds:.2f}s")
-    if "test" in record:
-        record["_summary"] += (f"; held-out mean |rel. error| "
-                               f"{100 * record['test']['mean_abs_rel_error']:.2f}% on "
-                               f"{record['test']['n_points']} row(s)")
-    return record
-
-
-def _fit_approach2(df, cols, args, test) -> dict:
+def _fit_record(train, test, cols, args) -> tuple[dict, str]:
+    """The record and summary line, all built in moe.analysis.records."""
     from moe.analysis import isoflop, records
-    from moe.analysis.tables import TableError, used_columns
+    from moe.analysis.tables import TableError
 
-    if test is not None:
-        raise TableError("--test-where needs --approach 3 (Approach 2 has no law to predict "
-                         "with)")
-    c_col = args.c_col or cols.c
-    has_tokens = cols.d in df
-    if not has_tokens and "d" in cols.explicit:
-        raise TableError(f"column {cols.d!r} named by --d-col is not in the table")
-    use = [cols.n, cols.loss, c_col] + ([cols.d] if has_tokens else [])
-    values, keep = used_columns(df, use, purpose="Approach 2")
-    _dropped(int((~keep).sum()), use)
-    res = records.approach2(values[:, 0], values[:, 1], values[:, 2],
-                            tokens=values[:, 3] if has_tokens else None,
-                            window=isoflop.Window.parse(args.window) if args.window else None,
-                            n_boot=args.bootstrap, seed=args.seed)
-    n_kind = next((k for k in ("active", "total") if k in cols.n.lower()),
-                  f"as given in column {cols.n!r}")
-    record = {**res.to_dict(), "columns": {"n": cols.n, "loss": cols.loss, "c": c_col,
-                                           **({"d": cols.d} if has_tokens else {})},
-              "n_kind": n_kind,
-              "compute": (f"C from {c_col!r}; D_opt = C / FLOPs-per-token(N_opt), FLOPs per "
-                          f"token interpolated from {c_col!r} / {cols.d!r} at each budget"
-                          if has_tokens else f"C from {c_col!r}; D_opt = C / (6 N_opt): the "
-                          "table has no tokens column, so N is assumed to do all the compute")}
-    if not has_tokens:
-        record["warnings"].append(f"no tokens column {cols.d!r}: D_opt = C / (6 N_opt) assumes "
-                                  "the fitted N does all the compute (wrong for MoE total N)")
-    record["_reason"] = res.verdict.reason
-    bias = res.bias.get("relative")
-    record["_summary"] = (f"approach 2 (window {res.window.label}): a={_fmt(res.a)}, "
-                          f"b={_fmt(res.b)}, N_opt = {_fmt(res.n_prefactor)} C^a, D_opt = "
-                          f"{_fmt(res.d_prefactor)} C^b from {len(res.interior)} of "
-                          f"{len(res.budgets)} budget(s) (N = {n_kind}); the method's bias on "
-                          f"this grid: "
-                          + ("n/a" if bias is None else f"{100 * bias:+.1f}% in a"))
-    return record
+    common = {"n_boot": args.bootstrap, "seed": args.seed}
+    if args.compare:
+        names = [n.strip() for n in args.compare.split(",") if n.strip()]
+        if len(names) < 2:
+            raise TableError(f"--compare needs at least two laws, got {args.compare!r}")
+        return records.compare_record(_union(train, test), None if test is None else test.index,
+                                      names, cols, c_col=args.c_col, **common)
+    if args.approach == 2:
+        if test is not None:
+            raise TableError("--test-where needs --approach 3 (Approach 2 has no law to "
+                             "predict with)")
+        window = isoflop.Window.parse(args.window) if args.window else None
+        record, summary, dropped = records.approach2_record(
+            train, cols, c_col=args.c_col or cols.c, window=window, **common)
+        _dropped(dropped, [cols.n, cols.loss, args.c_col or cols.c])
+        return record, summary
+    if args.law in ("chinchilla", "fixed_data"):
+        record, summary, dropped = records.approach3_record(
+            train, test, cols, law=args.law, c_col=args.c_col,
+            drop_highest=args.drop_highest, **common)
+        for count, which in dropped:
+            _dropped(count, [cols.n, cols.loss], which)
+        return record, summary
+    return records.law_record(train, test, args.law, cols, c_col=args.c_col, **common)
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None or x != x else f"{x:.4g}"
+def _union(train, test):
+    """The fit rows and the held-out rows, once each (a --compare split needs both)."""
+    import pandas as pd
+
+    return train if test is None else pd.concat([train, test.loc[~test.index.isin(
+        train.index)]])
 
 
 def _dropped(count: int, columns, which: str = "") -> None:
@@ -170,27 +117,57 @@ def _dropped(count: int, columns, which: str = "") -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from moe.analysis.predict import predict_from_record
+    from moe.analysis import predict
 
     path = Path(args.fit)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no such fit file: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not JSON: {exc}") from None
-    out = predict_from_record(record, args.n, args.d)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path} is not a fit written by `moe fit` (not JSON: {exc})") from None
+    predict.check_record(record, str(path))
+    if args.optimize:
+        out = _optimize(record, args, str(path))
+    else:
+        out = predict.predict_from_record(record, args.n, args.d, e=args.e, g=args.g,
+                                          path=str(path))
     _warn(record, f"fit {path}")
+    for text in out.get("range_warnings", []):
+        print(f"warning: {text}", file=sys.stderr)
     if args.format == "json":
-        print(json.dumps(out, allow_nan=False))
+        print(json.dumps(out, allow_nan=False, default=float))
         return 0
-    iv = out.get("interval")
+    print(_predict_text(out, args.optimize))
+    return 0
+
+
+def _optimize(record: dict, args, path: str) -> dict:
+    from moe.analysis import predict
+    from moe.analysis.lawforms.allocate import Budget
+
+    if args.flops is None and args.n is None:
+        raise BadInput("--optimize needs --flops C (or --n for the clark-routed law)")
+    budget = Budget(flops=args.flops or 0.0, memory_bytes=args.memory,
+                    bytes_per_param=args.bytes_per_param, top_k=args.top_k,
+                    expert_share=args.expert_share, granularity=args.g, n=args.n)
+    return predict.optimize_from_record(record, budget, path=path)
+
+
+def _predict_text(out: dict, optimize: bool) -> str:
+    caveat = "" if out["identified"] else (" (from a fit that is not identified: a "
+                                           "diagnostic, not a finding)")
+    if optimize:
+        shown = {k: v for k, v in out.items() if k not in ("by_experts", "range_warnings",
+                                                            "identified", "law")}
+        return (f"{out['law']} optimum: " + ", ".join(
+            f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+            for k, v in shown.items()) + caveat)
     shown = f"loss = {out['loss']:.6g}"
+    iv = out.get("interval")
     if iv:
         shown += f" ({100 * out['level']:.0f}% interval [{iv[0]:.6g}, {iv[1]:.6g}])"
-    print(shown + ("" if out["identified"] else " (from a fit that is not identified: a "
-                   "diagnostic, not a finding)"))
-    return 0
+    return shown + caveat
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -199,7 +176,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     cols = _columns(args)
     df = _select(read_table(args.source), args.where, "--where")
-    figs = plots.save_figures(cols.canonical(df), args.output)
+    figs = plots.save_figures(cols.canonical(df), args.output, force=args.force)
     for name, paths in figs.paths.items():
         print(f"{name}: {paths[0]} (+ .pdf)")
     for name, why in figs.skipped.items():
@@ -217,7 +194,7 @@ def _report(args: argparse.Namespace) -> int:
     df = _select(read_table(args.source), args.where, "--where")
     path = make_report(cols.canonical(df), Path(args.output), args.fig_dir,
                        n_boot=args.bootstrap, seed=args.seed, source=str(args.source),
-                       n_label=cols.n)
+                       n_label=cols.n, force=args.force)
     print(f"report: {path}")
     return 0
 
@@ -243,6 +220,11 @@ def _column_flags(p: argparse.ArgumentParser, *, full: bool) -> None:
                        help="a task loss column (KIND memorization|reasoning); repeatable")
 
 
+def _force_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write figures into a directory that holds other files")
+
+
 def register(subparsers) -> None:
     """Add ``fit``, ``predict``, ``plot`` and ``report`` to an argparse subparsers object."""
     p = subparsers.add_parser("fit", help="fit a scaling law (Approach 3) or IsoFLOP profiles "
@@ -250,7 +232,16 @@ def register(subparsers) -> None:
     p.add_argument("table", help="results table (.csv or .parquet) or a sweep directory")
     p.add_argument("--approach", type=int, choices=(2, 3), default=3,
                    help="3: parametric law L(N, D) (default); 2: IsoFLOP parabolas per budget")
-    p.add_argument("--law", choices=("chinchilla", "fixed_data"), default="chinchilla")
+    p.add_argument("--law", default="chinchilla", metavar="NAME",
+                   help="chinchilla (default), fixed_data, or a registry law: chinchilla-tied, "
+                        "kaplan, gadre-overtrain, clark-routed, krajewski-granularity, "
+                        "ludziejewski-joint (docs/laws.md)")
+    p.add_argument("--compare", default=None, metavar="LAW,LAW,...",
+                   help="fit each law on the fit rows and score it on held-out rows "
+                        "(--test-where, default: compute within 2x of the largest); "
+                        "chooses the identified law with the lowest held-out error")
+    p.add_argument("--n-experts-col", default=None, help="experts column (MoE laws)")
+    p.add_argument("--granularity-col", default=None, help="granularity column (Krajewski)")
     _column_flags(p, full=False)
     p.add_argument("--c-col", default=None,
                    help="compute column: approach 2 groups budgets by it (default flops); "
@@ -270,16 +261,29 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", default=None, help="fit.json")
     p.set_defaults(func=_fit)
 
-    p = subparsers.add_parser("predict", help="predicted loss at (N, D) from a fit.json")
-    p.add_argument("fit", help="fit.json written by `moe fit` (Approach 3)")
-    p.add_argument("--n", type=float, required=True, help="parameters (the fitted kind of N)")
-    p.add_argument("--d", type=float, default=None, help="tokens (chinchilla law)")
+    p = subparsers.add_parser("predict", help="predicted loss at (N, D, ...) from a fit.json, "
+                                              "or the best allocation of a budget (--optimize)")
+    p.add_argument("fit", help="fit.json written by `moe fit` (Approach 3 or a registry law)")
+    p.add_argument("--n", type=float, default=None, help="parameters (the fitted kind of N)")
+    p.add_argument("--d", type=float, default=None, help="tokens")
+    p.add_argument("--e", type=float, default=None, help="experts (MoE laws)")
+    p.add_argument("--g", type=float, default=None, help="granularity (krajewski-granularity)")
+    p.add_argument("--optimize", action="store_true",
+                   help="what to train with --flops C (and --memory M bytes): N_opt, D_opt, "
+                        "and for MoE laws the best number of experts")
+    p.add_argument("--flops", type=float, default=None, help="compute budget C (FLOPs)")
+    p.add_argument("--memory", type=float, default=None, help="parameter memory limit (bytes)")
+    p.add_argument("--bytes-per-param", type=float, default=2.0)
+    p.add_argument("--top-k", type=int, default=1, help="experts per token (memory model)")
+    p.add_argument("--expert-share", type=float, default=2.0 / 3.0,
+                   help="share of active parameters in the routed experts (memory model)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_predict)
 
     p = subparsers.add_parser("plot", help="draw the paper figures (PNG and PDF)")
     p.add_argument("source", help="sweep directory or results table")
     p.add_argument("-o", "--output", required=True, help="figure directory")
+    _force_flag(p)
     _column_flags(p, full=True)
     p.set_defaults(func=_plot)
 
@@ -289,5 +293,6 @@ def register(subparsers) -> None:
     p.add_argument("--fig-dir", default=None, help="default: figures/ next to the report")
     p.add_argument("--bootstrap", type=int, default=200, metavar="K")
     p.add_argument("--seed", type=int, default=0)
+    _force_flag(p)
     _column_flags(p, full=True)
     p.set_defaults(func=_report)

@@ -34,7 +34,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
     meta = prepare_shards(args.inputs, args.out, tokenizer=args.tokenizer,
                           text_key=args.text_key, eos_token=args.eos_token,
-                          shard_tokens=args.shard_tokens, workers=args.workers, progress=True)
+                          shard_tokens=args.shard_tokens, workers=args.workers, progress=True,
+                          force=args.force)
     print(f"wrote {meta['n_tokens']} tokens in {len(meta['shards'])} shard(s) to {args.out}")
     return 0
 
@@ -65,6 +66,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard file")
     q.add_argument("--workers", type=int, default=None,
                    help="tokenising processes (default: one per CPU; 0 = this process)")
+    q.add_argument("--force", action="store_true",
+                   help="write into --out even when it holds other files")
     q.set_defaults(func=_data_prepare)
 
     _register_optional(sub, _command(argv))

@@ -60,7 +60,7 @@ def handler(args: argparse.Namespace) -> int:
     from moe.train.distributed import init_from_env
 
     cfg = _eval_config(RunDir(args.run_dir).read_config(), args)
-    started = init_from_env(cfg.parallel.timeout_min)  # under torchrun: every rank evaluates every W-th item
+    started = init_from_env(cfg.parallel.timeout_min)  # torchrun: each rank every W-th item
     try:
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                               else "cpu" if args.device == "auto" else args.device)

@@ -18,12 +18,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype in model.safetensors")
+    p.add_argument("--force", action="store_true",
+                   help="write into OUT even when it holds other files or another export")
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
     from moe.export import export_hf
 
-    out = export_hf(args.run_dir, args.out, dtype=args.dtype)
+    out = export_hf(args.run_dir, args.out, dtype=args.dtype, force=args.force)
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
                     "<kernel>.<config>.<arch>.ptx and print registers, spilled bytes, shared "
                     "memory and tensor-core use. Exits 1 if any build spills registers or "
                     "needs more shared memory than the target has.")
-    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated: sm_80, sm_90")
+    p.add_argument("--arch", default="sm_80,sm_90",
+                   help="comma-separated: sm_80 (A100), sm_90 (H100/H200), sm_100 (B200)")
     p.add_argument("--out", required=True, help="directory for the PTX files")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=_compile)

@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--decay", choices=DECAYS, default="mean", help="decay shape to emulate")
     p.add_argument("--out", type=Path, required=True, help="new run directory")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    _force_flag(p)
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser(
@@ -30,14 +31,20 @@ def register(subparsers) -> None:
     p.add_argument("run_dirs", type=Path, nargs="+", help="trained runs (same tokenizer)")
     p.add_argument("--out", type=Path, required=True, help="directory for result.json")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    _force_flag(p)
     p.set_defaults(func=_ensemble)
+
+
+def _force_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even when it holds other files (never over a run)")
 
 
 def _merge(args: argparse.Namespace) -> int:
     from moe.recipes import merge_run
 
     r = merge_run(args.run_dir, window=args.window, decay=args.decay, out=args.out,
-                  device=args.device)
+                  device=args.device, force=args.force)
     print(f"merged {r['merge.k'] + 1} snapshots (steps {r['merge.first_step']}..{r['steps']}) "
           f"-> {args.out}  val_loss={r['val_loss']:.4f} (last snapshot "
           f"{r['last/val_loss']:.4f})")
@@ -47,7 +54,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     from moe.recipes import ensemble_runs
 
-    r = ensemble_runs(args.run_dirs, args.out, device=args.device)
+    r = ensemble_runs(args.run_dirs, args.out, device=args.device, force=args.force)
     print(f"ensemble of {r['ensemble.k']} -> {args.out}  val_loss={r['val_loss']:.4f} "
           f"(members: mean {r['val_loss_members_mean']:.4f}, best "
           f"{r['val_loss_members_best']:.4f})")

@@ -1,7 +1,15 @@
-"""Reading a run config file and applying `--set section.key=value` overrides."""
+"""Reading a run config file and applying `--set section.key=value` overrides.
+
+The token budget is exactly one of `train.tokens` and `train.tpp`. One policy for both
+places a budget can come from: giving both in one place (a config file's [train], or the
+`--set` list) is refused; a `--set` of one on a file that gives the other replaces the
+file's, with a `ConfigNotice` warning that names what was replaced (the command line is
+where one switches a config's budget mode).
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +17,31 @@ from moe.config.build import config_from_dict
 from moe.config.schema import SECTIONS, ConfigError, RunConfig, field_names
 from moe.config.tomlio import parse_value, read_toml
 
+BUDGET_KEYS = ("train.tokens", "train.tpp")
+
+
+class ConfigNotice(UserWarning):
+    """An override replaced a key the config file set (applied, and said so)."""
+
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a TOML run config and apply `--set key=value` overrides."""
-    return apply_overrides(read_toml(path, ConfigError, "config file"), overrides)
+    """Read a TOML run config and apply `--set key=value` overrides (see the module's
+    docstring for the budget keys)."""
+    raw = read_toml(path, ConfigError, "config file")
+    budget = {key.strip(): text.strip() for key, _, text in (o.partition("=") for o in overrides)
+              if key.strip() in BUDGET_KEYS}
+    if len(budget) > 1:
+        raise ConfigError(f"--set gives both {' and '.join(sorted(budget))}; the budget is "
+                          "exactly one of them (as in a config file): drop one")
+    cfg = apply_overrides(raw, overrides)
+    for key, text in budget.items():
+        other = next(k for k in BUDGET_KEYS if k != key)
+        old = (raw.get("train") or {}).get(other.split(".")[1])
+        if old is not None:
+            warnings.warn(f"--set {key}={text} replaces {other}={old} of {path} (the budget "
+                          f"is one of them; `moe sweep plan` or the run's status shows its "
+                          "tokens)", ConfigNotice, stacklevel=2)
+    return cfg
 
 
 def apply_overrides(raw: dict[str, Any] | RunConfig, overrides: list[str] | tuple[str, ...]

@@ -93,8 +93,12 @@ def tokenizer_for_data(source: str) -> Tokenizer:
     if not meta_path.is_file():
         raise BadConfig(f"data.source={source!r} is neither 'pocket' nor a shard directory with "
                          "meta.json (create one with `moe data prepare`)")
-    meta = json.loads(meta_path.read_text())
-    spec = meta["tokenizer"]
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        spec = meta["tokenizer"]
+    except (ValueError, KeyError, TypeError) as exc:  # not UTF-8, not JSON, no tokenizer
+        raise BadInput(f"{meta_path} is not a shard directory's meta.json "
+                         f"({type(exc).__name__}: {str(exc)[:80]})") from None
     if spec != "byte":
         spec = Path(source) / spec
     return load_tokenizer(spec, eos_token=meta.get("eos_token"))

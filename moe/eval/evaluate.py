@@ -49,6 +49,7 @@ import torch
 
 from moe.config import EvalConfig, RunConfig
 from moe.data.tokenizer import Tokenizer
+from moe.errors import BadConfig, BadInput
 from moe.eval.generate import (
     Sampling,
     batches_by_length,
@@ -59,6 +60,7 @@ from moe.eval.generate import (
 from moe.eval.shard import EvalShard, Lockstep
 from moe.io import atomic_write_json
 from moe.model import IGNORE_INDEX
+from moe.model import precision as precision_policy
 from moe.rundir import RunDir
 from moe.tasks import Task, TaskData, TaskItem, get_task
 
@@ -94,7 +96,7 @@ def answer_start(tokenizer: Tokenizer, ids: list[int], n_prompt_chars: int) -> i
         else:
             lo = mid + 1
     if lo == len(ids):
-        raise ValueError("the answer encodes to no tokens")
+        raise BadInput("the answer encodes to no tokens")
     return lo
 
 
@@ -106,7 +108,7 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, answer: str, seq_len: int) ->
     excess = len(ids) - (seq_len + 1)  # a forward pass sees seq_len inputs, scores their next
     if excess > 0:
         if start - excess < 1:
-            raise ValueError(f"an answer of {len(ids) - start} tokens does not fit "
+            raise BadInput(f"an answer of {len(ids) - start} tokens does not fit "
                              f"model.seq_len={seq_len}: {answer[:40]!r}...")
         ids, start = ids[excess:], start - excess
     return Encoded(ids=tuple(ids), start=start, n_bytes=len(answer.encode("utf-8")))
@@ -155,11 +157,13 @@ def answer_logprobs(model: torch.nn.Module, examples: list[Encoded], *, batch_si
 
 def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data: TaskData,
                   eval_cfg: EvalConfig, seq_len: int, device: torch.device | str = "cpu",
-                  shard: EvalShard | None = None) -> dict[str, Any]:
+                  shard: EvalShard | None = None, precision: str = "auto") -> dict[str, Any]:
     """One task's metrics (see the module docstring); the model must be in eval mode.
 
-    With a `shard` of W > 1 ranks every rank calls this with the same arguments: each
-    evaluates its items (`moe.eval.shard`) and every rank returns the metrics of all.
+    Scoring and generation run in the run's `precision` (`moe.model.precision`), as its
+    training did. With a `shard` of W > 1 ranks every rank calls this with the same
+    arguments: each evaluates its items (`moe.eval.shard`) and every rank returns the
+    metrics of all.
     """
     shard, device = shard or EvalShard(), torch.device(device)
     n_shots = task.n_shots if eval_cfg.n_shots < 0 else eval_cfg.n_shots
@@ -171,10 +175,11 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data
         shots = task.shots_for(item, i, data.shot_pool, n_shots)
         conts = item.choices if multiple_choice else (item.answer,)
         groups.append(encode_item(task, tokenizer, item, shots, conts, seq_len))
-    logps = iter(answer_logprobs(model, [e for g in groups for e in g],
-                                 batch_size=eval_cfg.batch_size, pad_id=tokenizer.pad_id,
-                                 device=device))
-    _drain(model)
+    with precision_policy.autocast(precision, device):
+        logps = iter(answer_logprobs(model, [e for g in groups for e in g],
+                                     batch_size=eval_cfg.batch_size, pad_id=tokenizer.pad_id,
+                                     device=device))
+    _drain(model, precision_policy.autocast(precision, device))
     records = []
     for i, g in zip(mine, groups, strict=True):
         item = data.items[i]
@@ -186,15 +191,16 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, data
     if generative:
         items = [data.items[r["index"]] for r in records]
         for r, ok in zip(records, _generation_hits(model, tokenizer, task, items, records,
-                                                   seq_len, eval_cfg.batch_size, device),
-                         strict=True):
+                                                   seq_len, eval_cfg.batch_size, device,
+                                                   precision), strict=True):
             r["correct"] = ok
-        _drain(model, generation_autocast(device))
+        _drain(model, generation_autocast(device, precision))
         if eval_cfg.samples:
             for r, ok in zip(records, _majority_hits(model, tokenizer, task, items, records,
-                                                     seq_len, eval_cfg, device), strict=True):
+                                                     seq_len, eval_cfg, device, precision),
+                             strict=True):
                 r["maj"] = ok
-            _drain(model, generation_autocast(device))
+            _drain(model, generation_autocast(device, precision))
     for r in records:
         del r["prompt"]  # only the numbers travel between ranks
     records = sorted(shard.gather(records), key=lambda r: r["index"])
@@ -242,23 +248,23 @@ def _choice_accuracy(items: tuple[TaskItem, ...], logps: list[list[float]]) -> f
 
 def _budgets(task: Task, records: list[dict[str, Any]]) -> list[int]:
     if task.is_correct is None:
-        raise ValueError(f"task {task.name} has neither choices nor an answer checker")
+        raise BadConfig(f"task {task.name} has neither choices nor an answer checker")
     return [task.max_new_tokens or 2 * r["n_tokens"] + 8 for r in records]
 
 
 def _generation_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem],
                      records: list[dict[str, Any]], seq_len: int, batch_size: int,
-                     device) -> list[bool]:
+                     device, precision: str) -> list[bool]:
     """Whether each item's greedy answer is correct."""
     texts = greedy_generate(model, [r["prompt"] for r in records], _budgets(task, records),
                             tokenizer=tokenizer, stop=task.stop, seq_len=seq_len,
-                            batch_size=batch_size, device=device)
+                            batch_size=batch_size, device=device, precision=precision)
     return [bool(task.is_correct(t, item)) for t, item in zip(texts, items, strict=True)]
 
 
 def _majority_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem],
                    records: list[dict[str, Any]], seq_len: int, eval_cfg: EvalConfig,
-                   device) -> list[bool]:
+                   device, precision: str) -> list[bool]:
     """maj@K per item: K sampled answers, the most frequent final answer judged.
 
     Sample j of item i is seeded by its key i * K + j, wherever the item is evaluated.
@@ -271,7 +277,7 @@ def _majority_hits(model, tokenizer: Tokenizer, task: Task, items: list[TaskItem
                         seed=eval_cfg.seed)
     texts = generate_texts(model, prompts, budgets, tokenizer=tokenizer, stop=task.stop,
                            seq_len=seq_len, batch_size=eval_cfg.batch_size, device=device,
-                           sampling=sampling, keys=keys)
+                           sampling=sampling, keys=keys, precision=precision)
     return [bool(task.is_correct(majority_vote(texts[n * K: (n + 1) * K], task.vote_key), item))
             for n, item in enumerate(items)]
 
@@ -319,7 +325,8 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, cfg: RunConfig,
         with torch.no_grad():
             for name, (task, data) in loaded.items():
                 results[name] = evaluate_task(runner, tokenizer, task, data, cfg.eval,
-                                              cfg.model.seq_len, device, shard)
+                                              cfg.model.seq_len, device, shard,
+                                              cfg.train.precision)
                 if progress and shard.rank == 0:
                     print(f"{name:<20} {summary_line(results[name])}", file=sys.stderr)
     finally:

@@ -6,8 +6,8 @@ own RoPE positions (counted from its first real token) and hides its padding,
 so a row generates the same tokens alone as in any batch. One forward pass
 reads the prompts (prefill); each further pass runs one token per row against
 the cache. A row leaves the batch at EOS, when its text contains a stop
-string, or when its budget is spent. On CUDA the model runs under bf16
-autocast; on CPU in fp32.
+string, or when its budget is spent. The model runs in the run's precision
+(`moe.model.precision`: bf16 autocast on CUDA by default, fp32 on CPU).
 
 Context: the cache holds `seq_len` positions, so a prompt longer than
 `seq_len - budget` keeps its newest tokens. (The uncached path, kept as the
@@ -24,7 +24,6 @@ batch, or on whichever rank of a sharded evaluation holds it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 
 from moe.data.tokenizer import Tokenizer
 from moe.errors import BadInput
+from moe.model import precision as precision_policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,11 +114,10 @@ class _Rows:
         return not any(s in text for s in self.stop)
 
 
-def generation_autocast(device: torch.device):
-    """The precision generation runs in: bf16 autocast on CUDA, fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def generation_autocast(device: torch.device, precision: str = "auto"):
+    """The precision generation runs in (`moe.model.precision`; `auto`: bf16 autocast on
+    CUDA, fp32 elsewhere), as training and task scoring."""
+    return precision_policy.autocast(precision, device)
 
 
 def _row_generators(generators, active: list[int]):
@@ -174,7 +173,8 @@ def _uncached_chunk(model, prompts: list[Sequence[int]], rows: _Rows, *, seq_len
 def generate_ids(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
                  tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
                  device: torch.device | str = "cpu", sampling: Sampling = GREEDY,
-                 use_cache: bool = True, keys: Sequence[int] | None = None) -> list[list[int]]:
+                 use_cache: bool = True, keys: Sequence[int] | None = None,
+                 precision: str = "auto") -> list[list[int]]:
     """Generated token ids of each prompt (EOS excluded; the stop string not yet cut).
 
     Uses the KV cache when the model has one (`new_cache`) and `use_cache`; the model
@@ -189,7 +189,7 @@ def generate_ids(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: 
     run_chunk = _cached_chunk if cached else _uncached_chunk
     out: list[list[int]] = [[] for _ in prompts]
     todo = [i for i, b in enumerate(budgets) if b > 0]
-    with torch.no_grad(), generation_autocast(device):
+    with torch.no_grad(), generation_autocast(device, precision):
         for chunk in batches_by_length([len(prompts[i]) for i in todo], batch_size):
             chunk = [todo[c] for c in chunk]
             rows = _Rows(tokenizer, stop, [budgets[i] for i in chunk])
@@ -206,18 +206,20 @@ def generate_ids(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: 
 def generate_texts(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
                    tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
                    device: torch.device | str = "cpu", sampling: Sampling = GREEDY,
-                   use_cache: bool = True, keys: Sequence[int] | None = None) -> list[str]:
+                   use_cache: bool = True, keys: Sequence[int] | None = None,
+                   precision: str = "auto") -> list[str]:
     """Continuations of each prompt as text, cut at the first stop string (see generate_ids)."""
     ids = generate_ids(model, prompts, budgets, tokenizer=tokenizer, stop=stop, seq_len=seq_len,
                        batch_size=batch_size, device=device, sampling=sampling,
-                       use_cache=use_cache, keys=keys)
+                       use_cache=use_cache, keys=keys, precision=precision)
     return [cut_at_stop(tokenizer.decode(t), stop) for t in ids]
 
 
 def greedy_generate(model: torch.nn.Module, prompts: list[Sequence[int]], budgets: list[int], *,
                     tokenizer: Tokenizer, stop: tuple[str, ...], seq_len: int, batch_size: int,
-                    device: torch.device | str = "cpu", use_cache: bool = True) -> list[str]:
+                    device: torch.device | str = "cpu", use_cache: bool = True,
+                    precision: str = "auto") -> list[str]:
     """Greedy continuations, each cut at EOS, at the first stop string, or after its budget."""
     return generate_texts(model, prompts, budgets, tokenizer=tokenizer, stop=stop,
                           seq_len=seq_len, batch_size=batch_size, device=device,
-                          use_cache=use_cache)
+                          use_cache=use_cache, precision=precision)

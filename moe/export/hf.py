@@ -22,6 +22,10 @@ file as `tokenizer.json`; a byte-level run (the pocket corpus) exports an exact
 `tokenizers` equivalent of the built-in byte tokenizer (ids 0-255 are the
 bytes, `<|endoftext|>` = 256, `<pad>` = 257), so `AutoTokenizer` works on every
 export. `export.json` records the run and the checkpoint step exported.
+
+The output directory must be new, empty, or an earlier export of the same run (refreshed
+in place, as `moe eval --harness` does with RUN_DIR/export-hf); another model's export or
+unrelated files are refused unless `force` (`moe.io.check_output_dir`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ import torch
 from moe.config import ModelConfig
 from moe.data.tokenizer import ByteTokenizer, Tokenizer
 from moe.errors import BadInput
-from moe.io import atomic_write_json, atomic_write_text
+from moe.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    claim_output_dir,
+    new_file_mode,
+)
+from moe.model.lm import split_qkv
 
 
 class ExportError(BadInput):
@@ -117,6 +128,15 @@ def _ffn_weights(state: dict[str, torch.Tensor], ours: str, theirs: str,
     return out
 
 
+def attention_weights(state: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Wq, Wk, Wv) of one layer from either layout: one fused `wqkv`, or separate (older
+    checkpoints) `wq`/`wk`/`wv`."""
+    if prefix + "wqkv.weight" in state:
+        return split_qkv(state[prefix + "wqkv.weight"], cfg.n_heads, cfg.kv_heads)
+    return tuple(state[f"{prefix}{w}.weight"] for w in ("wq", "wk", "wv"))
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The toolkit's `MoELM.state_dict()` renamed and transposed to transformers' names."""
@@ -128,9 +148,10 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         out[theirs + "input_layernorm.weight"] = state[ours + "attn_norm.weight"]
         out[theirs + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
-        for name, hf_name in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"),
-                              ("wo", "o_proj")):
-            out[f"{theirs}self_attn.{hf_name}.weight"] = state[f"{ours}attn.{name}.weight"]
+        q, k, v = attention_weights(state, ours + "attn.", cfg)
+        for w, hf_name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"),
+                           (state[f"{ours}attn.wo.weight"], "o_proj")):
+            out[f"{theirs}self_attn.{hf_name}.weight"] = w
         out.update(_ffn_weights(state, ours + "ffn.", theirs, cfg))
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
 
@@ -185,6 +206,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600; the umask decides
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -192,22 +214,28 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-              dtype: str = "float32") -> Path:
-    """Write RUN_DIR's newest checkpoint as a transformers model directory; returns it."""
+              dtype: str = "float32", force: bool = False) -> Path:
+    """Write RUN_DIR's newest checkpoint as a transformers model directory; returns it.
+
+    OutputDirNotEmpty (exit 2) when `out_dir` holds anything but an export of this run,
+    unless `force`.
+    """
     from moe.checkpoint import load_run_model
     from moe.data.tokenizer import tokenizer_for_data
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ExportError(f"--dtype {dtype!r} must be float32 or bfloat16")
+    source = str(Path(run_dir).resolve())
+    force = force or _exported_run(out_dir) == source  # an earlier export of this run
+    check_output_dir(out_dir, "export", source=source, force=force)
     model, cfg, step = load_run_model(run_dir)
     try:
         import safetensors  # noqa: F401
     except ImportError:
         raise ExportError("export needs safetensors: pip install safetensors") from None
     tok = tokenizer_for_data(cfg.data.source)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out_dir, "export", source=source, force=force)
     _save_safetensors(hf_state_dict(model.state_dict(), cfg.model, torch_dtype),
                       out / "model.safetensors")
     atomic_write_json(out / "config.json", hf_config(cfg.model, tok, dtype))
@@ -217,6 +245,15 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     atomic_write_json(out / "export.json", {"run_dir": str(Path(run_dir).resolve()),
                                             "step": step, "format": "hf", "dtype": dtype})
     return out
+
+
+def _exported_run(out_dir: str | os.PathLike) -> str | None:
+    """The run directory an export directory was written from (None if not an export)."""
+    try:
+        record = json.loads((Path(out_dir) / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("run_dir") if isinstance(record, dict) else None
 
 
 def exported_step(out_dir: str | os.PathLike) -> int | None:

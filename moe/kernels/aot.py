@@ -1,7 +1,7 @@
 """Ahead-of-time builds of the Triton kernels for GPU targets, on a machine without a GPU.
 
 Every kernel of `moe.kernels.grouped_gemm` is compiled with every autotune config
-its target would try (Hopper configs for sm_90, Ampere configs for sm_80) through
+its target would try (Hopper configs for sm_90 and sm_100, Ampere configs for sm_80) through
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`. Triton ships
 its own `ptxas`; we run `ptxas -v` on each PTX to build the cubin and read its
 registers and spills, since a kernel's own counters (`n_regs`, `n_spills`) are
@@ -29,9 +29,9 @@ from pathlib import Path
 
 from moe.errors import BadInput
 
-ARCHS = {"sm_80": 80, "sm_90": 90}
-SMEM_LIMIT_BYTES = {80: 166912, 90: 232448}
-"""cudaDevAttrMaxSharedMemoryPerBlockOptin of A100 (sm_80) and H100 (sm_90)."""
+ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
+SMEM_LIMIT_BYTES = {80: 166912, 90: 232448, 100: 232448}
+"""cudaDevAttrMaxSharedMemoryPerBlockOptin of A100 (sm_80), H100 (sm_90) and B200 (sm_100)."""
 MAX_REGISTERS = 255
 E_POW2 = 256
 
@@ -51,6 +51,8 @@ class KernelBuild:
     wgmma: bool
     mma_sync: bool
     ptx_path: str
+    tcgen05: bool = False
+    """Blackwell's fifth-generation tensor-core instructions (sm_100)."""
 
     @property
     def spilled_bytes(self) -> int:
@@ -178,7 +180,7 @@ def _build_one(name, fn, sig, const, cfg, arch, aligned, out_dir: Path) -> Kerne
                        shared_bytes=int(compiled.metadata.shared),
                        shared_limit_bytes=SMEM_LIMIT_BYTES[capability],
                        wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync.aligned" in ptx,
-                       ptx_path=os.fspath(path))
+                       tcgen05="tcgen05.mma" in ptx, ptx_path=os.fspath(path))
 
 
 def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[KernelBuild]:
@@ -206,11 +208,11 @@ def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[Kerne
 
 def to_table(builds: list[KernelBuild]) -> str:
     lines = ["| kernel | config | arch | registers | spilled bytes | shared bytes "
-             "| shared limit | wgmma | mma.sync |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| shared limit | wgmma | tcgen05 | mma.sync |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     yes = {True: "yes", False: "no"}
     for b in builds:
         lines.append(f"| {b.kernel} | {b.config} | {b.arch} | {b.registers} | {b.spilled_bytes} "
                      f"| {b.shared_bytes} | {b.shared_limit_bytes} | {yes[b.wgmma]} "
-                     f"| {yes[b.mma_sync]} |")
+                     f"| {yes[b.tcgen05]} | {yes[b.mma_sync]} |")
     return "\n".join(lines) + "\n"

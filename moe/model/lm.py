@@ -142,26 +142,37 @@ class _Step:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with q, k and v from one matmul: `wqkv.weight` stacks the rows
+    of Wq [nh*hs, D], Wk and Wv [nkv*hs, D] (a pocket model's step is dominated by per-op
+    overhead, so one matmul instead of three is a measurable share of it). Checkpoints with
+    separate `wq`/`wk`/`wv` are fused when loaded."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * self.n_kv) * cfg.head_dim,
+                              bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.register_load_state_dict_pre_hook(_fuse_qkv)
+
+    def qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of Wq [nh*hs, D], Wk and Wv [nkv*hs, D] in the fused weight."""
+        return split_qkv(self.wqkv.weight, self.n_heads, self.n_kv)
 
     def forward(self, x_BTD: torch.Tensor, cos_TF: torch.Tensor,
                 sin_TF: torch.Tensor, step: tuple[_Step, int] | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,nh,T,hs)
-        k = self.wk(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B,nkv,T,hs)
-        v = self.wv(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        qkv = self.wqkv(x_BTD).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = qkv[:, :, : self.n_heads + self.n_kv].transpose(1, 2)  # (B,nh+nkv,T,hs)
+        v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)  # (B,nkv,T,hs)
         mask = None
-        if step is None:
-            q, k = apply_rope(q, cos_TF, sin_TF), apply_rope(k, cos_TF, sin_TF)
+        if step is None:  # q and k rotate together: one set of RoPE ops, not two
+            qk = apply_rope(qk, cos_TF, sin_TF)
         else:  # decoding: per-row positions, keys/values of earlier calls from the cache
             s, layer = step
-            q, k = rotate(q, s.cos_B1TF, s.sin_B1TF), rotate(k, s.cos_B1TF, s.sin_B1TF)
+            qk = rotate(qk, s.cos_B1TF, s.sin_B1TF)
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
+        if step is not None:
             k, v = s.cache.write(layer, k, v)
             mask = s.mask_B1TS
         if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
@@ -170,6 +181,25 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None)  # (B,nh,T,hs)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def split_qkv(wqkv: torch.Tensor, n_heads: int, n_kv: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Wq, Wk, Wv) row blocks of a fused [(nh + 2 nkv) * hs, D] weight (views)."""
+    hs = wqkv.shape[0] // (n_heads + 2 * n_kv)
+    return wqkv.split([n_heads * hs, n_kv * hs, n_kv * hs], dim=0)
+
+
+def _fuse_qkv(module, state_dict, prefix, *_args) -> None:
+    """Load-time conversion of checkpoints with separate wq, wk and wv weights."""
+    names = [f"{prefix}{w}.weight" for w in ("wq", "wk", "wv")]
+    present = [n for n in names if n in state_dict]
+    if not present:
+        return
+    if len(present) < 3:
+        raise BadInput(f"checkpoint has only {', '.join(present)} of {', '.join(names)}; "
+                         f"all three are needed to build {prefix}wqkv.weight")
+    state_dict[f"{prefix}wqkv.weight"] = torch.cat([state_dict.pop(n) for n in names], 0)
 
 
 class MoEFFN(nn.Module):
@@ -229,8 +259,9 @@ class MoELM(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.head.weight, std=std)
         for block in self.blocks:
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
-                nn.init.normal_(lin.weight, std=std)
+            with torch.no_grad():  # block by block: the draws of separate q, k, v weights
+                for w in block.attn.qkv_weights():
+                    nn.init.normal_(w, std=std)
             nn.init.normal_(block.attn.wo.weight, std=out_std)
             block.ffn.experts.reset_parameters(std, out_std)
             if block.ffn.router is not None:

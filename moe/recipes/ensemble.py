@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from moe.checkpoint import load_run_model
 from moe.data.shards import load_data
 from moe.errors import BadInput
+from moe.io import check_output_dir, claim_output_dir
 from moe.model import IGNORE_INDEX, ModelOutput
 from moe.record import build_result
 from moe.rundir import RunDir
@@ -69,12 +70,14 @@ def _members(run_dirs: list[str | os.PathLike], device) -> tuple[list, list, lis
 
 
 def ensemble_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike, *,
-                  device: str | torch.device = "cpu") -> dict[str, Any]:
+                  device: str | torch.device = "cpu", force: bool = False) -> dict[str, Any]:
     """Evaluate the logit average of `run_dirs` and each member; write `out`/result.json."""
     target = RunDir(out)
     device = torch.device(device)
     if target.is_done():
         raise BadInput(f"{target.path} already holds a result; choose a new --out directory")
+    source = ",".join(str(Path(d).resolve()) for d in run_dirs)
+    check_output_dir(target.path, "ensemble", source=source, force=force)
     models, configs, ids = _members(run_dirs, device)
     cfg = configs[0]
     data = load_data(cfg.data, cfg.model.seq_len)
@@ -89,7 +92,7 @@ def ensemble_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike, *,
     record.update({f"member/{i}/val_loss": v for i, v in enumerate(member_loss)})
     if cfg.eval.tasks:
         record.update(_task_columns(ensemble, models, data, cfg, device))
-    target.path.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(target.path, "ensemble", source=source, force=force)
     target.write_config(cfg)
     target.write_result(record)
     return record

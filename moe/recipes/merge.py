@@ -34,6 +34,7 @@ import torch
 
 from moe.data.shards import load_data
 from moe.errors import BadInput
+from moe.io import check_output_dir, claim_output_dir
 from moe.model import MoELM
 from moe.recipes.stats import validation_stats
 from moe.record import build_result
@@ -94,19 +95,33 @@ def merge_state_dicts(states: list[dict[str, torch.Tensor]], coeffs) -> dict[str
 
 
 def window_snapshots(run: RunDir, window: int) -> list[tuple[int, Path]]:
-    """The snapshots at step >= last - window, oldest first."""
-    if window < 0:
-        raise BadInput(f"--window must be >= 0 steps, got {window}")
+    """The snapshots at step >= last - window, oldest first.
+
+    A window must merge something and lie inside the run: one that holds only the last
+    snapshot (0, or shorter than the snapshot spacing) or is longer than the run is an
+    error naming the steps that would work, never a silent one-snapshot "merge".
+    """
+    if window <= 0:
+        raise BadInput(f"--window must be a positive number of steps, got {window}")
     snaps = run.list_snapshots()
     if not snaps:
         raise BadInput(f"{run.path} has no snapshots to merge; train it with "
                          "train.save_every > 0 (e.g. --set train.save_every=10)")
     last = snaps[-1][0]
-    return [(s, p) for s, p in snaps if s >= last - window]
+    if window > last:
+        raise BadInput(f"--window {window} is longer than the run ({last} steps, snapshots "
+                         f"at steps {snaps[0][0]}..{last}); use at most {last}")
+    chosen = [(s, p) for s, p in snaps if s >= last - window]
+    if len(chosen) < 2:
+        need = f"at least {last - snaps[-2][0]}" if len(snaps) > 1 else "a run with more"
+        raise BadInput(f"--window {window} holds only the last snapshot (step {last}) of "
+                         f"{run.path}: nothing to merge; use {need} steps")
+    return chosen
 
 
 def merge_run(run_dir: str | os.PathLike, *, window: int, decay: str,
-              out: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+              out: str | os.PathLike, device: str | torch.device = "cpu",
+              force: bool = False) -> dict[str, Any]:
     """Merge a run's last `window` steps of snapshots into the run directory `out`.
 
     Its result.json has the merged model's val_loss and expert load, the last snapshot's
@@ -116,6 +131,8 @@ def merge_run(run_dir: str | os.PathLike, *, window: int, decay: str,
     device = torch.device(device)
     if target.has_config() or target.is_done():
         raise BadInput(f"{target.path} already holds a run; choose a new --out directory")
+    source = str(run.path.resolve())
+    check_output_dir(target.path, "merge", source=source, force=force)
     cfg = run.read_config()
     snaps = window_snapshots(run, window)
     steps = [s for s, _ in snaps]
@@ -139,5 +156,6 @@ def merge_run(run_dir: str | os.PathLike, *, window: int, decay: str,
 
         record.update(flat_results(evaluate_tasks(model, data.tokenizer, cfg,
                                                   list(cfg.eval.tasks), device=device)))
+    claim_output_dir(target.path, "merge", source=source, force=force)
     write_weights_run(target, cfg, steps[-1], merged, record)
     return record

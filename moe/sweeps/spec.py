@@ -61,6 +61,10 @@ class SpecError(BadConfig):
 
 TOP_LEVEL_KEYS = ("name", "description", "base", "grid", "budget", "filters", "estimate")
 MAX_LISTED = 12  # invalid combinations named in one error message
+MAX_GRID_POINTS = 2000
+"""Grid points (before filtering) a spec may have: each is resolved and hashed (about 2 ms
+on a loaded 2-core machine), so `plan` and `launch` answer within a few seconds; a larger
+grid (1000 x 1000 would take half an hour) is refused at once with its size."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,6 +292,10 @@ class Expansion:
 
 def expand(spec: SweepSpec) -> Expansion:
     """Resolve every grid point into a RunConfig; raise SpecError listing all bad points."""
+    size = grid_size(spec)
+    if size > MAX_GRID_POINTS:
+        raise SpecError(f"the grid has {size:,} points, more than the {MAX_GRID_POINTS:,} a "
+                        "sweep may have; narrow its axes or split it into several sweeps")
     configs, invalid, seen, duplicates = [], [], {}, []
     n_points = n_filtered = 0
     for overrides in _grid_points(spec):
@@ -317,6 +325,11 @@ def expand(spec: SweepSpec) -> Expansion:
         raise SpecError(f"every one of the {n_points} grid points was filtered out "
                         "(top_k <= n_experts and the sparsity bounds)")
     return Expansion(configs=tuple(configs), n_points=n_points, n_filtered=n_filtered)
+
+
+def grid_size(spec: SweepSpec) -> int:
+    """Grid points before filtering: the sum over [[grid]] tables of their axes' product."""
+    return sum(math.prod(len(values) for _, values in grid) for grid in spec.grids)
 
 
 def _grid_points(spec: SweepSpec):

@@ -86,14 +86,16 @@ def _read_file(path: str, mtime_ns: int) -> list[dict[str, Any]]:
         import pandas as pd
 
         return pd.read_parquet(path).to_dict("records")
-    rows = []
+    rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
+        try:
+            for n, line in enumerate(f, 1):  # noqa: B007 - n names the bad line
+                if line.strip():
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise TaskDataError(f"{path}:{n} is not valid JSON") from None
+        except json.JSONDecodeError:
+            raise TaskDataError(f"{path}:{n} is not valid JSON") from None
+        except UnicodeDecodeError:
+            raise TaskDataError(f"{path} is not UTF-8 text") from None
     return rows
 
 

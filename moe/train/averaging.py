@@ -25,6 +25,7 @@ import torch
 
 from moe.checkpoint import load_verified, save_checkpoint
 from moe.config import config_hash
+from moe.errors import BadInput
 from moe.rundir import RunDir
 
 
@@ -76,8 +77,11 @@ def save_snapshot(run: RunDir, step: int, model: torch.nn.Module) -> None:
 
 def load_snapshot(run: RunDir, step: int, path, map_location: str | torch.device = "cpu"
                   ) -> dict[str, Any]:
-    """A verified snapshot ({"model", "step"}); ValueError when damaged."""
-    return load_verified(run, step, path, map_location, None)
+    """A verified snapshot ({"model", "step"}); ValueError naming the file when damaged."""
+    try:
+        return load_verified(run, step, path, map_location, None)
+    except ValueError as exc:
+        raise BadInput(f"snapshot {path} (step {step}) is unusable: {exc}") from None
 
 
 def write_weights_run(run: RunDir, cfg, step: int, weights: dict[str, torch.Tensor],

@@ -5,10 +5,13 @@ expert-parallel form: every parameter (all have a leading expert dimension, what
 their names: `w1_EDH`, `w13_ED2H`, ...) keeps only this rank's block of E/P experts, and
 the forward becomes
 
-    sort the T*K (token, slot) pairs by expert -> all_to_all rows to the ranks that own
-    their experts -> the module's own forward on the received rows (each row to one local
-    expert with weight 1) -> all_to_all the outputs back -> weight by the router and sum
-    into token order.
+    sort the T*K (token, slot) pairs by expert -> all_to_all rows (in the compute dtype:
+    bf16 under autocast) to the ranks that own their experts -> the module's own backend
+    on the received rows (each row to one local expert) -> all_to_all the outputs back ->
+    unsort and combine in fp32 with the single-process reshape-sum (no `index_add`, whose
+    atomics make CUDA sums order-dependent).
+
+One host read per layer: the split sizes of both exchanges, copied together.
 
 Both exchanges are torch's autograd all-to-all (`all_to_all_single_autograd`, what
 `torch.distributed.nn.functional.all_to_all_single` now defers to), which is
@@ -29,6 +32,8 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe.errors import BadConfig
+from moe.kernels.permute import dispatch_rows, unsort_rows
+from moe.model.experts import combine, compute_dtype, make_dispatch_plan
 
 
 class ExpertParallel:
@@ -41,33 +46,44 @@ class ExpertParallel:
 
     def forward(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor,
                 weight_TK: torch.Tensor) -> torch.Tensor:
-        n_tokens, top_k = expert_idx_TK.shape
-        flat_S = expert_idx_TK.reshape(-1)
-        order_S = torch.argsort(flat_S, stable=True)
-        token_S = order_S // top_k
-        counts_E = torch.bincount(flat_S, minlength=self.n_experts_global)
-        recv_counts_E = torch.empty_like(counts_E)  # [P * El]: from each source, per local expert
-        dist.all_to_all_single(recv_counts_E, counts_E, group=self.ep_group)
+        """fp32 [T, D], as `SwiGLUExperts.forward`: rows travel in the compute dtype (bf16
+        under autocast), the combine is the single-process reshape-sum (no atomics)."""
+        plan = make_dispatch_plan(expert_idx_TK, weight_TK, self.n_experts_global)
         n_local = self.n_experts_global // self.ep_size
+        recv_counts_E = torch.empty_like(plan.counts_E)  # [P * El]: per source, local expert
+        dist.all_to_all_single(recv_counts_E, plan.counts_E, group=self.ep_group)
         recv_PL = recv_counts_E.view(self.ep_size, n_local)
-        send_splits = counts_E.view(self.ep_size, n_local).sum(1).tolist()
-        recv_splits = recv_PL.sum(1).tolist()
-        x_SD = x_TD[token_S]
+        # the one host read of the layer: both exchanges' split sizes in one copy
+        splits = torch.cat([plan.counts_E.view(self.ep_size, n_local).sum(1),
+                            recv_PL.sum(1)]).tolist()
+        send_splits, recv_splits = splits[: self.ep_size], splits[self.ep_size:]
+        x_TD = x_TD.to(compute_dtype(x_TD.device.type, x_TD.dtype))
+        x_SD = dispatch_rows(x_TD, plan.slot_order_S, plan.inverse_S, plan.top_k)
         x_RD = _all_to_all(x_SD, recv_splits, send_splits, self.ep_group)
         local_R = torch.arange(n_local, device=x_TD.device).repeat(self.ep_size)
-        local_R = torch.repeat_interleave(local_R, recv_PL.reshape(-1))
+        local_R = torch.repeat_interleave(local_R, recv_PL.reshape(-1),
+                                          output_size=sum(recv_splits))
         y_RD = self._local_experts(x_RD, local_R)
         y_SD = _all_to_all(y_RD, send_splits, recv_splits, self.ep_group)
-        weight_S = weight_TK.reshape(-1)[order_S]
-        y_SD = y_SD * weight_S.to(y_SD.dtype).unsqueeze(-1)
-        return y_SD.new_zeros(n_tokens, y_SD.shape[1]).index_add(0, token_S, y_SD)
+        y_SD = unsort_rows(y_SD, plan.slot_order_S, plan.inverse_S)  # flat [T*K] slot order
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return combine(y_SD, plan.weight_TK)
 
     def _local_experts(self, x_RD: torch.Tensor, local_R: torch.Tensor) -> torch.Tensor:
+        """Each received row through its local expert: [R, D] in the rows' dtype, unweighted."""
         if x_RD.shape[0] == 0:  # nothing arrived: keep every weight in the graph (zero grads)
             anchor = sum(p.sum() for p in self.parameters())  # type: ignore[attr-defined]
-            return x_RD + anchor * 0.0
+            return x_RD + (anchor * 0.0).to(x_RD.dtype)
         ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_RD.device)
-        return super().forward(x_RD, local_R.unsqueeze(1), ones_R1)  # type: ignore[misc]
+        plan = make_dispatch_plan(local_R.unsqueeze(1), ones_R1, self.n_local_experts)
+        fn = self._backend_fn(x_RD)  # type: ignore[attr-defined]
+        x_RD, w13_ED2H, w2_EHD = self._cast(x_RD)  # type: ignore[attr-defined]
+        with torch.autocast(device_type=x_RD.device.type, enabled=False):
+            return fn(x_RD, plan, w13_ED2H, w2_EHD)
+
+    @property
+    def n_local_experts(self) -> int:
+        return self.n_experts_global // self.ep_size
 
 
 def _all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int],

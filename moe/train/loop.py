@@ -34,7 +34,7 @@ from moe.config import RunConfig, config_hash
 from moe.data.shards import TokenData, load_data
 from moe.errors import EXIT_TRAINING_FAILED, BadConfig, BadInput, UserError
 from moe.eval import EvalShard, evaluate_tasks, flat_results, load_tasks
-from moe.model import MoELM
+from moe.model import MoELM, precision
 from moe.params import resolve_tokens
 from moe.record import build_result, task_column
 from moe.rundir import RunDir
@@ -47,7 +47,6 @@ from moe.train.resume import load_newest, save_sharded_step
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 from moe.train.step import (
     StepStats,
-    autocast_for,
     grad_accum_steps,
     pick_device,
     train_step,
@@ -144,7 +143,7 @@ def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
                          f"divisible by the {ddp.world} data-parallel ranks")
     torch.manual_seed(cfg.train.seed)
     model = MoELM(cfg.model).to(device)
-    bf16 = not isinstance(autocast_for(cfg.train, device), contextlib.nullcontext)
+    bf16 = precision.uses_bf16(cfg.train.precision, device)
     model, par = parallelize(model, cfg, device, ddp, bf16)
     opt = build_optimizer(model, cfg.train)
     return model, opt, par

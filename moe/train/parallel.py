@@ -5,8 +5,9 @@
 - `data = "ddp"`, `expert = 1`: `DistributedDataParallel` (every rank holds everything).
 - `data = "fsdp"`: FSDP2 (`torch.distributed.fsdp.fully_shard`) per block and at the
   root over a 1-D `DeviceMesh` of all W ranks: weights, gradients and optimizer states
-  are sharded. On CUDA with bf16 precision the sharded weights are gathered in bf16 and
-  gradients reduced in fp32 (`MixedPrecisionPolicy`); on CPU everything stays fp32.
+  are sharded. With bf16 precision (any device) the matmul weights are gathered in bf16
+  and their gradients reduced in fp32; norms, router and residual stream stay fp32, the
+  same dtypes as one process or DDP (`moe.model.precision`).
 - `expert = P > 1` (needs fsdp): a 2-D mesh (ep = P, dp = W/P). Each expert layer keeps
   E/P experts (`moe.train.expert_parallel`) and is sharded by FSDP over its `dp` ranks
   only; everything else is sharded over all W. Every rank is a data-parallel rank (draws
@@ -111,16 +112,15 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dis
 
 
 def _fully_shard(model: nn.Module, par: Parallel, device: torch.device, bf16: bool) -> None:
+    """FSDP2 per block and at the root, under the run's precision policy
+    (`moe.model.precision`): with bf16, the matmul weights (attention, experts, an untied
+    LM head) are their own FSDP groups gathered in bf16 -- the values autocast would cast
+    them to -- and reduced in fp32; norms, router, embedding and the residual stream stay
+    fp32, and no group casts its inputs, exactly as on one process or under DDP."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    mp = MixedPrecisionPolicy()
-    mp_experts = MixedPrecisionPolicy()
-    if bf16 and device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        # routing weights stay fp32 into the experts (cast at the seam, not by FSDP)
-        mp_experts = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                          reduce_dtype=torch.float32, cast_forward_inputs=False)
+    keep, matmul = _mixed_precision(bf16)
     par.world_mesh = init_device_mesh(device.type, (par.world,), mesh_dim_names=("dp",))
     if par.expert > 1:
         par.expert_mesh = init_device_mesh(device.type, (par.expert, par.world // par.expert),
@@ -128,10 +128,27 @@ def _fully_shard(model: nn.Module, par: Parallel, device: torch.device, bf16: bo
     for i, block in enumerate(model.blocks):
         if par.expert > 1 and block.ffn.router is not None:
             experts = make_expert_parallel(block.ffn.experts, par.expert_mesh["ep"].get_group())
-            fully_shard(experts, mesh=par.expert_mesh["dp"], mp_policy=mp_experts)
+            fully_shard(experts, mesh=par.expert_mesh["dp"], mp_policy=matmul)
             par.expert_modules[f"blocks.{i}.ffn.experts"] = experts
-        fully_shard(block, mesh=par.world_mesh, mp_policy=mp)
-    fully_shard(model, mesh=par.world_mesh, mp_policy=mp)
+        elif bf16:
+            fully_shard(block.ffn.experts, mesh=par.world_mesh, mp_policy=matmul)
+        if bf16:
+            fully_shard(block.attn, mesh=par.world_mesh, mp_policy=matmul)
+        fully_shard(block, mesh=par.world_mesh, mp_policy=keep)
+    if bf16 and model.head.weight is not model.embed.weight:
+        fully_shard(model.head, mesh=par.world_mesh, mp_policy=matmul)
+    fully_shard(model, mesh=par.world_mesh, mp_policy=keep)
+
+
+def _mixed_precision(bf16: bool):
+    """(policy of fp32 groups, policy of matmul-weight groups); neither casts inputs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    keep = MixedPrecisionPolicy(cast_forward_inputs=False)
+    if not bf16:
+        return keep, keep
+    return keep, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
 
 
 def grad_sync(model: nn.Module, par: Parallel, sync: bool):

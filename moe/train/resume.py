@@ -21,6 +21,7 @@ from moe.checkpoint_dcp import (
     save_sharded,
 )
 from moe.config import RunConfig, config_hash
+from moe.errors import BadInput
 from moe.model import MoELM
 from moe.rundir import RunDir
 from moe.train.distributed import Dist
@@ -48,21 +49,22 @@ def load_newest(run: RunDir, model, opt, device, ddp: Dist, par: Parallel,
     recent train losses that result.json's train_loss averages ((0, []) if none).
 
     A single-file checkpoint is used only when it verifies, belongs to this run and fits the
-    model and optimizer (`moe.checkpoint`); otherwise the previous one is tried.
+    model and optimizer (`moe.checkpoint`); a sharded one only when its files match their
+    manifest (`moe.checkpoint_dcp`); otherwise the previous one is tried.
     """
     newest = newest_checkpoint(run)
     if newest is not None and newest[0] == "dcp":
         path = run.sharded_checkpoint_path(newest[1])
         extra = load_sharded(path, unwrap(model), opt, expert_layouts(par))
         if extra.get("run_id") not in run_ids_of(cfg):
-            raise ValueError(f"{path} was written by run {extra.get('run_id')!r}, not "
+            raise BadInput(f"{path} was written by run {extra.get('run_id')!r}, not "
                              f"{config_hash(cfg)!r}: move it away or train into a new --out")
         torch.set_rng_state(extra["rng_cpu"])
         return int(extra["step"]), [float(x) for x in json.loads(extra.get("recent_ce", "[]"))]
     state = load_latest_checkpoint(run, map_location=device, run_ids=run_ids_of(cfg),
                                    accept=_fits(model, opt, cfg, par))
     if state is None:
-        if ddp.is_main and run.list_checkpoints():
+        if ddp.is_main and (run.list_checkpoints() or run.list_sharded_checkpoints()):
             run.update_status(reason="no loadable checkpoint; restarted from step 0")
         return 0, []
     if par.distributed_state:

@@ -12,7 +12,6 @@ the load-balance term being the whole step's (all micro-batches, all ranks:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from moe.config import RunConfig, TrainConfig
 from moe.data.shards import TokenData
 from moe.errors import BadConfig, MissingResource
-from moe.model import ModelOutput
+from moe.model import ModelOutput, precision
 from moe.model.lm import IGNORE_INDEX
 from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts, step_balance_term
 from moe.train.distributed import Dist
@@ -39,10 +38,8 @@ def pick_device(tcfg: TrainConfig) -> torch.device:
 
 
 def autocast_for(tcfg: TrainConfig, device: torch.device):
-    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """The run's precision policy (`moe.model.precision`) as a context for its forwards."""
+    return precision.autocast(tcfg.precision, device)
 
 
 @dataclass

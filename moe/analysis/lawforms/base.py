@@ -1,0 +1,181 @@
+"""What every law of the registry is, and the one fitter, checker and bootstrap they share.
+
+A :class:`LawForm` is data plus pure functions (mlfoundations/scaling style): the formula and
+its citation, the variables (table roles) it needs, its parameters with bounds, ``predict``,
+and ``screen``, a fast global search that returns candidate parameter sets, usually by
+variable projection (the coefficients that enter linearly are solved exactly for each point
+of a grid over the others). :func:`fit` refines the best candidates with a trust-region
+least-squares on Huber(delta = 1e-3) log residuals, the objective of Besiroglu et al. 2024
+(arXiv 2404.10102), so every law is fitted by the same criterion and held-out errors compare.
+
+Roles: ``n`` parameters (total or active: the user's column), ``d`` tokens, ``e`` experts,
+``g`` granularity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from moe.analysis import _lse, identify
+from moe.errors import BadInput
+
+DELTA = _lse.HUBER_DELTA
+
+
+@dataclass(frozen=True, kw_only=True)
+class LawForm:
+    """One published law form (see docs/laws.md for each)."""
+
+    name: str  # registry key, e.g. "chinchilla-tied"
+    formula: str  # one line, as published
+    citation: str  # paper, arXiv id and equation/table
+    variables: tuple  # table roles it needs, e.g. ("n", "d") or ("n", "e")
+    params: tuple  # parameter names, in the order the paper writes them
+    bounds: dict  # name -> (lo, hi) for the refinement
+    predict: Callable  # (x: {role: array}, p: {name: value}) -> loss array
+    screen: Callable  # (x, loss) -> list of candidate parameter dicts, best first
+    exponents: tuple = ()  # parameters whose magnitude must lie in identify.EXPONENT_RANGE
+    log_params: tuple = ()  # positive coefficients, refined in log space
+    floor: str | None = None  # the irreducible-loss parameter, if any
+    optimum: Callable | None = None  # (p, budget: Budget) -> dict (see moe.analysis.allocate)
+    notes: str = ""  # what a user must know (deviations from the paper, assumptions)
+    solve: Callable | None = None  # (x, loss, starts) -> (params, objective): a law's own
+    # global solver, used instead of screen + refine when it is exact and faster
+
+    def __post_init__(self):
+        missing = [p for p in self.params if p not in self.bounds]
+        if missing:
+            raise ValueError(f"law {self.name}: no bounds for {', '.join(missing)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormFit:
+    """A fitted law with its verdict, intervals and the checks that ran."""
+
+    law: LawForm
+    params: dict
+    objective: float  # sum of Huber(delta) of log residuals
+    n_points: int
+    seconds: float
+    ranges: dict = field(default_factory=dict)  # role -> (min, max) of the fitted rows
+    intervals: dict = field(default_factory=dict)  # name -> (lo, hi) bootstrap percentile
+    samples: dict = field(default_factory=dict)  # name -> bootstrap draws
+    verdict: identify.Verdict = field(default_factory=lambda: identify.Verdict(identified=True))
+    checks: dict = field(default_factory=dict)  # {"ran": [...], "not_run": {name: why}}
+
+    def predict(self, x: dict) -> np.ndarray:
+        return self.law.predict(x, self.params)
+
+
+def _to_vector(law: LawForm, p: dict) -> np.ndarray:
+    return np.array([np.log(p[k]) if k in law.log_params else p[k] for k in law.params])
+
+
+def _from_vector(law: LawForm, z) -> dict:
+    return {k: float(np.exp(v)) if k in law.log_params else float(v)
+            for k, v in zip(law.params, z, strict=True)}
+
+
+def _vector_bounds(law: LawForm):
+    lo, hi = [], []
+    for k in law.params:
+        a, b = law.bounds[k]
+        if k in law.log_params:
+            a, b = np.log(max(a, 1e-300)), np.log(b)
+        lo.append(a), hi.append(b)
+    return np.array(lo, dtype=float), np.array(hi, dtype=float)
+
+
+def objective(law: LawForm, x: dict, loss: np.ndarray, p: dict) -> float:
+    with np.errstate(all="ignore"):
+        r = np.log(loss) - np.log(law.predict(x, p))
+    value = float(np.sum(_lse.huber(r, DELTA)))
+    return value if np.isfinite(value) else float("inf")
+
+
+def refine(law: LawForm, x: dict, loss: np.ndarray, start: dict) -> tuple[dict, float]:
+    """Trust-region least squares from ``start`` on Huber(delta) log residuals (scipy's
+    loss='huber' with f_scale=delta is exactly that objective)."""
+    lo, hi = _vector_bounds(law)
+    z0 = np.clip(_to_vector(law, start), lo + 1e-12 * np.abs(lo), hi - 1e-12 * np.abs(hi))
+    log_y = np.log(loss)
+
+    def resid(z):
+        with np.errstate(all="ignore"):
+            r = np.log(law.predict(x, _from_vector(law, z))) - log_y
+        return np.where(np.isfinite(r), r, 1e3)
+
+    res = least_squares(resid, z0, bounds=(lo, hi), loss="huber", f_scale=DELTA,
+                        method="trf", x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12,
+                        max_nfev=2000)
+    p = _from_vector(law, res.x)
+    return p, objective(law, x, loss, p)
+
+
+def search(law: LawForm, x: dict, loss: np.ndarray, *, n_refine: int = 4,
+           extra: list | None = None) -> tuple[dict, float]:
+    """Best of :func:`refine` from ``extra`` starts and the law's top screened candidates
+    (or the law's own ``solve``)."""
+    if law.solve is not None:
+        return law.solve(x, loss, list(extra or []))
+    starts = list(extra or []) + (law.screen(x, loss)[:n_refine] if n_refine else [])
+    best, best_f = None, np.inf
+    for start in starts:
+        try:
+            p, f = refine(law, x, loss, start)
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+            continue
+        if f < best_f:
+            best, best_f = p, f
+    if best is None:
+        raise BadInput(f"the {law.name} law could not be fitted (no finite objective)")
+    return best, best_f
+
+
+def fit(law: LawForm, x: dict, loss: np.ndarray) -> FormFit:
+    """Point fit (no checks yet: :func:`moe.analysis.lawforms.checks.verdict` adds them)."""
+    start = time.perf_counter()
+    p, f = search(law, x, loss)
+    ranges = {k: (float(np.min(v)), float(np.max(v))) for k, v in x.items()}
+    return FormFit(law=law, params=p, objective=f, n_points=len(loss),
+                   seconds=time.perf_counter() - start, ranges=ranges)
+
+
+def bootstrap(result: FormFit, x: dict, loss: np.ndarray, *, n_resamples: int, seed: int = 0,
+              level: float = 0.95) -> tuple[dict, dict, int]:
+    """(samples, percentile intervals, failures): rows resampled with replacement
+    (``default_rng([seed, i])`` per resample), each refitted from the full-data optimum
+    (a resample moves the optimum a little, so the global screen is not rerun)."""
+    law, n = result.law, len(loss)
+    draws, failed = [], 0
+    for i in range(n_resamples):
+        idx = np.random.default_rng([seed, i]).integers(0, n, n)
+        xi = {k: v[idx] for k, v in x.items()}
+        try:
+            p, _ = search(law, xi, loss[idx], n_refine=0, extra=[result.params])
+        except ValueError:
+            failed += 1
+            continue
+        draws.append([p[k] for k in law.params])
+    arr = np.array(draws).reshape(-1, len(law.params))
+    samples = {k: arr[:, j] for j, k in enumerate(law.params)}
+    tail = 100.0 * (1.0 - level) / 2.0
+    intervals = {k: tuple(float(q) for q in np.percentile(v, [tail, 100 - tail]))
+                 for k, v in samples.items() if len(v) > 1}
+    return samples, intervals, failed
+
+
+def linear_candidates(grid: np.ndarray, basis: Callable, assemble: Callable,
+                      x: dict, loss: np.ndarray, n_keep: int = 6) -> list:
+    """Variable projection: ``basis(x, grid)`` gives (G, m, n) for the nonlinear parameters on
+    each grid row; the m non-negative coefficients are solved exactly (:func:`_lse.project`);
+    ``assemble(grid_row, coef)`` names them. Returns the ``n_keep`` best parameter dicts."""
+    b = basis(x, grid)
+    coef, values = _lse.project(b, loss, np.ones(len(loss)))
+    order = np.argsort(values)[:n_keep]
+    return [assemble(grid[i], coef[i]) for i in order if np.isfinite(values[i])]
