@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import importlib
 import json
+import os
 import re
-import warnings
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,14 +125,25 @@ def test_moe_debug_adds_the_traceback_and_keeps_the_exit_code(sweep, monkeypatch
     assert err.splitlines()[-1].startswith("error: no space left on device")
 
 
-def test_warnings_are_one_line(sweep, monkeypatch, capsys):
-    def warns(*args, **kwargs):
-        warnings.warn("checkpoint step-8 is damaged:\n  skipped", stacklevel=1)
-        return []
+WARNS = """
+import importlib, sys, warnings
+status = importlib.import_module("moe.sweeps.status")  # moe.sweeps.status is also a function
 
-    monkeypatch.setattr(_module("moe.sweeps.status"), "status", warns)
-    assert main(["sweep", "status", str(sweep)]) == 0
-    assert capsys.readouterr().err == "warning: checkpoint step-8 is damaged: skipped\n"
+def warns(*args, **kwargs):
+    warnings.warn("checkpoint step-8 is damaged:\\n  skipped", stacklevel=1)
+    return []
+
+status.status = warns
+from moe.app.cli import main
+sys.exit(main(["sweep", "status", sys.argv[1]]))
+"""
+
+
+def test_warnings_are_one_line(sweep):
+    out = subprocess.run([sys.executable, "-c", WARNS, str(sweep)], capture_output=True,
+                         text=True, env={**os.environ, "MOE_DEBUG": ""})
+    assert out.returncode == 0
+    assert out.stderr == "warning: checkpoint step-8 is damaged: skipped\n"
 
 
 def test_readme_documents_every_exit_code():

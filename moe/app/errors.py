@@ -113,10 +113,10 @@ def report(exc: BaseException) -> int:
     return code
 
 
-def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """`warnings.showwarning` for the command line: `warning: <message>` on one line (its
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for the command line: `warning: <message>` on one line (its
     category and source under MOE_DEBUG=1)."""
     text = " ".join(str(message).split())
     if os.environ.get(DEBUG_ENV):
         text += f" [{category.__name__} at {filename}:{lineno}]"
-    print(f"warning: {text}", file=file or sys.stderr)
+    return f"warning: {text}\n"
