@@ -27,7 +27,8 @@ def test_demo_end_to_end_then_reuse(tmp_path, capsys):
     assert "[4/4]" in first
     found = json.loads((out / "findings.json").read_text())
     assert [f["id"] for f in found] == ["memorization_follows_pretraining_loss",
-                                        "reasoning_optimal_sparsity",
+                                        "reasoning_fans_out_at_equal_loss",
+                                        "reasoning_optimum_denser_than_loss_optimum",
                                         "topk_helps_reasoning_at_equal_loss"]
     assert all(f["resolved"] or f["agrees_with_paper"] is None for f in found)
     assert (out / "report.md").read_text().split("\n## ")[1].startswith(

@@ -257,7 +257,7 @@ def fig_law_contours(df: pd.DataFrame, *, fit: fitmod.LawFit | None = None,
 def fig_findings(df: pd.DataFrame, *, found: list | None = None) -> Figure:
     """(7) The paper's findings: each estimate with its 95% interval (bar) and its null's
     boundaries (dashed), one panel per finding, the verdict in the panel's title."""
-    found = found if found is not None else findmod.compute_findings(df, n_boot=200)
+    found = found if found is not None else findmod.compute_findings(df)
     if all(f.estimate is None for f in found):
         raise FigureSkipped("findings: no finding has an estimate (" + "; ".join(
             f"{f.id}: {f.reason}" for f in found) + ")")
@@ -267,23 +267,87 @@ def fig_findings(df: pd.DataFrame, *, found: list | None = None) -> Figure:
         ax.set_yticks([])
         for j, edge in enumerate(f.null_at):
             ax.axvline(edge, color="#D55E00", ls="--", lw=1, label="null" if j == 0 else None)
+        if f.null_band:
+            ax.axvspan(*f.null_band, color="#D55E00", alpha=0.15, lw=0,
+                       label="95% without the effect (permutations)")
         if f.estimate is not None:
             lo = f.ci_low if f.ci_low is not None else f.estimate
             hi = f.ci_high if f.ci_high is not None else f.estimate
-            # a percentile interval need not contain the estimate: drawn apart, not as xerr
             ax.hlines(0, lo, hi, color=OKABE_ITO[0], lw=2, label="95% interval")
             ax.plot([lo, hi], [0, 0], "|", color=OKABE_ITO[0], ms=14)
             ax.plot([f.estimate], [0], "o", color=OKABE_ITO[1], label="estimate")
             ax.legend(fontsize=7, loc="upper right")
             if f.ci_low is None or f.ci_high is None:
-                ax.text(0.02, 0.15, "interval unbounded on one side", transform=ax.transAxes,
+                ax.text(0.02, 0.15, "no interval: " + f.reason[:60], transform=ax.transAxes,
                         fontsize=7)
         else:
             ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"no estimate: {f.reason}", 80)),
                     ha="center", va="center", transform=ax.transAxes, fontsize=8)
         ax.set_xlabel(f.unit, fontsize=8)
-        ax.set_title(f"{f.id}: {f.verdict} (n = {f.n_runs})", fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(f"{f.id}: {f.verdict} (n = {f.n_runs})", 95)),
+                     fontsize=9)
     return fig
+
+
+def fig_dissociation(df: pd.DataFrame, *, found: list | None = None) -> Figure:
+    """(8) The dissociation, directly: (a) per fixed-active-parameter group, the sparsity
+    with the lowest pre-training loss against the one with the lowest reasoning loss
+    (below the diagonal: reasoning best at a denser model); (b) the reasoning residual at
+    equal pre-training loss against sparsity, centred within each group."""
+    from moe.analysis import findings_stats as fs
+    rows = findmod.optimum_rows(findmod.run_table(df)) if df is not None else pd.DataFrame()
+    if len(rows) < findmod.MIN_RUNS:
+        raise FigureSkipped("dissociation: no fixed-active-parameter group has runs at "
+                            f"{findmod.MIN_SPARSITIES}+ sparsities with a reasoning loss")
+    by_id = {f.id: f for f in (found or [])}
+    fig = Figure(figsize=(10, 4.4), layout="constrained")
+    ax_a, ax_b = fig.subplots(1, 2)
+    opt = fs.group_optima(rows)
+    pairs = opt.groupby(["x_loss", "x_reasoning"]).size().reset_index(name="n")
+    span = [min(opt[["x_loss", "x_reasoning"]].min()) - 0.5,
+            max(opt[["x_loss", "x_reasoning"]].max()) + 0.5]
+    ax_a.plot(span, span, color="#999999", lw=1, ls="--", label="same optimum")
+    ax_a.scatter(pairs["x_loss"], pairs["x_reasoning"], s=60 * pairs["n"], color=OKABE_ITO[0],
+                 alpha=0.7, label="groups (area: count)")
+    for r in pairs.itertuples():
+        ax_a.annotate(str(r.n), (r.x_loss, r.x_reasoning), ha="center", va="center",
+                      fontsize=7, color="white")
+    ticks = np.arange(np.ceil(span[0]), span[1])
+    for set_ticks, set_labels in ((ax_a.set_xticks, ax_a.set_xticklabels),
+                                  (ax_a.set_yticks, ax_a.set_yticklabels)):
+        set_ticks(ticks)
+        set_labels([f"{2 ** t:g}" for t in ticks])
+    gap = by_id.get(findmod.GAP.id)
+    ax_a.set(xlabel="E/k with the lowest pre-training loss",
+             ylabel="E/k with the lowest reasoning loss", xlim=span, ylim=span)
+    ax_a.set_title("\n".join(textwrap.wrap("(a) optimum per group" + (
+        f": {gap.verdict}" if gap else ""), 60)), fontsize=9)
+    ax_a.legend(fontsize=7, loc="upper left")
+    _residual_panel(ax_b, rows, by_id.get(findmod.FANOUT.id))
+    return fig
+
+
+def _residual_panel(ax, rows: pd.DataFrame, fan) -> None:
+    from moe.analysis import findings_stats as fs
+    x = fs.log_ratio(rows["sparsity"])
+    resid = pd.Series(fs.fanout_residuals(rows), index=rows.index)
+    centred = resid - resid.groupby(rows["group"]).transform("mean")
+    ax.scatter(x, centred, s=8, color="#999999", alpha=0.5, label="runs")
+    means = centred.groupby(x).agg(["mean", "sem"])
+    ax.errorbar(means.index, means["mean"], yerr=1.96 * means["sem"].fillna(0), fmt="o-",
+                color=OKABE_ITO[1], ms=5, label="mean, +-1.96 SE")
+    ax.axhline(0, color="#D55E00", ls="--", lw=1)
+    if fan is not None and fan.estimate is not None:
+        grid = np.array([x.min(), x.max()])
+        ax.plot(grid, fan.estimate * (grid - x.mean()), color=OKABE_ITO[0],
+                label=f"slope {fan.estimate:.2g} per doubling")
+    ax.set_xticks(np.unique(x))
+    ax.set_xticklabels([f"{2 ** t:g}" for t in np.unique(x)])
+    ax.set(xlabel="E/k (sparsity s = 1 - k/E)",
+           ylabel="reasoning residual at equal pre-training loss,\ncentred per group (nats)")
+    ax.set_title("\n".join(textwrap.wrap("(b) reasoning at equal loss" + (
+        f": {fan.verdict}" if fan else ""), 60)), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 FIGURES = {
@@ -294,6 +358,7 @@ FIGURES = {
     "fig5_isoflop": fig_isoflop,
     "fig6_law_contours": fig_law_contours,
     "fig7_findings": fig_findings,
+    "fig8_dissociation": fig_dissociation,
 }
 
 
@@ -328,11 +393,12 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str, *, dpi: int = 150) 
 def save_figures(df: pd.DataFrame, out_dir: str | Path, *, fit=None,
                  found: list | None = None, force: bool = False) -> FigureSet:
     """Draw and save every figure the table supports; record why the others were skipped.
-    ``fit`` (the Approach-3 fit) and ``found`` (the findings) spare figures 6 and 7 a refit.
+    ``fit`` (the Approach-3 fit) and ``found`` (the findings) spare figures 6-8 a refit.
     ``out_dir`` must be new, empty or a figure directory (`claim_figure_dir`)."""
     claim_figure_dir(out_dir, force=force)
     paths, skipped = {}, {}
-    extra = {"fig6_law_contours": {"fit": fit}, "fig7_findings": {"found": found}}
+    extra = {"fig6_law_contours": {"fit": fit}, "fig7_findings": {"found": found},
+             "fig8_dissociation": {"found": found}}
     for name, func in FIGURES.items():
         try:
             fig = func(df, **extra.get(name, {}))

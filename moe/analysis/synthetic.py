@@ -105,39 +105,83 @@ def isoflop_table(params: dict, *, seed: int = 0, noise: float = 0.003,
 
 
 def findings_table(*, seed: int = 0, memo_sparsity: float = 0.0, reasoning_u: float = 0.05,
-                   reasoning_trend: float = 0.0, topk: float = -0.05, noise: float = 0.005,
-                   pretrain_noise: float = 0.002,
+                   reasoning_at: float = 2.0, reasoning_trend: float = 0.02,
+                   reasoning_curve: float = 0.0, loss_u: float = 0.0, loss_at: float = 2.0,
+                   topk: float = -0.05, noise: float = 0.005, pretrain_noise: float = 0.002,
                    widths=(32, 48, 64), experts=(1, 2, 4, 8, 16, 32), top_ks=(1, 2, 4, 8),
-                   tokens: float = 1e6) -> pd.DataFrame:
+                   tokens: float = 1e6, seeds: int = 1) -> pd.DataFrame:
     """A fixed-token sweep with each of the paper's findings set by a knob, for
-    :mod:`moe.analysis.findings`.
+    :mod:`moe.analysis.findings`; ``seeds`` runs per design point (noise drawn anew).
 
-    Pre-training loss falls with active and total parameters (L = 1.5 + 30/N_act^0.3 +
-    30/N_tot^0.3 + 80/D^0.3). With x = log2(E/k):
-    memorization = 0.4 + 1.3 L + ``memo_sparsity`` * s (0: one curve, as in the paper);
-    reasoning = 0.8 + 0.9 L + ``reasoning_u`` (x - 2)^2 + ``reasoning_trend`` x
-    + ``topk`` log2 k (a U with its minimum at s = 0.75 and lower loss for larger k, by
-    default). Task losses get Normal(0, ``noise``) noise, pre-training loss
-    Normal(0, ``pretrain_noise``).
+    With x = log2(E/k), pre-training loss L = 1.5 + 30/N_act^0.3 + 30/N_tot^0.3 + 80/D^0.3
+    + ``loss_u`` (x - ``loss_at``)^2: by default it falls with total parameters (its optimum
+    is the sparsest model), and ``loss_u`` > 0 gives it an interior optimum, as at pocket
+    scale. memorization = 0.4 + 1.3 L + ``memo_sparsity`` s (0: one curve, as in the paper);
+    reasoning = 0.8 + 0.9 L + ``reasoning_curve`` (L - 1.5)^2 + ``reasoning_u``
+    (x - ``reasoning_at``)^2 + ``reasoning_trend`` x + ``topk`` log2 k. By default that
+    plants every finding: the fan-out (trend and U both rise with x at equal loss), a
+    reasoning optimum (x ~ 1.8) denser than the loss optimum, and lower loss for larger k.
+    With only ``reasoning_curve`` and ``loss_u`` it is the confound: reasoning a pure
+    function of a loss whose own optimum in sparsity is interior. Task losses get
+    Normal(0, ``noise``) noise, pre-training loss Normal(0, ``pretrain_noise``).
     """
     rng = np.random.default_rng(seed)
     rows = []
-    for d, e, k in itertools.product(widths, experts, top_ks):
+    for d, e, k, rep in itertools.product(widths, experts, top_ks, range(seeds)):
         if (e == 1 and k != 1) or (e > 1 and k >= e):
             continue
         total, active, emb = _moe_params(d, 2, e, k)
         s, x = sparsity(k, e), np.log2(e / k)
         pre = 1.5 + 30 * active ** -0.3 + 30 * total ** -0.3 + 80 * tokens ** -0.3
-        pre += rng.normal(0, pretrain_noise)
+        pre += loss_u * (x - loss_at) ** 2 + rng.normal(0, pretrain_noise)
         mem = 0.4 + 1.3 * pre + memo_sparsity * s + rng.normal(0, noise)
-        rea = (0.8 + 0.9 * pre + reasoning_u * (x - 2.0) ** 2 + reasoning_trend * x
+        rea = (0.8 + 0.9 * pre + reasoning_curve * (pre - 1.5) ** 2
+               + reasoning_u * (x - reasoning_at) ** 2 + reasoning_trend * x
                + topk * np.log2(k) + rng.normal(0, noise))
-        row = {"run_id": f"d{d}-e{e}-k{k}", "d_model": d, "n_layers": 2, "n_experts": e,
-               "top_k": k, "sparsity": s, "n_params_total": total, "n_params_active": active,
-               "n_params_embedding": emb, "tokens": tokens, "tpp": tokens / total,
-               "flops": 6.0 * active * tokens, "train_loss": pre + 0.01, "val_loss": pre}
+        row = {"run_id": f"d{d}-e{e}-k{k}-s{rep}", "d_model": d, "n_layers": 2,
+               "n_experts": e, "top_k": k, "sparsity": s, "n_params_total": total,
+               "n_params_active": active, "n_params_embedding": emb, "tokens": tokens,
+               "tpp": tokens / total, "flops": 6.0 * active * tokens, "train_loss": pre + 0.01,
+               "val_loss": pre}
         for name, kind, loss in (("recall", "memorization", mem), ("arith", "reasoning", rea)):
             row[f"task/{name}/loss"] = loss
             row[f"task/{name}/kind"] = kind
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _grid(**axes) -> dict:
+    rows = list(itertools.product(*axes.values()))
+    return {k: np.array([r[i] for r in rows], dtype=float) for i, k in enumerate(axes)}
+
+
+def _with_tokens(x: dict) -> dict:
+    x = dict(x)
+    x["d"] = x["n"] * x.pop("tpp")
+    return x
+
+
+def law_tables() -> dict:
+    """{law name: (its paper's published coefficients, a design table {role: array})} for
+    each registry law (the coefficients and their sources are in each law's module)."""
+    from moe.analysis.lawforms import (
+        chinchilla,
+        chinchilla_tied,
+        clark,
+        kaplan,
+        krajewski,
+        ludziejewski,
+    )
+
+    dense = _with_tokens(_grid(n=np.geomspace(1e7, 1e9, 6), tpp=np.geomspace(2, 200, 6)))
+    return {
+        "chinchilla": (chinchilla.PUBLISHED, dense),
+        "chinchilla-tied": (chinchilla_tied.PUBLISHED, dense),
+        "kaplan": (kaplan.PUBLISHED, dense),
+        "clark-routed": (clark.PUBLISHED, _grid(n=np.geomspace(1.5e7, 1.3e9, 6),
+                                                e=[1, 8, 16, 32, 64, 128, 256, 512])),
+        "krajewski-granularity": (krajewski.PUBLISHED, _grid(
+            n=np.geomspace(1e8, 4e9, 5), d=np.geomspace(1e9, 1e11, 4), g=[1, 2, 4, 8, 16])),
+        "ludziejewski-joint": (ludziejewski.PUBLISHED, _with_tokens(_grid(
+            n=np.geomspace(5e7, 2.7e9, 5), tpp=[4, 16, 64], e=[1, 2, 4, 8, 16, 32]))),
+    }

@@ -187,15 +187,40 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from moe.analysis.report import make_report
     from moe.analysis.tables import read_table
 
     cols = _columns(args)
     df = _select(read_table(args.source), args.where, "--where")
-    path = make_report(cols.canonical(df), Path(args.output), args.fig_dir,
+    if args.findings_only:  # imports no fitting or plotting code
+        return _findings_only(cols.canonical(df), args)
+    from moe.analysis.report import make_report
+
+    path = make_report(cols.canonical(df), Path(args.output or "report.md"), args.fig_dir,
                        n_boot=args.bootstrap, seed=args.seed, source=str(args.source),
                        n_label=cols.n, force=args.force)
     print(f"report: {path}")
+    return 0
+
+
+def _findings_only(df, args: argparse.Namespace) -> int:
+    """The findings section on stdout, and findings.json at -o: no fits, no figures."""
+    from moe.analysis import findings
+    from moe.analysis.tables import TableError
+    from moe.io import atomic_write_text
+
+    if args.output is not None and not str(args.output).endswith(".json"):
+        raise TableError(f"--findings-only writes the findings as JSON: give -o FILE.json, "
+                         f"not {args.output!r}")
+    missing = findings.missing_columns(df)
+    if missing:
+        raise TableError("the findings need " + "; ".join(missing) + " (name columns with "
+                         "--loss-col, --sparsity-col or --task-col NAME=COLUMN:KIND)")
+    found, optima = findings.findings_and_optima(df, n_boot=args.bootstrap, seed=args.seed)
+    print("\n".join(findings.findings_section(found, optima)).rstrip())
+    if args.output is not None:
+        atomic_write_text(Path(args.output), json.dumps(
+            [f.to_dict() for f in found], indent=1, allow_nan=False) + "\n")
+        print(f"findings: {args.output}")
     return 0
 
 
@@ -289,9 +314,13 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("report", help="write a Markdown report: fits, optima, figures")
     p.add_argument("source", help="sweep directory or results table")
-    p.add_argument("-o", "--output", default="report.md")
+    p.add_argument("-o", "--output", default=None,
+                   help="report.md (default); with --findings-only, FILE.json (optional)")
     p.add_argument("--fig-dir", default=None, help="default: figures/ next to the report")
-    p.add_argument("--bootstrap", type=int, default=200, metavar="K")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="K",
+                   help="resamples (the findings use at least 1000)")
+    p.add_argument("--findings-only", action="store_true",
+                   help="only the paper's findings: print them, and write -o FILE.json")
     p.add_argument("--seed", type=int, default=0)
     _force_flag(p)
     _column_flags(p, full=True)

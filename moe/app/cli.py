@@ -12,11 +12,15 @@ def _train(args: argparse.Namespace) -> int:
     from moe.config import load_config
     from moe.train import train_run
     from moe.train.distributed import init_from_env
+    from moe.train.signals import Terminated
 
     cfg = load_config(args.config, args.set or [])
     owns_group = init_from_env(cfg.parallel.timeout_min)  # under torchrun: one rank
     try:
         result = train_run(cfg, args.out, progress=not args.quiet)
+    except Terminated as exc:  # SIGTERM / SIGHUP: checkpointed and marked failed
+        print(f"error: {exc} ({args.out})", file=sys.stderr)
+        return exc.exit_code  # 128 + the signal number, as a shell reports it
     finally:
         if owns_group:
             import torch.distributed as dist
@@ -49,7 +53,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.n_experts=16 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal, else a line every "
+                        "log.progress_every_s seconds on stderr)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("data", help="token data")

@@ -178,6 +178,9 @@ class TrainConfig:
     """Optimizer step after which the EMA starts (it is a copy of the weights there)."""
     min_lr_frac: float | None = None
     """Final learning rate as a fraction of `lr` (replaces `min_lr` when set)."""
+    compile: bool | None = None
+    """torch.compile each block for training and evaluation (unset: on CUDA, off on CPU,
+    where compiling costs more than it saves on small models)."""
 
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.tpp is None):
@@ -322,11 +325,17 @@ class LogConfig:
     """Project of the wandb / trackio runs."""
     group: str = ""
     """Group of the run ("" = the sweep's name for a run of a sweep)."""
+    progress_every_s: float = 30.0
+    """Seconds between one-line progress reports on stderr when it is not a terminal (a log
+    file, a SLURM job); 0 = none. On a terminal a progress bar is drawn instead."""
 
     def __post_init__(self) -> None:
         _choice(self, "tracker", TRACKERS)
         if not self.project:
             raise ConfigError("log.project must be a non-empty name")
+        if self.progress_every_s < 0:
+            raise ConfigError(f"log.progress_every_s={self.progress_every_s} must be >= 0 "
+                              "(0 = no progress lines)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -270,7 +270,7 @@ class MoELM(nn.Module):
     def new_cache(self, pad_B: torch.Tensor, max_len: int) -> KVCache:
         """An empty KV cache for left-padded rows (`pad_B` padding tokens each), see `forward`."""
         if max_len > self.cfg.seq_len:
-            raise ValueError(f"a cache of {max_len} positions exceeds "
+            raise BadInput(f"a cache of {max_len} positions exceeds "
                              f"model.seq_len={self.cfg.seq_len}")
         return KVCache(self.cfg.n_layers, pad_B, max_len)
 
