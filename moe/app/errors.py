@@ -15,8 +15,8 @@ the exit code. The codes are documented in README.md ("Reliability"):
     3   training failed (diverged: NaN/inf loss); status.json says where and why
     4   permission denied
     5   the disk is full, or another operating-system I/O error
-    69  a missing resource: a package, a GPU, a kernel backend, the scheduler, or a run
-        directory another process is training
+    69  a missing resource: a package (an extra of the install: named with its pip line),
+        a GPU, a kernel backend, the scheduler, or a run directory another process trains
     70  internal error: a bug in the toolkit (the traceback is saved to a file)
     130 interrupted (Ctrl-C)
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 from moe.errors import (  # the codes of moe.errors are the command's too
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
-    EXIT_MISSING_RESOURCE,  # noqa: F401
+    EXIT_MISSING_RESOURCE,
     EXIT_TRAINING_FAILED,  # noqa: F401
     UserError,
 )
@@ -47,6 +47,8 @@ EXIT_OS = 5
 EXIT_INTERRUPTED = 130
 CRASH_DIR_ENV = "MOE_CRASH_DIR"
 DEBUG_ENV = "MOE_DEBUG"
+EXTRAS = {"torch": "train", "submitit": "train"}
+"""Packages that only an extra installs (`pip install moe-sparsity` alone plans and analyses)."""
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
@@ -56,6 +58,10 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_INTERRUPTED, "interrupted"
     if isinstance(exc, UserError):
         return exc.exit_code, _first_line(exc)
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRAS:
+        package = exc.name.split(".")[0]
+        return EXIT_MISSING_RESOURCE, (f"this command needs {package}, which is not installed: "
+                                       f"pip install 'moe-sparsity[{EXTRAS[package]}]'")
     if isinstance(exc, OSError):
         return _os_error(exc)
     if isinstance(exc, RecursionError):

@@ -14,6 +14,7 @@ from moe.sweeps.records import record_failure, record_submission
 @dataclass(frozen=True)
 class DebugExecutor(Executor):
     name = "debug"
+    needs = ("torch",)
 
     @classmethod
     def from_options(cls, **_options) -> DebugExecutor:

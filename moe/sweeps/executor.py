@@ -14,6 +14,7 @@ module with one `Executor` subclass and one line in `_MODULES`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class Executor(ABC):
     runs' status.json (`moe.sweeps.records`)."""
 
     name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]]
+    """Packages it needs (an extra of the install), checked before anything is written."""
 
     @classmethod
     @abstractmethod
@@ -66,13 +69,17 @@ class Executor(ABC):
 
 def make_executor(name: str, *, max_parallel: int = 2, progress: bool = True,
                   profile: ClusterProfile | None = None, sweep_name: str = "sweep") -> Executor:
-    """The executor called `name` for these options (checked here, before any planning)."""
+    """The executor called `name` for these options (checked here, before any planning,
+    with the packages it needs)."""
     if name not in _MODULES:
         raise LaunchError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
     if profile is not None and name != "slurm":
         raise LaunchError("--cluster applies to the slurm executor only")
-    module = importlib.import_module(_MODULES[name])
-    return module.EXECUTOR.from_options(max_parallel=max_parallel, progress=progress,
+    executor = importlib.import_module(_MODULES[name]).EXECUTOR
+    for package in executor.needs:
+        if importlib.util.find_spec(package) is None:  # the CLI names the extra to install
+            raise ModuleNotFoundError(f"No module named '{package}'", name=package)
+    return executor.from_options(max_parallel=max_parallel, progress=progress,
                                         profile=profile, sweep_name=check_sweep_name(sweep_name))
 
 

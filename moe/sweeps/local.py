@@ -47,6 +47,7 @@ class LocalExecutor(Executor):
     max_parallel: int
     progress: bool
     name = "local"
+    needs = ("torch",)  # the workers train
 
     @classmethod
     def from_options(cls, *, max_parallel: int, progress: bool, **_options) -> LocalExecutor:

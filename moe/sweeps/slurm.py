@@ -26,6 +26,7 @@ class SlurmExecutor(Executor):
     profile: ClusterProfile
     sweep_name: str
     name = "slurm"
+    needs = ("submitit",)
 
     @classmethod
     def from_options(cls, *, profile: ClusterProfile | None, sweep_name: str,
