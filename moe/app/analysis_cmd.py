@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from moe.errors import BadInput
+
 
 def _warn(record: dict, what: str) -> None:
     """Every warning of a fitted object to stderr, and 'not identified' when it is not."""
@@ -123,7 +125,7 @@ def _predict(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise FileNotFoundError(f"no such fit file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a fit written by `moe fit` (not JSON: {exc})") from None
+        raise BadInput(f"{path} is not a fit written by `moe fit` (not JSON: {exc})") from None
     predict.check_record(record, str(path))
     if args.optimize:
         out = _optimize(record, args, str(path))
@@ -145,7 +147,7 @@ def _optimize(record: dict, args, path: str) -> dict:
     from moe.analysis.lawforms.allocate import Budget
 
     if args.flops is None and args.n is None:
-        raise ValueError("--optimize needs --flops C (or --n for the clark-routed law)")
+        raise BadInput("--optimize needs --flops C (or --n for the clark-routed law)")
     budget = Budget(flops=args.flops or 0.0, memory_bytes=args.memory,
                     bytes_per_param=args.bytes_per_param, top_k=args.top_k,
                     expert_share=args.expert_share, granularity=args.g, n=args.n)
