@@ -120,3 +120,43 @@ def test_a_result_table_survives_the_failed_write(sweep, monkeypatch, capsys):
     assert main(["sweep", "collect", str(sweep), "-o", str(sweep / "t.csv")]) == 5
     assert (sweep / "t.csv").read_bytes() == before
     assert json.loads((sweep / "runs" / "good" / "result.json").read_text())["val_loss"] == 9.0
+
+
+
+NO_TORCH = """
+import contextlib, io, json, sys
+class Missing:  # what `pip install moe-sparsity` without the [train] extra looks like
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "submitit", "triton"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from moe.app.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_commands_that_need_torch_name_the_extra_and_planning_runs_without_it(tmp_path):
+    import subprocess
+    import sys
+
+    needs_torch = [["train", "configs/pocket-tiny.toml", "--out", f"{tmp_path}/run"],
+                   ["demo", "--dir", f"{tmp_path}/demo", "--quiet"],
+                   ["sweep", "launch", "sweeps/pocket.toml", "--dir", f"{tmp_path}/s"]]
+    plan = ["sweep", "plan", "sweeps/pocket.toml", "--format", "csv"]
+    out = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps([*needs_torch, plan])],
+                         capture_output=True, text=True, cwd=README.parent, timeout=300)
+    assert out.returncode == 0, out.stderr
+    *failed, (plan_code, plan_out, _) = json.loads(out.stdout)
+    for code, _, err in failed:
+        assert code == errors.EXIT_USAGE
+        assert err.strip().splitlines() == ["error: this command needs torch, which is not "
+                                             "installed: pip install 'moe-sparsity[train]'"]
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    assert plan_code == 0
+    assert len(plan_out.strip().splitlines()) == 31  # a header and the demo's 30 runs

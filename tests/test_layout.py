@@ -167,6 +167,16 @@ def test_wheel_top_level_is_moe_alone(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"moe"}
     assert "moe/sweeps/pocket.toml" in names  # the demo's embedded spec travels with the wheel
+    # `pip install moe-sparsity` plans and analyses without torch: pip reads Requires-Dist
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [line.split(":", 1)[1].strip() for line in
+                zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+    base = [r for r in requires if "extra ==" not in r]
+    assert not [r for r in base if r.split(">")[0].split("=")[0].split(";")[0].strip()
+                in ("torch", "triton", "submitit")], base
+    assert any(r.startswith("torch") and 'extra == "train"' in r for r in requires)
+    assert any(r.startswith("submitit") and 'extra == "train"' in r for r in requires)
 
 
 def test_paper_configs_equal_the_planned_paper_runs():

@@ -72,7 +72,8 @@ def _fit_resample(i: int, seed: int):
     try:
         theta, _ = _lse.global_fit(log_x, log_y, weights, _STATE["delta"], n_refine=1,
                                    use_epoch_grid=False, exponents=_STATE["screen"],
-                                   extra_starts=_STATE["theta0"], basin_tol=_STATE["step"])
+                                   extra_starts=_STATE["theta0"], basin_tol=_STATE["step"],
+                                   n_irls=2)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError):
         return i, None
     return i, theta
@@ -136,7 +137,7 @@ def derived_samples(thetas: np.ndarray, law: str, flops_ref: float,
 
 def bootstrap_fit(fit: LawFit, data: FitData, *, n_resamples: int = 1000, seed: int = 0,
                   level: float = 0.95, n_workers: int | None = None,
-                  screen_per_axis: int = 12) -> BootstrapResult:
+                  screen_per_axis: int = 8) -> BootstrapResult:
     """Bootstrap a fit: K resamples of the rows, each fitted from the full-data optimum plus a
     coarse global screen; returns standard errors and percentile intervals for E, A, B,
     alpha, beta, a, b and the compute-optimal tokens per parameter at ``fit.flops_ref``."""

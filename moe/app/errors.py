@@ -26,6 +26,8 @@ EXIT_TRAINING_FAILED = 3
 EXIT_PERMISSION = 4
 EXIT_OS = 5
 EXIT_INTERRUPTED = 130
+EXTRAS = {"torch": "train", "submitit": "train"}
+"""Packages that only an extra installs (`pip install moe-sparsity` alone plans and analyses)."""
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
@@ -35,6 +37,10 @@ def classify(exc: BaseException) -> tuple[int, str]:
     loop = sys.modules.get("moe.train.loop")  # imported only by commands that train
     if loop is not None and isinstance(exc, loop.TrainingFailed):
         return EXIT_TRAINING_FAILED, _first_line(exc)
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRAS:
+        package = exc.name.split(".")[0]
+        return EXIT_USAGE, (f"this command needs {package}, which is not installed: "
+                            f"pip install 'moe-sparsity[{EXTRAS[package]}]'")
     if isinstance(exc, OSError):
         return _os_error(exc)
     if isinstance(exc, ValueError):

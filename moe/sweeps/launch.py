@@ -67,6 +67,16 @@ def check_sweep_name(name: str) -> str:
     return name
 
 
+def _require(packages: tuple[str, ...]) -> None:
+    """ModuleNotFoundError (the CLI names the extra) before anything is written, when a
+    package the executor needs is missing (the local workers train with torch)."""
+    import importlib.util
+
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(f"No module named '{package}'", name=package)
+
+
 def launch(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, executor: str = "local",
            max_parallel: int = 2, progress: bool = True,
            profile: ClusterProfile | None = None) -> LaunchReport:
@@ -78,6 +88,7 @@ def launch(spec: SweepSpec, sweep_dir: SweepDir | str | os.PathLike, executor: s
     if executor == "local" and not (isinstance(max_parallel, int) and max_parallel >= 1):
         raise LaunchError(f"--max-parallel {max_parallel} must be at least 1")
     check_sweep_name(spec.name)
+    _require(("torch",) if executor != "slurm" else ("submitit",))
     estimate = with_estimate(spec, profile.mfu, profile.gpu_peak_tflops) if profile else None
     runs = plan(spec, estimate, profile)
     sweep = sweep_dir if isinstance(sweep_dir, SweepDir) else SweepDir(sweep_dir)
