@@ -369,3 +369,13 @@ def test_old_model_checkpoint_loads_strictly_into_the_fused_layout():
     fresh.load_state_dict(old)  # strict
     idx = torch.randint(0, 40, (2, 8))
     torch.testing.assert_close(fresh(idx).logits_BTV, model(idx).logits_BTV)
+
+
+def test_the_backends_implemented_are_the_config_s_names():
+    """One list of backend names (moe.config.EXPERT_BACKENDS): the registry implements each
+    of them and nothing else."""
+    from moe.config import EXPERT_BACKENDS
+    from moe.model import experts
+
+    implemented = {"auto", *experts._EAGER_BACKENDS, *experts._LAZY_BACKENDS}
+    assert implemented == set(EXPERT_BACKENDS) and experts.BACKENDS == EXPERT_BACKENDS
