@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moe.errors import BadInput, MissingResource
 from moe.io import (
     append_line,
     atomic_write_bytes,
@@ -80,11 +81,11 @@ STALE_TMP_S = 3600.0
 """Age after which a leftover `*.tmp` file of an interrupted atomic write is deleted."""
 
 
-class UnreadableRunFile(ValueError):
+class UnreadableRunFile(BadInput):
     """A run file exists but cannot be parsed (damaged, or not what the toolkit writes)."""
 
 
-class RunLocked(ValueError):
+class RunLocked(MissingResource):
     """Another process is training this run directory."""
 
 
@@ -176,7 +177,7 @@ class RunDir:
         from moe.config import load_config
 
         if not self.has_config():
-            raise ValueError(f"{self.path} is not a run directory (no {CONFIG})")
+            raise BadInput(f"{self.path} is not a run directory (no {CONFIG})")
         return load_config(self.config_path)
 
     def write_config(self, cfg) -> None:

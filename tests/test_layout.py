@@ -20,7 +20,7 @@ PACKAGE = ROOT / "moe"
 # docs/architecture.md, "Layers": a module may import modules of its own rank or below.
 RANKS = {
     "moe.io": 0, "moe.config": 0, "moe.params": 0, "moe.rundir": 0, "moe.procs": 0,
-    "moe.sweepdir": 0, "moe.record": 0,
+    "moe.sweepdir": 0, "moe.record": 0, "moe.errors": 0,
     "moe.kernels": 1,
     "moe.model": 2, "moe.data": 2, "moe.tasks": 2,
     "moe.checkpoint": 3, "moe.checkpoint_dcp": 3,

@@ -23,6 +23,8 @@ import itertools
 import numpy as np
 from scipy.optimize import least_squares, minimize
 
+from moe.errors import BadInput
+
 HUBER_DELTA = 1e-3
 _TINY = 1e-12
 # Epoch's grid (Besiroglu et al. 2024): exponents {0, .5, .., 2}, e {-1, -.5, .., 1},
@@ -264,7 +266,7 @@ def global_fit(log_x, log_y, weights=None, delta=HUBER_DELTA, *, n_refine=8, pat
         if stale >= patience:
             break
     if best_theta is None:
-        raise ValueError("the fit found no finite objective; check the data for extreme values")
+        raise BadInput("the fit found no finite objective; check the data for extreme values")
     return best_theta, best_f
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from moe.analysis import _lse, laws
 from moe.analysis._threads import set_single_thread, single_thread_blas
 from moe.analysis.fit import FitData, LawFit, theta_to_params
+from moe.errors import BadInput
 
 _STATE: dict = {}  # per-worker inputs, set by _init_worker (fork copies them cheaply)
 
@@ -142,9 +143,9 @@ def bootstrap_fit(fit: LawFit, data: FitData, *, n_resamples: int = 1000, seed: 
     coarse global screen; returns standard errors and percentile intervals for E, A, B,
     alpha, beta, a, b and the compute-optimal tokens per parameter at ``fit.flops_ref``."""
     if n_resamples < 2:
-        raise ValueError(f"n_resamples must be >= 2, got {n_resamples}")
+        raise BadInput(f"n_resamples must be >= 2, got {n_resamples}")
     if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise BadInput(f"level must be in (0, 1), got {level}")
     n_workers = n_workers or os.cpu_count() or 1
     log_x = data.log_x()
     screen = _lse.exponent_grid(log_x.shape[1], n_per_axis=screen_per_axis

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from moe.errors import BadInput
 from moe.kernels.bench import (
     BACKENDS,
     DTYPES,
@@ -26,7 +27,7 @@ from moe.kernels.bench import (
 )
 
 
-class BenchError(ValueError):
+class BenchError(BadInput):
     """Bad `moe bench` arguments (one-line message)."""
 
 

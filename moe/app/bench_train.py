@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from moe.errors import BadInput, MissingResource
+
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0),
                     ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 """Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets, by device name."""
@@ -88,7 +90,7 @@ def bench_train(cfg, *, device: torch.device, steps: int, warmup: int, micro_bat
 
     seq_len = seq_len or cfg.model.seq_len
     if steps < 1 or warmup < 0 or seq_len < 1 or seq_len > cfg.model.seq_len:
-        raise ValueError(f"need --steps >= 1, --warmup >= 0 and 1 <= --seq-len <= "
+        raise BadInput(f"need --steps >= 1, --warmup >= 0 and 1 <= --seq-len <= "
                          f"model.seq_len={cfg.model.seq_len}")
     batch = micro_batch or max(1, min(cfg.train.batch_size // cfg.train.grad_accum,
                                       max_tokens // seq_len))
@@ -124,7 +126,7 @@ def _handle(args) -> int:
 
     cfg = load_config(args.config, args.set or [])
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available; use --device cpu")
+        raise MissingResource("--device cuda but CUDA is not available; use --device cpu")
     device = torch.device(args.device if args.device != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
     record = {"config": str(args.config), **bench_train(
@@ -140,7 +142,9 @@ def _handle(args) -> int:
 
         atomic_write_json(Path(args.out), record)
     if not record["finite"]:
-        raise ValueError("the loss was not finite in every step")
+        from moe.train.loop import TrainingFailed
+
+        raise TrainingFailed("the loss was not finite in every step")
     return 0
 
 

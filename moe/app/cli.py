@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -108,16 +108,19 @@ def _register_optional(sub, command: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: its exit code, or the code of its failure (`moe.app.errors`), which is
+    printed as one line; Python warnings are one line each too."""
+    from moe.app.errors import format_warning, report
+
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    default_format, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return int(args.func(args) or 0)
-    except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code (moe.app.errors)
-        if os.environ.get("MOE_DEBUG") and not isinstance(exc, KeyboardInterrupt):
-            raise
-        from moe.app.errors import report
-
+    except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code
         return report(exc)
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":

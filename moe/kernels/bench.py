@@ -36,7 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("loop", "torch", "triton", "megablocks", "dense")
+from moe.config import EXPERT_BACKENDS
+
+BACKENDS = (*(b for b in EXPERT_BACKENDS if b != "auto"), "dense")
+"""The experts backends (`moe.config.EXPERT_BACKENDS`) and the equal-active dense FFN."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAPER_TOKENS = 16384
 

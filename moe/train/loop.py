@@ -32,6 +32,7 @@ import torch.distributed as dist
 from moe.checkpoint import run_ids_of, save_checkpoint
 from moe.config import RunConfig, config_hash
 from moe.data.shards import TokenData, load_data
+from moe.errors import EXIT_TRAINING_FAILED, BadConfig, BadInput, UserError
 from moe.eval import EvalShard, evaluate_tasks, flat_results, load_tasks
 from moe.model import MoELM, precision
 from moe.params import resolve_tokens
@@ -56,8 +57,10 @@ from moe.train.step import (
 from moe.train.tracking import Tracker, open_tracker
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(UserError, RuntimeError):
     """The run diverged (NaN/inf loss); status.json says where and why."""
+
+    exit_code = EXIT_TRAINING_FAILED
 
 
 def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
@@ -73,7 +76,7 @@ def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
         if config_hash(existing) != config_hash(cfg):
             if run.is_done() or run.list_checkpoints() or run.read_metrics():
                 what = "finished" if run.is_done() else "partly trained"
-                raise ValueError(f"{run.path} already holds a different run ({what}; its "
+                raise BadInput(f"{run.path} already holds a different run ({what}; its "
                                  "config.toml differs); use a new --out directory or the "
                                  "same config")
             run.update_status(state="pending", reason="config replaced before any training",
@@ -153,7 +156,7 @@ def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
         retain_freed_memory()
     per_micro = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     if per_micro % ddp.world:
-        raise ValueError(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
+        raise BadConfig(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
                          f"divisible by the {ddp.world} data-parallel ranks")
     torch.manual_seed(cfg.train.seed)
     model = MoELM(cfg.model).to(device)
@@ -212,7 +215,7 @@ def _mark_failed(run: RunDir, cfg: RunConfig, exc: BaseException) -> None:
 def _load_inputs(cfg: RunConfig) -> TokenData:
     data = load_data(cfg.data, cfg.model.seq_len)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+        raise BadConfig(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {data.tokenizer.vocab_size} ids")
     if cfg.eval.tasks:
         load_tasks(cfg)
@@ -320,7 +323,7 @@ def _evaluate_missing(run: RunDir, cfg: RunConfig, data: TokenData, device: torc
     """
     result = run.read_result() or {}
     if result.get("run_id", config_hash(cfg)) not in run_ids_of(cfg):
-        raise ValueError(f"{run.path} holds the finished run {result.get('run_id')!r}, not "
+        raise BadInput(f"{run.path} holds the finished run {result.get('run_id')!r}, not "
                          f"{config_hash(cfg)!r}; use a new --out directory or its config")
     missing = [t for t in cfg.eval.tasks if task_column(t) not in result]
     if missing:

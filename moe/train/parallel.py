@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.config import RunConfig
+from moe.errors import BadConfig
 from moe.train.distributed import Dist
 from moe.train.expert_parallel import is_expert_parallel, make_expert_parallel
 
@@ -70,15 +71,15 @@ def check_layout(cfg: RunConfig, world: int) -> None:
     """One-line errors for a [parallel] section this job cannot run."""
     p = cfg.parallel
     if p.expert > 1 and p.data != "fsdp":
-        raise ValueError(f"parallel.expert={p.expert} needs parallel.data=\"fsdp\" (the "
+        raise BadConfig(f"parallel.expert={p.expert} needs parallel.data=\"fsdp\" (the "
                          "non-expert weights are sharded with FSDP2)")
     if world == 1:
         return  # one process holds everything, whatever the layout it was planned for
     if world % p.expert:
-        raise ValueError(f"parallel.expert={p.expert} must divide the {world} processes of "
+        raise BadConfig(f"parallel.expert={p.expert} must divide the {world} processes of "
                          "the job")
     if p.expert > 1 and cfg.model.n_experts % p.expert:
-        raise ValueError(f"model.n_experts={cfg.model.n_experts} must be divisible by "
+        raise BadConfig(f"model.n_experts={cfg.model.n_experts} must be divisible by "
                          f"parallel.expert={p.expert}")
 
 
@@ -108,7 +109,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dis
 
         return DistributedDataParallel(model), par
     if cfg.train.ema_decay or cfg.train.save_every:
-        raise ValueError("train.ema_decay and train.save_every keep whole copies of the weights "
+        raise BadConfig("train.ema_decay and train.save_every keep whole copies of the weights "
                          "and do not work with sharded weights yet: use parallel.data=\"ddp\" "
                          "or set them to 0")
     _fully_shard(model, par, device, bf16)
