@@ -5,7 +5,7 @@
 Prints two tables measured in one run, so their ratios survive a machine that other
 jobs share (absolute numbers do not):
 
-1. tokens/s of the training step (`moe.train.loop.train_step`: forward, backward, clip,
+1. tokens/s of the training step (`moe.train.step.train_step`: forward, backward, clip,
    AdamW) of pocket-tiny and two pocket-science sizes at 1 thread, 2 threads and
    `train.num_threads = "auto"`, on the machine as it is ("quiet") and beside a busy loop
    on one core that this script starts; auto / best per row (the goal: <= 1.1).
@@ -40,7 +40,7 @@ from moe.model import MoELM
 from moe.params import train_flops_per_token
 from moe.train import build_optimizer
 from moe.train.distributed import Dist
-from moe.train.loop import train_step
+from moe.train.step import train_step
 from moe.train.resources import apply_num_threads
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from moe.errors import BadInput
 from moe.model import MoELM
 from moe.model.experts import upgrade_state_dict
 from moe.rundir import RunDir
@@ -129,7 +130,7 @@ def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu
         load_sharded_model(run, model, newest[1])
         return model.eval(), cfg, newest[1]
     if state is None:
-        raise ValueError(f"{run.path} has no loadable checkpoint; train it first with "
+        raise BadInput(f"{run.path} has no loadable checkpoint; train it first with "
                          f"`moe train {run.config_path} --out {run.path}`")
     model.load_state_dict(state["model"])
     model.eval()

@@ -19,6 +19,8 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+from moe.errors import BadInput
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file, fsync, rename, fsync dir)."""
@@ -138,7 +140,7 @@ OUTPUT_MARKER = ".moe-output.json"
 """Written by `claim_output_dir` into each directory a command made: which command, from what."""
 
 
-class OutputDirNotEmpty(ValueError):
+class OutputDirNotEmpty(BadInput):
     """An output directory holds files that the command did not write (exit 2)."""
 
 

@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moe.errors import BadInput, MissingResource
 from moe.io import (
     append_line,
     atomic_write_bytes,
@@ -80,11 +81,11 @@ STALE_TMP_S = 3600.0
 """Age after which a leftover `*.tmp` file of an interrupted atomic write is deleted."""
 
 
-class UnreadableRunFile(ValueError):
+class UnreadableRunFile(BadInput):
     """A run file exists but cannot be parsed (damaged, or not what the toolkit writes)."""
 
 
-class RunLocked(ValueError):
+class RunLocked(MissingResource):
     """Another process is training this run directory."""
 
 
@@ -176,7 +177,7 @@ class RunDir:
         from moe.config import load_config
 
         if not self.has_config():
-            raise ValueError(f"{self.path} is not a run directory (no {CONFIG})")
+            raise BadInput(f"{self.path} is not a run directory (no {CONFIG})")
         return load_config(self.config_path)
 
     def write_config(self, cfg) -> None:
@@ -406,7 +407,8 @@ class RunDir:
                 pid = holder[0] if holder else "unknown"
                 raise RunLocked(f"{self.path} is being trained by process {pid} (lock "
                                 f"{self.writer_lock_path}); wait for it or stop it first") from None
-            me = f"{os.getpid()} {process_start_time(os.getpid()) or 0}\n".encode()
+            me = f"{os.getpid()} {process_start_time(os.getpid()) or 0} " \
+                 f"{socket.gethostname()}\n".encode()
             os.ftruncate(fd, 0)
             os.pwrite(fd, me, 0)
             try:
@@ -416,6 +418,21 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def writer(self) -> tuple[int, int | None, str | None] | None:
+        """(PID, start time, host) of the process `writer_lock` records as training this run;
+        None when no process holds it (the file is emptied on release). A writer killed
+        outright (SIGKILL, the OOM killer, a lost node) leaves its record behind, which is
+        how `moe sweep status` tells a dead run from a running one."""
+        try:
+            fields = self.writer_lock_path.read_text(encoding="ascii", errors="replace").split()
+        except OSError:
+            return None
+        if not fields or not fields[0].isdigit():
+            return None
+        start = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() and \
+            fields[1] != "0" else None
+        return int(fields[0]), start, (fields[2] if len(fields) > 2 else None)
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -49,6 +49,9 @@ class SweepDir:
     def __fspath__(self) -> str:
         return str(self.path)
 
+    def __str__(self) -> str:
+        return str(self.path)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SweepDir) and self.path == other.path
 

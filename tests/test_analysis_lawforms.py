@@ -3,7 +3,6 @@ table inside the fit's bootstrap interval; Gadre et al.'s fit reproduced from th
 runs; the held-out comparison picks the planted law; verdicts list their checks."""
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -11,15 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe.analysis import lawfit, lawforms
+from moe.analysis import lawfit, lawforms, synthetic
 from moe.analysis.columns import Columns
 from moe.analysis.lawforms import (
     allocate,
     chinchilla,
-    chinchilla_tied,
-    clark,
     kaplan,
-    krajewski,
     ludziejewski,
 )
 from moe.app import analysis_cmd
@@ -35,31 +31,8 @@ def main(argv) -> int:
     return args.func(args)
 
 
-def grid(**axes) -> dict:
-    rows = list(itertools.product(*axes.values()))
-    return {k: np.array([r[i] for r in rows], dtype=float) for i, k in enumerate(axes)}
-
-
-def with_tokens(x: dict) -> dict:
-    x = dict(x)
-    x["d"] = x["n"] * x.pop("tpp")
-    return x
-
-
-DENSE = with_tokens(grid(n=np.geomspace(1e7, 1e9, 6), tpp=np.geomspace(2, 200, 6)))
-CASES = {  # law -> (published coefficients (see each module's docstring), table)
-    "chinchilla": (chinchilla.PUBLISHED, DENSE),  # Hoffmann et al. 2022, eq. 10
-    "chinchilla-tied": (chinchilla_tied.PUBLISHED, DENSE),  # eq. 10 with beta = alpha
-    "kaplan": (kaplan.PUBLISHED, DENSE),  # Kaplan et al. 2020, eq. 1.5
-    "clark-routed": (clark.PUBLISHED,  # Clark et al. 2022, S-BASE coefficients
-                     grid(n=np.geomspace(1.5e7, 1.3e9, 6), e=[1, 8, 16, 32, 64, 128, 256, 512])),
-    "krajewski-granularity": (krajewski.PUBLISHED,  # Krajewski et al. 2024, eq. 5 fit
-                              grid(n=np.geomspace(1e8, 4e9, 5), d=np.geomspace(1e9, 1e11, 4),
-                                   g=[1, 2, 4, 8, 16])),
-    "ludziejewski-joint": (ludziejewski.PUBLISHED,  # Ludziejewski et al. 2025, eq. 4 fit
-                           with_tokens(grid(n=np.geomspace(5e7, 2.7e9, 5), tpp=[4, 16, 64],
-                                            e=[1, 2, 4, 8, 16, 32]))),
-}
+CASES = synthetic.law_tables()  # each law's published coefficients (see its module) and a
+DENSE = CASES["chinchilla"][1]  # design table; the (N, tokens/N) grid of the dense laws
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -237,3 +210,18 @@ def test_predict_warns_outside_the_fitted_range_and_refuses_a_non_fit(tmp_path, 
                  "json"]) == 0
     best = json.loads(capsys.readouterr().out)
     assert 6 * best["n_opt"] * best["d_opt"] == pytest.approx(1e21, rel=1e-6)
+
+
+def test_report_has_a_which_law_section_choosing_by_held_out_error():
+    from moe.analysis import report
+    from moe.analysis.columns import ensure_canonical
+
+    truth = kaplan.PUBLISHED  # planted: a Kaplan-law table; the section must choose kaplan
+    loss = lawforms.get("kaplan").predict(DENSE, truth) * np.exp(
+        np.random.default_rng(3).normal(0, 0.002, len(DENSE["n"])))
+    df = pd.DataFrame({"n_params_total": DENSE["n"], "tokens": DENSE["d"], "val_loss": loss,
+                       "flops": 6 * DENSE["n"] * DENSE["d"]})
+    rec: dict = {}
+    section = "\n".join(report._which_law_section(ensure_canonical(df), 10, 0, rec))
+    assert section.startswith("## Which law") and "Chosen: **kaplan**" in section
+    assert rec["which_law"]["compare"]["chosen"] == "kaplan"

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "moe"
 # docs/architecture.md, "Layers": a module may import modules of its own rank or below.
 RANKS = {
     "moe.io": 0, "moe.config": 0, "moe.params": 0, "moe.rundir": 0, "moe.procs": 0,
-    "moe.sweepdir": 0, "moe.record": 0,
+    "moe.sweepdir": 0, "moe.record": 0, "moe.errors": 0,
     "moe.kernels": 1,
     "moe.model": 2, "moe.data": 2, "moe.tasks": 2,
     "moe.checkpoint": 3, "moe.checkpoint_dcp": 3,
@@ -167,6 +167,16 @@ def test_wheel_top_level_is_moe_alone(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"moe"}
     assert "moe/sweeps/pocket.toml" in names  # the demo's embedded spec travels with the wheel
+    # `pip install moe-sparsity` plans and analyses without torch: pip reads Requires-Dist
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [line.split(":", 1)[1].strip() for line in
+                zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+    base = [r for r in requires if "extra ==" not in r]
+    assert not [r for r in base if r.split(">")[0].split("=")[0].split(";")[0].strip()
+                in ("torch", "triton", "submitit")], base
+    assert any(r.startswith("torch") and 'extra == "train"' in r for r in requires)
+    assert any(r.startswith("submitit") and 'extra == "train"' in r for r in requires)
 
 
 def test_paper_configs_equal_the_planned_paper_runs():

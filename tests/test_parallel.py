@@ -411,3 +411,38 @@ def test_one_precision_policy_on_every_layout(tmp_path):
         assert found[layout]["parity"] == one, layout
     assert {d for _, d in found["fsdp"]["gathered"]} == {"torch.bfloat16"}  # half the bytes
     assert {d for _, d in found["ddp"]["gathered"]} == {"torch.float32"}  # autocast casts
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_the_same_run_with_the_same_parameter_names(tmp_path,
+                                                                          monkeypatch):
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from moe.checkpoint import load_run_model
+    from moe.train import parallel
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert parallel.compiles(tiny_config(), cuda) and not parallel.compiles(tiny_config(), cpu)
+    assert parallel.compiles(tiny_config("train.compile=true"), cpu)
+    monkeypatch.setattr(parallel, "COMPILE_BACKEND", "aot_eager")  # inductor: minutes on CPU
+    torch._dynamo.reset()
+    counters.clear()
+    short = ["train.tokens=2048", "train.log_every=1", "train.ema_decay=0.5"]
+    compiled = train_run(tiny_config(*short, "train.compile=true"), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] >= 2  # training and validation forwards
+    eager = train_run(tiny_config(*short), tmp_path / "eager")
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), abs=1e-5)
+    assert compiled["val_loss_ema"] == pytest.approx(eager["val_loss_ema"], abs=1e-5)
+    model, cfg, _ = load_run_model(tmp_path / "compiled")  # the same names: loads strictly
+    parallel.compile_blocks(model)
+    twin = copy.deepcopy(model)  # a copy runs its own weights (the EMA is such a copy)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    idx = torch.randint(0, 100, (2, cfg.model.seq_len))
+    fresh = MoELM(cfg.model)
+    fresh.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(twin(idx).logits_BTV, fresh(idx).logits_BTV)
+    assert not torch.allclose(model(idx).logits_BTV, twin(idx).logits_BTV)

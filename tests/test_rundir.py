@@ -36,7 +36,7 @@ def test_second_trainer_of_a_directory_is_refused_naming_the_holder(tmp_path, ca
             time.sleep(0.05)
         code = main(["train", str(cfg_path), "--quiet", "--out", str(run_dir)])
         err = capsys.readouterr().err.strip()
-        assert code == 2
+        assert code == 69  # a missing resource: the run is held by another process
         assert err.count("\n") == 0 and f"being trained by process {first.pid}" in err
         assert first.poll() is None, "the first trainer must be left alone"
     finally:

@@ -87,14 +87,14 @@ def test_pythonpath_setup_line_is_quoted(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["paper", "pocket-science", "v1.2_run"])
 def test_ordinary_names_are_accepted(name):
-    from moe.sweeps.launch import check_sweep_name
+    from moe.sweeps.executor import check_sweep_name
 
     assert check_sweep_name(name) == name
 
 
 @pytest.mark.parametrize("bad", ["a b", "x;y", "$(id)", "", "a/b", "ü"])
 def test_names_outside_the_safe_set_are_refused(bad):
-    from moe.sweeps.launch import LaunchError, check_sweep_name
+    from moe.sweeps.executor import LaunchError, check_sweep_name
 
     with pytest.raises(LaunchError, match="may hold only"):
         check_sweep_name(bad)

@@ -70,3 +70,42 @@ def test_launch_skips_a_run_with_a_damaged_status_and_submits_the_rest(tmp_path,
     ((run_id, reason),) = again.unreadable
     assert run_id == damaged and "status.json is unreadable" in reason
     assert len(fakeslurm.scripts(kept)) == 2
+
+
+_WRITER = """
+import sys, time
+from moe.rundir import RunDir
+run = RunDir(sys.argv[1])
+with run.writer_lock():
+    run.update_status(state="running", step=3)
+    print("training", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_whose_process_was_killed_is_failed_not_running(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    sweep = _sweep_with(tmp_path, {"alive": {}, "killed": {}})
+    writers = {name: subprocess.Popen([sys.executable, "-c", _WRITER,
+                                       str(tmp_path / "runs" / name)],
+                                      stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+               for name in ("alive", "killed")}
+    try:
+        for proc in writers.values():
+            assert proc.stdout.readline() == "training\n"
+        writers["killed"].send_signal(signal.SIGKILL)  # no handler runs: status says running
+        writers["killed"].wait(timeout=30)
+        assert RunDir(tmp_path / "runs" / "killed").read_status()["state"] == "running"
+        by_id = {r.run_id: r for r in status(sweep)}
+        assert by_id["alive"].state == "running"
+        assert by_id["killed"].state == "failed"
+        assert str(writers["killed"].pid) in by_id["killed"].reason
+    finally:
+        for proc in writers.values():
+            proc.kill()
+            proc.wait()

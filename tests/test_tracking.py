@@ -36,7 +36,7 @@ def test_missing_tracker_package_is_a_one_line_error(tmp_path, monkeypatch, caps
     assert not RunDir(tmp_path / "run").list_checkpoints()  # failed before training
     config = tmp_path / "c.toml"
     config.write_text(cfg.to_toml())
-    assert moe_main(["train", str(config), "--out", str(tmp_path / "run2"), "--quiet"]) == 2
+    assert moe_main(["train", str(config), "--out", str(tmp_path / "run2"), "--quiet"]) == 69
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"pip install {tracker}" in err
 

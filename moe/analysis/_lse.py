@@ -21,7 +21,9 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import least_squares, minimize
+
+from moe.errors import BadInput
 
 HUBER_DELTA = 1e-3
 _TINY = 1e-12
@@ -157,26 +159,57 @@ def project(basis, y, weights, delta=HUBER_DELTA, n_irls=4):
 
 
 def exponent_grid(k: int, lo=0.02, hi=2.5, n_per_axis=None) -> np.ndarray:
-    """A grid of exponent vectors (G, K): 200 points for K = 1, 32 per axis for K = 2."""
-    n = n_per_axis or (200 if k == 1 else 32 if k == 2 else 12)
+    """A grid of exponent vectors (G, K): 200 points for K = 1, 16 per axis for K = 2 (0.16
+    apart: every basin of the reference problem is within reach of a refinement)."""
+    n = n_per_axis or (200 if k == 1 else 16 if k == 2 else 12)
     axis = np.linspace(lo, hi, n)
     return np.array(list(itertools.product(*([axis] * k))), dtype=float)
 
 
-def refine(theta0, log_x, log_y, weights, delta=HUBER_DELTA, max_iter=1000):
-    """L-BFGS-B from theta0 with the analytic gradient; exponents kept in [0, 10].
+def residuals_and_jacobian(theta, log_x, log_y):
+    """Log residuals log L_hat - log L (n,) and their Jacobian w.r.t. theta (n, 2K+1)."""
+    k = log_x.shape[1]
+    z = np.empty((log_x.shape[0], k + 1))
+    z[:, :k] = theta[:k] - log_x * theta[k + 1:]
+    z[:, k] = theta[k]
+    zmax = z.max(axis=1)
+    p = np.exp(z - zmax[:, None])
+    total = p.sum(axis=1)
+    p /= total[:, None]
+    jac = np.empty((len(log_y), 2 * k + 1))
+    jac[:, :k + 1] = p
+    jac[:, k + 1:] = -p[:, :k] * log_x
+    return zmax + np.log(total) - log_y, jac
 
-    The objective is scaled by 1/delta so scipy's ftol (relative to max(|f|, 1)) bites.
+
+def refine(theta0, log_x, log_y, weights, delta=HUBER_DELTA, max_iter=1000):
+    """Local minimum of the weighted Huber objective from theta0; exponents kept in [0, 10].
+
+    Integer weights (no weights, or bootstrap counts) are rows repeated, and the problem is
+    solved by scipy's trust-region least squares with loss='huber', f_scale=delta (exactly
+    this objective) and the analytic Jacobian: about ten evaluations. Other weights use
+    L-BFGS-B with the analytic gradient (objective scaled by 1/delta so ftol bites).
     """
     k = log_x.shape[1]
+    w = np.asarray(weights, dtype=float)
+    lo = np.r_[np.full(k + 1, -np.inf), np.zeros(k)]
+    hi = np.r_[np.full(k + 1, np.inf), np.full(k, 10.0)]
+    theta0 = np.clip(np.asarray(theta0, dtype=float), lo, hi)
+    if np.all(w == np.round(w)) and np.all(w >= 0):
+        rows = np.repeat(np.arange(len(w)), w.astype(int))
+        lx, ly = log_x[rows], log_y[rows]
+        res = least_squares(lambda th: residuals_and_jacobian(th, lx, ly)[0], theta0,
+                            jac=lambda th: residuals_and_jacobian(th, lx, ly)[1],
+                            bounds=(lo, hi), loss="huber", f_scale=delta, method="trf",
+                            xtol=1e-12, ftol=1e-13, gtol=1e-13, max_nfev=max_iter)
+        return res.x, float(huber(residuals_and_jacobian(res.x, lx, ly)[0], delta).sum())
     scale = 1.0 / delta
 
     def fun(theta):
         f, g = objective_and_grad(theta, log_x, log_y, weights, delta)
         return f * scale, g * scale
 
-    bounds = [(None, None)] * (k + 1) + [(0.0, 10.0)] * k
-    res = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+    res = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi, strict=True)),
                    options={"maxiter": max_iter, "maxfun": 2 * max_iter, "ftol": 1e-15,
                             "gtol": 1e-11})
     return res.x, res.fun / scale
@@ -197,8 +230,9 @@ def pick_distinct(thetas, values, n_pick, min_sep=0.05):
     return chosen
 
 
-def global_fit(log_x, log_y, weights=None, delta=HUBER_DELTA, *, n_refine=8, patience=3,
-               use_epoch_grid=False, exponents=None, extra_starts=None, basin_tol=0.05):
+def global_fit(log_x, log_y, weights=None, delta=HUBER_DELTA, *, n_refine=8, patience=2,
+               use_epoch_grid=False, exponents=None, extra_starts=None, basin_tol=0.1,
+               n_irls=4):
     """Global minimum of the Huber objective: vectorised screening, then L-BFGS-B refinement.
 
     Screening is variable projection over an exponent grid (exact NNLS for E, A_j at each
@@ -207,31 +241,32 @@ def global_fit(log_x, log_y, weights=None, delta=HUBER_DELTA, *, n_refine=8, pat
     row have not lowered the best objective by more than 1e-9 (relative). Returns
     (theta, objective). ``extra_starts`` (thetas) are refined first (the bootstrap passes
     the full-data optimum); screened candidates whose exponents lie within ``basin_tol`` of
-    the best refined solution are then skipped as the same basin.
+    a refined solution are skipped as the same basin (refining them adds nothing).
     """
     k = log_x.shape[1]
     w = np.ones(len(log_y)) if weights is None else np.asarray(weights, dtype=float)
     grid = exponent_grid(k) if exponents is None else exponents
-    thetas, values = varpro_candidates(grid, log_x, log_y, w, delta)
+    thetas, values = varpro_candidates(grid, log_x, log_y, w, delta, n_irls=n_irls)
     if use_epoch_grid:
         epoch = epoch_grid(k)
         thetas = np.concatenate([thetas, epoch])
         values = np.concatenate([values, batch_objective(epoch, log_x, log_y, w, delta)])
     given = [] if extra_starts is None else list(np.atleast_2d(extra_starts))
     screened = [thetas[i] for i in pick_distinct(thetas, values, n_refine)]
-    best_theta, best_f, stale = None, np.inf, 0
+    best_theta, best_f, stale, refined = None, np.inf, 0, []
     for j, theta0 in enumerate(given + screened):
-        if given and j >= len(given) and best_theta is not None and np.max(
-                np.abs(theta0[k + 1:] - best_theta[k + 1:])) <= basin_tol:
-            continue  # same basin as the refined given start: refining adds nothing
+        if j >= len(given) and any(np.max(np.abs(theta0[k + 1:] - r[k + 1:])) <= basin_tol
+                                   for r in refined):
+            continue
         theta, f = refine(theta0, log_x, log_y, w, delta)
+        refined.append(theta)
         stale = 0 if f < best_f * (1 - 1e-9) else stale + 1
         if f < best_f:
             best_theta, best_f = theta, f
         if stale >= patience:
             break
     if best_theta is None:
-        raise ValueError("the fit found no finite objective; check the data for extreme values")
+        raise BadInput("the fit found no finite objective; check the data for extreme values")
     return best_theta, best_f
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from moe.analysis import _lse, laws
 from moe.analysis._threads import set_single_thread, single_thread_blas
 from moe.analysis.fit import FitData, LawFit, theta_to_params
+from moe.errors import BadInput
 
 _STATE: dict = {}  # per-worker inputs, set by _init_worker (fork copies them cheaply)
 
@@ -72,7 +73,8 @@ def _fit_resample(i: int, seed: int):
     try:
         theta, _ = _lse.global_fit(log_x, log_y, weights, _STATE["delta"], n_refine=1,
                                    use_epoch_grid=False, exponents=_STATE["screen"],
-                                   extra_starts=_STATE["theta0"], basin_tol=_STATE["step"])
+                                   extra_starts=_STATE["theta0"], basin_tol=_STATE["step"],
+                                   n_irls=2)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError):
         return i, None
     return i, theta
@@ -136,14 +138,14 @@ def derived_samples(thetas: np.ndarray, law: str, flops_ref: float,
 
 def bootstrap_fit(fit: LawFit, data: FitData, *, n_resamples: int = 1000, seed: int = 0,
                   level: float = 0.95, n_workers: int | None = None,
-                  screen_per_axis: int = 12) -> BootstrapResult:
+                  screen_per_axis: int = 8) -> BootstrapResult:
     """Bootstrap a fit: K resamples of the rows, each fitted from the full-data optimum plus a
     coarse global screen; returns standard errors and percentile intervals for E, A, B,
     alpha, beta, a, b and the compute-optimal tokens per parameter at ``fit.flops_ref``."""
     if n_resamples < 2:
-        raise ValueError(f"n_resamples must be >= 2, got {n_resamples}")
+        raise BadInput(f"n_resamples must be >= 2, got {n_resamples}")
     if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise BadInput(f"level must be in (0, 1), got {level}")
     n_workers = n_workers or os.cpu_count() or 1
     log_x = data.log_x()
     screen = _lse.exponent_grid(log_x.shape[1], n_per_axis=screen_per_axis

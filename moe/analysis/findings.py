@@ -32,6 +32,7 @@ from moe.analysis.columns import ensure_canonical
 from moe.analysis.resample import Interval, bca, count_weights
 from moe.analysis.sparsity import task_metric_col, tasks_with
 from moe.analysis.tables import PRETRAIN_LOSS, task_kind
+from moe.errors import BadInput
 
 LEVEL = 0.95
 N_BOOT = 2000  # default resamples: enough for BCa's 2.5% tails (Efron & Tibshirani: 1000+)
@@ -351,7 +352,7 @@ def topk_finding(rows: pd.DataFrame, *, n_boot: int, seed: int) -> Finding:
 def compute_findings(df: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> list[Finding]:
     """The paper's four findings on a results table, in a fixed order."""
     if n_boot < 2:
-        raise ValueError(f"n_boot must be >= 2 for a bootstrap interval, got {n_boot}")
+        raise BadInput(f"n_boot must be >= 2 for a bootstrap interval, got {n_boot}")
     rows = run_table(df)
     return [f(rows, n_boot=n_boot, seed=seed) for f in (
         memorization_finding, fanout_finding, gap_finding, topk_finding)]

@@ -18,6 +18,7 @@ from moe.analysis import _lse, identify, laws
 from moe.analysis._threads import single_thread_blas
 from moe.analysis.identify import Verdict
 from moe.analysis.tables import TableError, numeric_column, used_columns
+from moe.errors import BadInput
 
 LAWS = ("chinchilla", "fixed_data")
 PARAM_NAMES = {"chinchilla": ("E", "A", "B", "alpha", "beta"), "fixed_data": ("E", "A", "alpha")}
@@ -98,7 +99,7 @@ class LawFit:
     def allocation(self, flops) -> tuple[np.ndarray, np.ndarray]:
         """Compute-optimal (N_opt, D_opt) at compute C = FLOPs-per-token(N) x D."""
         if self.law != "chinchilla":
-            raise ValueError("compute-optimal allocation needs the chinchilla law L(N, D)")
+            raise BadInput("compute-optimal allocation needs the chinchilla law L(N, D)")
         p = self.params
         return laws.compute_optimal_allocation(flops, p["A"], p["B"], p["alpha"], p["beta"],
                                                fpt_coef=self.fpt[0], fpt_exp=self.fpt[1])
@@ -132,7 +133,7 @@ def predict_params(law: str, p: dict, n, d=None) -> np.ndarray:
     """A law with named parameters at (n, d); arrays of parameters broadcast."""
     if law == "chinchilla":
         if d is None:
-            raise ValueError("the chinchilla law needs d (tokens)")
+            raise BadInput("the chinchilla law needs d (tokens)")
         return laws.chinchilla(n, d, p["E"], p["A"], p["B"], p["alpha"], p["beta"])
     return laws.fixed_data(n, p["E"], p["A"], p["alpha"])
 

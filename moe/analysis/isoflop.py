@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from moe.analysis import identify, laws
+from moe.errors import BadInput
 
 BIAS_NOTE = ("Approach 2 is biased: the IsoFLOP curve is asymmetric in log N, so the parabola "
              "vertex shifts with the width and centring of the sampled N grid at each budget.")
@@ -42,11 +43,11 @@ class Window:
 
     def __post_init__(self):
         if self.kind not in WINDOW_KINDS:
-            raise ValueError(f"window kind {self.kind!r} must be one of {', '.join(WINDOW_KINDS)}")
+            raise BadInput(f"window kind {self.kind!r} must be one of {', '.join(WINDOW_KINDS)}")
         if self.kind == "loss" and not self.width > 0:
-            raise ValueError(f"a loss window needs a width > 0 (e.g. loss:0.03), got {self.width}")
+            raise BadInput(f"a loss window needs a width > 0 (e.g. loss:0.03), got {self.width}")
         if self.kind == "nearest" and (self.width < 3 or self.width != int(self.width)):
-            raise ValueError(f"a nearest window needs a whole number of sizes >= 3 (e.g. "
+            raise BadInput(f"a nearest window needs a whole number of sizes >= 3 (e.g. "
                              f"nearest:5), got {self.width:g}")
 
     @classmethod
@@ -58,7 +59,7 @@ class Window:
         try:
             value = float(width)
         except ValueError:
-            raise ValueError(f"--window {text!r}: use all, loss:FRACTION or nearest:K") from None
+            raise BadInput(f"--window {text!r}: use all, loss:FRACTION or nearest:K") from None
         return cls(kind=kind, width=value)
 
     @property

@@ -9,6 +9,7 @@ import numpy as np
 from moe.analysis import lawforms
 from moe.analysis.fit import PARAM_NAMES, predict_params
 from moe.analysis.lawforms import allocate
+from moe.errors import BadInput
 
 VARIABLE_NAMES = {"n": "N", "d": "D", "e": "E (experts)", "g": "G (granularity)"}
 
@@ -20,14 +21,14 @@ def check_record(record, path: str) -> str:
                 "(a law)"
                 if isinstance(record, dict) and record.get("approach") == 2 else
                 "not a fit written by `moe fit` (no 'law' and 'params')")
-        raise ValueError(f"{path} is {what}")
+        raise BadInput(f"{path} is {what}")
     law = record["law"]
     if law not in PARAM_NAMES and law not in lawforms.REGISTRY:
-        raise ValueError(f"{path}: unknown law {law!r} in the fit file")
+        raise BadInput(f"{path}: unknown law {law!r} in the fit file")
     names = PARAM_NAMES.get(law) or lawforms.REGISTRY[law].params
     missing = [k for k in names if k not in record["params"]]
     if missing:
-        raise ValueError(f"{path}: the fit lacks parameter(s) {', '.join(missing)}")
+        raise BadInput(f"{path}: the fit lacks parameter(s) {', '.join(missing)}")
     return law
 
 
@@ -69,7 +70,7 @@ def predict_from_record(record: dict, n: float | None, d: float | None = None, *
         value = x.get(var)
         if value is None or not value > 0:
             flag = {"n": "--n", "d": "--d", "e": "--e", "g": "--g"}[var]
-            raise ValueError(f"the {law} law needs {flag} "
+            raise BadInput(f"the {law} law needs {flag} "
                              f"({VARIABLE_NAMES[var]}) > 0, got {value}")
     x = {k: float(x[k]) for k in variables_of(law)}
     loss = float(_evaluate(law, record["params"], x))
@@ -97,10 +98,10 @@ def optimize_from_record(record: dict, budget: allocate.Budget, *,
     """The optimal allocation under the fitted law for ``budget`` (its law's ``optimum``)."""
     law = check_record(record, path)
     if law == "fixed_data":
-        raise ValueError(f"{path}: the fixed_data law L(N) has no tokens, so no allocation")
+        raise BadInput(f"{path}: the fixed_data law L(N) has no tokens, so no allocation")
     form = lawforms.REGISTRY[law]
     if form.optimum is None:
-        raise ValueError(f"{path}: the {law} law defines no optimal allocation")
+        raise BadInput(f"{path}: the {law} law defines no optimal allocation")
     compute = record.get("compute")
     if isinstance(compute, dict) and "k" in compute:
         from dataclasses import replace

@@ -14,7 +14,7 @@ import pandas as pd
 from moe.analysis import findings as findmod
 from moe.analysis import fit as fitmod
 from moe.analysis import plots, recipes, records, sparsity
-from moe.analysis.columns import describe_missing, ensure_canonical
+from moe.analysis.columns import Columns, describe_missing, ensure_canonical
 from moe.analysis.tables import (
     PRETRAIN_LOSS,
     TableError,
@@ -195,6 +195,39 @@ def _isoflop_section(df: pd.DataFrame, chin, n_boot: int, seed: int, rec: dict) 
     return out + [""] + _warnings(res.verdict)
 
 
+WHICH_LAWS = ("chinchilla", "chinchilla-tied", "kaplan")
+
+
+def _which_law_section(df: pd.DataFrame, n_boot: int, seed: int, rec: dict) -> list[str]:
+    """Law choice by held-out error (`moe fit --compare` with its default split): the rows
+    within a factor of 2 of the largest compute are held out; the fit rows alone choose."""
+    out = ["## Which law", ""]
+    need = ["n_params_total", "tokens", PRETRAIN_LOSS]
+    if _missing(df, need):
+        return out + [f"Skipped: missing column(s) {describe_missing(df, _missing(df, need))}.",
+                      ""]
+    try:
+        cmp, _ = records.compare_record(finite_rows(df, need), None, WHICH_LAWS,
+                                        Columns(loss=PRETRAIN_LOSS), n_boot=n_boot, seed=seed)
+    except (TableError, ValueError) as exc:
+        return out + [f"Skipped: {exc}", ""]
+    rec["which_law"] = cmp
+    out += [f"Each law fitted on {cmp['n_train']} runs and scored on the {cmp['n_test']} "
+            "held out (compute within 2x of the largest); mean |relative error| of the "
+            "predicted loss, 95% interval over the bootstrap fits:", "",
+            "| law | held-out error | interval | identified |", "|---|---|---|---|"]
+    for r in cmp["compare"]["laws"]:
+        iv = r["interval"]
+        shown = f"[{_g(100 * iv[0], 3)}%, {_g(100 * iv[1], 3)}%]" if iv else "-"
+        out.append(f"| {r['law']} | {_g(100 * r['held_out_mean_abs_rel_error'], 3)}% | {shown} "
+                   f"| {'yes' if r['identified'] else 'no: ' + r['reason']} |")
+    chosen = cmp["compare"]["chosen"]
+    return out + ["", f"Chosen: **{chosen}** (the lowest held-out error among "
+                  f"{cmp['compare']['chosen_among']}). MoE laws (clark-routed, "
+                  "ludziejewski-joint, krajewski-granularity) need their own columns: compare "
+                  "them with `moe fit --compare ...`.", ""]
+
+
 def _sparsity_section(df: pd.DataFrame, n_boot: int, seed: int, rec: dict) -> list[str]:
     out = ["## Sparsity and downstream tasks", ""]
     long = sparsity.long_table(df, "loss")
@@ -307,6 +340,7 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     rec: dict = {"sparsity_optima": [o.to_dict() for o in optima]}
     law_lines, chin = _law_section(df, n_boot, seed, rec)
     sections = [law_lines, _isoflop_section(df, chin, n_boot, seed, rec),
+                _which_law_section(df, n_boot, seed, rec),
                 _sparsity_section(df, n_boot, seed, rec)]
     recipe_lines = recipes.recipe_sections(df, table_or_sweep_dir, n_boot=n_boot, seed=seed)
     if recipe_lines:  # only tables of recipe sweeps have them

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from moe.analysis import laws
+from moe.config import sparsity
 
 VOCAB = 512  # pocket vocabulary size used for the embedding count
 
@@ -42,7 +43,7 @@ def pocket_table(*, seed: int = 0, tpp: float = 20.0, widths=(64, 96, 128),
             continue
         total, active, emb = _moe_params(d, 2, e, k)
         tokens = tpp * total
-        s = 1.0 - k / e
+        s = sparsity(k, e)
         pre = (1.5 + 60 * active ** -0.3 + 80 * tokens ** -0.3) * np.exp(rng.normal(0, noise))
         mem = 0.4 + 1.3 * pre + rng.normal(0, noise)
         rea = 0.8 + 0.9 * pre + 1.5 * (s - 0.6) ** 2 - 0.05 * np.log2(k) + rng.normal(0, noise)
@@ -130,7 +131,7 @@ def findings_table(*, seed: int = 0, memo_sparsity: float = 0.0, reasoning_u: fl
         if (e == 1 and k != 1) or (e > 1 and k >= e):
             continue
         total, active, emb = _moe_params(d, 2, e, k)
-        s, x = 1.0 - k / e, np.log2(e / k)
+        s, x = sparsity(k, e), np.log2(e / k)
         pre = 1.5 + 30 * active ** -0.3 + 30 * total ** -0.3 + 80 * tokens ** -0.3
         pre += loss_u * (x - loss_at) ** 2 + rng.normal(0, pretrain_noise)
         mem = 0.4 + 1.3 * pre + memo_sparsity * s + rng.normal(0, noise)
@@ -147,3 +148,40 @@ def findings_table(*, seed: int = 0, memo_sparsity: float = 0.0, reasoning_u: fl
             row[f"task/{name}/kind"] = kind
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _grid(**axes) -> dict:
+    rows = list(itertools.product(*axes.values()))
+    return {k: np.array([r[i] for r in rows], dtype=float) for i, k in enumerate(axes)}
+
+
+def _with_tokens(x: dict) -> dict:
+    x = dict(x)
+    x["d"] = x["n"] * x.pop("tpp")
+    return x
+
+
+def law_tables() -> dict:
+    """{law name: (its paper's published coefficients, a design table {role: array})} for
+    each registry law (the coefficients and their sources are in each law's module)."""
+    from moe.analysis.lawforms import (
+        chinchilla,
+        chinchilla_tied,
+        clark,
+        kaplan,
+        krajewski,
+        ludziejewski,
+    )
+
+    dense = _with_tokens(_grid(n=np.geomspace(1e7, 1e9, 6), tpp=np.geomspace(2, 200, 6)))
+    return {
+        "chinchilla": (chinchilla.PUBLISHED, dense),
+        "chinchilla-tied": (chinchilla_tied.PUBLISHED, dense),
+        "kaplan": (kaplan.PUBLISHED, dense),
+        "clark-routed": (clark.PUBLISHED, _grid(n=np.geomspace(1.5e7, 1.3e9, 6),
+                                                e=[1, 8, 16, 32, 64, 128, 256, 512])),
+        "krajewski-granularity": (krajewski.PUBLISHED, _grid(
+            n=np.geomspace(1e8, 4e9, 5), d=np.geomspace(1e9, 1e11, 4), g=[1, 2, 4, 8, 16])),
+        "ludziejewski-joint": (ludziejewski.PUBLISHED, _with_tokens(_grid(
+            n=np.geomspace(5e7, 2.7e9, 5), tpp=[4, 16, 64], e=[1, 2, 4, 8, 16, 32]))),
+    }

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moe.errors import BadInput
 from moe.record import TASK_PREFIX, task_column  # noqa: F401 (TASK_PREFIX is re-exported)
 from moe.sweepdir import SweepDir
 
@@ -22,7 +23,7 @@ MIN_POINTS = 5
 PRETRAIN_LOSS = "pretrain_loss"  # the loss role in a canonical frame (moe.analysis.columns)
 
 
-class TableError(ValueError):
+class TableError(BadInput):
     """A results table cannot be used as asked; the message is one line a user can act on."""
 
 

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from moe.errors import BadInput
+
 
 def _warn(record: dict, what: str) -> None:
     """Every warning of a fitted object to stderr, and 'not identified' when it is not."""
@@ -123,7 +125,7 @@ def _predict(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise FileNotFoundError(f"no such fit file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a fit written by `moe fit` (not JSON: {exc})") from None
+        raise BadInput(f"{path} is not a fit written by `moe fit` (not JSON: {exc})") from None
     predict.check_record(record, str(path))
     if args.optimize:
         out = _optimize(record, args, str(path))
@@ -145,7 +147,7 @@ def _optimize(record: dict, args, path: str) -> dict:
     from moe.analysis.lawforms.allocate import Budget
 
     if args.flops is None and args.n is None:
-        raise ValueError("--optimize needs --flops C (or --n for the clark-routed law)")
+        raise BadInput("--optimize needs --flops C (or --n for the clark-routed law)")
     budget = Budget(flops=args.flops or 0.0, memory_bytes=args.memory,
                     bytes_per_param=args.bytes_per_param, top_k=args.top_k,
                     expert_share=args.expert_share, granularity=args.g, n=args.n)
@@ -250,6 +252,31 @@ def _force_flag(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add ``fit``, ``predict``, ``plot`` and ``report`` to an argparse subparsers object."""
+    _register_fit(subparsers)
+    _register_predict(subparsers)
+    p = subparsers.add_parser("plot", help="draw the paper figures (PNG and PDF)")
+    p.add_argument("source", help="sweep directory or results table")
+    p.add_argument("-o", "--output", required=True, help="figure directory")
+    _force_flag(p)
+    _column_flags(p, full=True)
+    p.set_defaults(func=_plot)
+
+    p = subparsers.add_parser("report", help="write a Markdown report: fits, optima, figures")
+    p.add_argument("source", help="sweep directory or results table")
+    p.add_argument("-o", "--output", default=None,
+                   help="report.md (default); with --findings-only, FILE.json (optional)")
+    p.add_argument("--fig-dir", default=None, help="default: figures/ next to the report")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="K",
+                   help="resamples (the findings use at least 1000)")
+    p.add_argument("--findings-only", action="store_true",
+                   help="only the paper's findings: print them, and write -o FILE.json")
+    p.add_argument("--seed", type=int, default=0)
+    _force_flag(p)
+    _column_flags(p, full=True)
+    p.set_defaults(func=_report)
+
+
+def _register_fit(subparsers) -> None:
     p = subparsers.add_parser("fit", help="fit a scaling law (Approach 3) or IsoFLOP profiles "
                                           "(Approach 2) to a results table")
     p.add_argument("table", help="results table (.csv or .parquet) or a sweep directory")
@@ -284,6 +311,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", default=None, help="fit.json")
     p.set_defaults(func=_fit)
 
+
+def _register_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predicted loss at (N, D, ...) from a fit.json, "
                                               "or the best allocation of a budget (--optimize)")
     p.add_argument("fit", help="fit.json written by `moe fit` (Approach 3 or a registry law)")
@@ -302,24 +331,3 @@ def register(subparsers) -> None:
                    help="share of active parameters in the routed experts (memory model)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_predict)
-
-    p = subparsers.add_parser("plot", help="draw the paper figures (PNG and PDF)")
-    p.add_argument("source", help="sweep directory or results table")
-    p.add_argument("-o", "--output", required=True, help="figure directory")
-    _force_flag(p)
-    _column_flags(p, full=True)
-    p.set_defaults(func=_plot)
-
-    p = subparsers.add_parser("report", help="write a Markdown report: fits, optima, figures")
-    p.add_argument("source", help="sweep directory or results table")
-    p.add_argument("-o", "--output", default=None,
-                   help="report.md (default); with --findings-only, FILE.json (optional)")
-    p.add_argument("--fig-dir", default=None, help="default: figures/ next to the report")
-    p.add_argument("--bootstrap", type=int, default=200, metavar="K",
-                   help="resamples (the findings use at least 1000)")
-    p.add_argument("--findings-only", action="store_true",
-                   help="only the paper's findings: print them, and write -o FILE.json")
-    p.add_argument("--seed", type=int, default=0)
-    _force_flag(p)
-    _column_flags(p, full=True)
-    p.set_defaults(func=_report)

@@ -2,7 +2,8 @@
 
 Runs `--steps` optimizer steps of the config's model -- the step `moe train`
 runs (`moe.train.step.optimizer_step`: forward, the training loss, backward, grad
-clip, AdamW) -- in the precision training uses (bf16 autocast on CUDA), on
+clip, AdamW) -- in the precision training uses (bf16 autocast on CUDA), with its
+blocks compiled where training compiles them (`train.compile`: on CUDA), on
 uniformly random tokens, after `--warmup` untimed steps (which also run Triton's
 autotuning), and reports tokens/s, achieved TFLOP/s (moe.params' training
 FLOPs per token: 6 x active parameters plus attention), MFU against the GPU's
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from moe.errors import BadInput, MissingResource
+
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0),
                     ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 """Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets, by device name."""
@@ -34,9 +37,12 @@ def peak_tflops(device: torch.device) -> float | None:
 def _model_and_opt(cfg, device):
     from moe.model import MoELM
     from moe.train import build_optimizer
+    from moe.train.parallel import compile_blocks, compiles
 
     torch.manual_seed(cfg.train.seed)
     model = MoELM(cfg.model).to(device)
+    if compiles(cfg, device):  # as `moe train` runs it (train.compile: on CUDA by default)
+        compile_blocks(model)
     return model, build_optimizer(model, cfg.train)
 
 
@@ -80,10 +86,11 @@ def bench_train(cfg, *, device: torch.device, steps: int, warmup: int, micro_bat
     """Throughput record of `steps` timed training steps (see the module docstring)."""
     from moe.model.experts import auto_backend
     from moe.params import count_params, train_flops_per_token
+    from moe.train.parallel import compiles
 
     seq_len = seq_len or cfg.model.seq_len
     if steps < 1 or warmup < 0 or seq_len < 1 or seq_len > cfg.model.seq_len:
-        raise ValueError(f"need --steps >= 1, --warmup >= 0 and 1 <= --seq-len <= "
+        raise BadInput(f"need --steps >= 1, --warmup >= 0 and 1 <= --seq-len <= "
                          f"model.seq_len={cfg.model.seq_len}")
     batch = micro_batch or max(1, min(cfg.train.batch_size // cfg.train.grad_accum,
                                       max_tokens // seq_len))
@@ -103,6 +110,7 @@ def bench_train(cfg, *, device: torch.device, steps: int, warmup: int, micro_bat
     return {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "experts_backend": auto_backend(device) if backend == "auto" else backend,
+        "compiled": compiles(cfg, device),
         "n_params_active": count_params(cfg.model).active, "steps": steps,
         "warmup_steps": warmup, "micro_batch": batch, "seq_len": seq_len,
         "tokens_per_s": tokens_per_s, "tflops": tflops,
@@ -118,7 +126,7 @@ def _handle(args) -> int:
 
     cfg = load_config(args.config, args.set or [])
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available; use --device cpu")
+        raise MissingResource("--device cuda but CUDA is not available; use --device cpu")
     device = torch.device(args.device if args.device != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
     record = {"config": str(args.config), **bench_train(
@@ -134,7 +142,9 @@ def _handle(args) -> int:
 
         atomic_write_json(Path(args.out), record)
     if not record["finite"]:
-        raise ValueError("the loss was not finite in every step")
+        from moe.train.loop import TrainingFailed
+
+        raise TrainingFailed("the loss was not finite in every step")
     return 0
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -12,11 +12,15 @@ def _train(args: argparse.Namespace) -> int:
     from moe.config import load_config
     from moe.train import train_run
     from moe.train.distributed import init_from_env
+    from moe.train.signals import Terminated
 
     cfg = load_config(args.config, args.set or [])
     owns_group = init_from_env(cfg.parallel.timeout_min)  # under torchrun: one rank
     try:
         result = train_run(cfg, args.out, progress=not args.quiet)
+    except Terminated as exc:  # SIGTERM / SIGHUP: checkpointed and marked failed
+        print(f"error: {exc} ({args.out})", file=sys.stderr)
+        return exc.exit_code  # 128 + the signal number, as a shell reports it
     finally:
         if owns_group:
             import torch.distributed as dist
@@ -49,7 +53,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.n_experts=16 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal, else a line every "
+                        "log.progress_every_s seconds on stderr)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("data", help="token data")
@@ -102,16 +108,19 @@ def _register_optional(sub, command: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: its exit code, or the code of its failure (`moe.app.errors`), which is
+    printed as one line; Python warnings are one line each too."""
+    from moe.app.errors import format_warning, report
+
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    default_format, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return int(args.func(args) or 0)
-    except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code (moe.app.errors)
-        if os.environ.get("MOE_DEBUG") and not isinstance(exc, KeyboardInterrupt):
-            raise
-        from moe.app.errors import report
-
+    except (Exception, KeyboardInterrupt) as exc:  # one line and an exit code
         return report(exc)
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":

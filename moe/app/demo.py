@@ -49,7 +49,7 @@ def run_demo(sweep_dir: Path, *, spec_path: Path | None = None, max_parallel: in
     collected = collect(sweep, table_path)
     print(f"[3/4] collect: {len(collected.table)} runs -> {table_path}")
     report_path, fig_dir = sweep.report_path, sweep.figures_dir
-    make_report(sweep_dir, report_path, fig_dir)
+    make_report(sweep, report_path, fig_dir)
     figures = sorted(fig_dir.glob("*.png"))
     print(f"[4/4] fit, figures and report -> {report_path}")
     for fig in figures:

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from moe.config import RunConfig
+from moe.errors import BadInput
 
 
 def register(subparsers) -> None:
@@ -46,7 +47,7 @@ def handler(args: argparse.Namespace) -> int:
             print(f"{name:<20} {t.kind:<13} {t.n_shots}-shot  {t.description}")
         return 0
     if args.run_dir is None:
-        raise ValueError("moe eval needs a RUN_DIR (or --list)")
+        raise BadInput("moe eval needs a RUN_DIR (or --list)")
     if args.harness:
         return _harness(args)
     import torch
@@ -110,7 +111,7 @@ def _eval_config(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
 
         tasks = POCKET_DEFAULT
     else:
-        raise ValueError("no tasks: pass --tasks (see `moe eval --list`)")
+        raise BadInput("no tasks: pass --tasks (see `moe eval --list`)")
     overrides = {"tasks": tasks, "accuracy": cfg.eval.accuracy and not args.no_accuracy}
     for key in ("max_items", "n_shots", "batch_size", "samples"):
         if getattr(args, key) is not None:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from moe.errors import MissingResource
+
 
 def _compile(args) -> int:
     from moe.kernels import aot
@@ -15,7 +17,7 @@ def _compile(args) -> int:
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise ValueError("moe kernels compile needs Triton (it bundles ptxas): "
+        raise MissingResource("moe kernels compile needs Triton (it bundles ptxas): "
                          "pip install triton==3.9.0") from None
     builds = aot.build_all(archs, Path(args.out),
                            log=lambda line: print(line, file=sys.stderr))

@@ -1,13 +1,15 @@
 """`moe sweep plan|launch|status|collect`, registered into the `moe` argparse CLI.
 
-Each handler returns an exit code; user errors raise a ValueError subclass with
-a one-line message, which `moe.app.cli.main` prints as `error: <msg>` (exit 2).
+Each handler returns an exit code; user errors raise a `moe.errors.UserError` with a
+one-line message, which `moe.app.cli.main` prints as `error: <msg>` with its exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from moe.sweeps.executor import EXECUTORS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("launch", help="start the runs that are not done or in flight")
     p.add_argument("spec", metavar="SWEEP.toml")
     p.add_argument("--dir", required=True, metavar="SWEEP_DIR")
-    p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local")
+    p.add_argument("--executor", choices=EXECUTORS, default="local")
     p.add_argument("--cluster", metavar="PROFILE.toml", help="cluster profile (slurm only)")
     p.add_argument("--max-parallel", type=int, default=2, metavar="N",
                    help="local executor: runs at once (default 2)")

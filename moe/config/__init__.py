@@ -31,6 +31,7 @@ from moe.config.schema import (
     TrainConfig,
     field_names,
     sparsity,
+    top_k_fits,
 )
 from moe.config.tomlio import dumps_toml, read_toml
 
@@ -41,5 +42,5 @@ __all__ = [
     "RunConfig", "TrainConfig", "apply_overrides",
     "config_from_dict", "config_hash", "dumps_toml", "field_names", "legacy_config_hash",
     "load_config", "parse_value", "read_toml", "set_dotted", "sparsity", "valid_keys",
-    "weight_fields",
+    "top_k_fits", "weight_fields",
 ]

@@ -30,6 +30,7 @@ LIMITS: dict[str, dict[str, float]] = {
              "pocket_arith_problems": 10**8, "pocket_arith_steps": 100,
              "pocket_arith_max": 10**12, "pocket_eval_items": 10**7},
     "eval": {"every": 10**10, "max_items": 10**9, "n_shots": 1000, "batch_size": 1 << 20},
+    "log": {"progress_every_s": 10**7},
 }
 """Largest accepted value of a field, by section (fields not listed: finite only)."""
 NONNEGATIVE = {("train", "seed"), ("data", "pocket_seed")}

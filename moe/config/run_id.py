@@ -35,7 +35,7 @@ LEGACY_FIELDS: dict[str, tuple[str, ...]] = {  # version 0.1's config, section b
 NOT_HASHED: dict[str, frozenset[str]] = {
     "model": frozenset({"experts_backend"}),
     "train": frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device",
-                        "num_threads", "save_every"}),
+                        "num_threads", "save_every", "compile"}),
     "data": frozenset(),
 }
 # Fields added after runs were launched count only when set, so those runs keep their ids.

@@ -21,11 +21,20 @@ from moe.config.limits import check_limits
 from moe.config.tomlio import dumps_toml
 
 EXPERT_BACKENDS = ("auto", "loop", "torch", "triton", "megablocks")
+"""The experts backends' names, in one place: `moe.model.experts` implements exactly these
+(tests/test_experts.py checks it) and `moe bench kernels` times them."""
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_DATA = ("ddp", "fsdp")
 ORDERS = ("shuffled", "ascending-quality")
+
+
+def top_k_fits(top_k: int, n_experts: int) -> bool:
+    """top_k <= n_experts: a token is routed to k distinct experts of E. The one home of the
+    rule: the config refuses a model that breaks it, a sweep's grid drops its points, the
+    router refuses to be built without it."""
+    return top_k <= n_experts
 
 
 def sparsity(top_k, n_experts):
@@ -83,7 +92,7 @@ class ModelConfig:
         if kv <= 0 or self.n_heads % kv:
             raise ConfigError(f"model.n_kv_heads={kv} must be positive and divide "
                               f"model.n_heads={self.n_heads}")
-        if self.top_k > self.n_experts:
+        if not top_k_fits(self.top_k, self.n_experts):
             raise ConfigError(f"model.top_k={self.top_k} must be <= model.n_experts="
                               f"{self.n_experts}")
         hidden = self.ffn_mult * self.d_model
@@ -169,6 +178,9 @@ class TrainConfig:
     """Optimizer step after which the EMA starts (it is a copy of the weights there)."""
     min_lr_frac: float | None = None
     """Final learning rate as a fraction of `lr` (replaces `min_lr` when set)."""
+    compile: bool | None = None
+    """torch.compile each block for training and evaluation (unset: on CUDA, off on CPU,
+    where compiling costs more than it saves on small models)."""
 
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.tpp is None):
@@ -313,11 +325,17 @@ class LogConfig:
     """Project of the wandb / trackio runs."""
     group: str = ""
     """Group of the run ("" = the sweep's name for a run of a sweep)."""
+    progress_every_s: float = 30.0
+    """Seconds between one-line progress reports on stderr when it is not a terminal (a log
+    file, a SLURM job); 0 = none. On a terminal a progress bar is drawn instead."""
 
     def __post_init__(self) -> None:
         _choice(self, "tracker", TRACKERS)
         if not self.project:
             raise ConfigError("log.project must be a non-empty name")
+        if self.progress_every_s < 0:
+            raise ConfigError(f"log.progress_every_s={self.progress_every_s} must be >= 0 "
+                              "(0 = no progress lines)")
 
 
 @dataclass(frozen=True, kw_only=True)

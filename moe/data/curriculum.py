@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from moe.errors import BadConfig, BadInput
+
 
 @dataclass
 class OrderedSplit:
@@ -41,10 +43,10 @@ class OrderedSplit:
 
     def __post_init__(self) -> None:
         if len(self.doc_ends) != len(self.quality):
-            raise ValueError(f"{len(self.doc_ends)} documents but {len(self.quality)} "
+            raise BadInput(f"{len(self.doc_ends)} documents but {len(self.quality)} "
                              "quality scores")
         if self.tokens.size < self.seq_len + 1:
-            raise ValueError(f"not enough tokens for one sequence of {self.seq_len + 1}")
+            raise BadInput(f"not enough tokens for one sequence of {self.seq_len + 1}")
 
     @property
     def n_tokens(self) -> int:
@@ -95,7 +97,7 @@ def first_tokens(arrays: list[np.ndarray], budget: int) -> list[np.ndarray]:
     """The first `budget` tokens across `arrays` (for `data.unique_tokens`)."""
     total = sum(a.size for a in arrays)
     if budget > total:
-        raise ValueError(f"data.unique_tokens={budget} exceeds the {total} training tokens; "
+        raise BadConfig(f"data.unique_tokens={budget} exceeds the {total} training tokens; "
                          "lower it or set 0 (all)")
     out, left = [], budget
     for arr in arrays:

@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass
 
 from moe.config import DataConfig
+from moe.errors import BadConfig
 
 ATTRIBUTES = ("home city", "favorite color", "job", "pet", "favorite food", "instrument")
 VALUES = {
@@ -106,7 +107,7 @@ def entity_names(n: int, rng: random.Random) -> list[str]:
 def knowledge_base(cfg: DataConfig, rng: random.Random) -> list[tuple[str, str, str]]:
     """(entity, attribute, value) triples; home cities are made-up names too."""
     if cfg.pocket_attributes > len(ATTRIBUTES):
-        raise ValueError(f"data.pocket_attributes={cfg.pocket_attributes} must be <= "
+        raise BadConfig(f"data.pocket_attributes={cfg.pocket_attributes} must be <= "
                          f"{len(ATTRIBUTES)}")
     entities = entity_names(cfg.pocket_entities, rng)
     cities = entity_names(24, random.Random(rng.random()))

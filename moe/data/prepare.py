@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from moe.data.tokenizer import load_tokenizer
+from moe.errors import BadInput, MissingResource
 from moe.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -72,7 +73,7 @@ def input_kind(path: Path) -> str:
     for suffix in _SUFFIXES:
         if name.endswith(suffix):
             return suffix.lstrip(".")
-    raise ValueError(f"{path}: unsupported input; use .txt, .jsonl(.gz|.zst), .parquet or a "
+    raise BadInput(f"{path}: unsupported input; use .txt, .jsonl(.gz|.zst), .parquet or a "
                      "`datasets` directory (save_to_disk)")
 
 
@@ -83,7 +84,8 @@ def _open_text(path: Path, kind: str) -> io.TextIOBase:
         try:
             import zstandard
         except ImportError:
-            raise ValueError(f"{path}: .zst inputs need zstandard: pip install zstandard") from None
+            raise MissingResource(f"{path}: .zst inputs need zstandard: "
+                                  "pip install zstandard") from None
         raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
         return io.TextIOWrapper(raw, encoding="utf-8")
     return open(path, encoding="utf-8")
@@ -105,15 +107,15 @@ def _datasets_batches(path: Path, text_key: str) -> Iterator[list]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{path} is a directory: reading a `datasets` dataset needs "
+        raise MissingResource(f"{path} is a directory: reading a `datasets` dataset needs "
                          "pip install datasets") from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise ValueError(f"{path} holds splits {sorted(ds)}; pass one split's directory")
+            raise BadInput(f"{path} holds splits {sorted(ds)}; pass one split's directory")
         ds = ds["train"]
     if text_key not in ds.column_names:
-        raise ValueError(f"{path} has no column {text_key!r} (choose it with --text-key)")
+        raise BadInput(f"{path} has no column {text_key!r} (choose it with --text-key)")
     for batch in ds.iter(batch_size=1024):
         yield batch[text_key]
 
@@ -125,7 +127,7 @@ def _records(path: Path, kind: str, text_key: str) -> Iterator[tuple[str, Any]]:
 
         with pq.ParquetFile(path) as pf:
             if text_key not in pf.schema_arrow.names:
-                raise ValueError(f"{path} has no column {text_key!r} (choose it with --text-key)")
+                raise BadInput(f"{path} has no column {text_key!r} (choose it with --text-key)")
             for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
                 yield from (("text", t) for t in batch.column(0).to_pylist())
     elif kind == "datasets":
@@ -166,7 +168,7 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
     """ValueError when any id in `ids` is outside [0, vocab_size) (for preparing and loading)."""
     if ids.size and int(ids.max()) >= vocab_size:
         bad = int(ids.max())
-        raise ValueError(f"{where} holds token id {bad}, outside the vocabulary of {vocab_size} "
+        raise BadInput(f"{where} holds token id {bad}, outside the vocabulary of {vocab_size} "
                          "ids: the shards do not match their tokenizer")
 
 
@@ -202,15 +204,15 @@ class BatchEncoder:
 def _text_of(path: str, text_key: str, kind: str, rec: Any) -> str:
     if kind == "text":
         if not isinstance(rec, str):
-            raise ValueError(f"{path}: a {text_key!r} value is {type(rec).__name__}, not text")
+            raise BadInput(f"{path}: a {text_key!r} value is {type(rec).__name__}, not text")
         return rec
     n, line = rec
     try:
         obj = json.loads(line)
     except json.JSONDecodeError:
-        raise ValueError(f"{path}:{n} is not valid JSON") from None
+        raise BadInput(f"{path}:{n} is not valid JSON") from None
     if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-        raise ValueError(f"{path}:{n} has no string field {text_key!r} (choose it with --text-key)")
+        raise BadInput(f"{path}:{n} has no string field {text_key!r} (choose it with --text-key)")
     return obj[text_key]
 
 
@@ -239,7 +241,7 @@ def encoded_batches(jobs: Iterator[tuple], spec: str, eos_token: str | None, wor
     try:
         yield _bounded(pool, jobs, 2 * workers)
     except BrokenProcessPool:
-        raise ValueError("a tokenising worker process died (out of memory?); rerun the same "
+        raise MissingResource("a tokenising worker process died (out of memory?); rerun the same "
                          "command to resume, with fewer --workers") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -345,7 +347,7 @@ def _start_state(out: Path, fingerprint: dict[str, Any], itemsize: int,
     """A fresh state, or the one a killed run left (its shards checked). Any other
     non-empty directory is refused unless `force` (`moe.io.check_output_dir`)."""
     if (out / "meta.json").exists():
-        raise ValueError(f"{out} already holds shards (meta.json); choose a new --out directory")
+        raise BadInput(f"{out} already holds shards (meta.json); choose a new --out directory")
     check_output_dir(out, "data prepare", force=force or (out / STATE).is_file())
     for tmp in out.glob(".shard-*.tmp"):  # a kill mid-write leaves its temporary file
         tmp.unlink(missing_ok=True)
@@ -353,12 +355,12 @@ def _start_state(out: Path, fingerprint: dict[str, Any], itemsize: int,
     if state is None:
         return {"fingerprint": fingerprint, "shards": [], "next_doc": 0, "offset": 0}
     if state.get("fingerprint") != fingerprint:
-        raise ValueError(f"{out} holds an unfinished prepare of other inputs or options; "
+        raise BadInput(f"{out} holds an unfinished prepare of other inputs or options; "
                          "rerun it with the same ones, or choose a new --out directory")
     for shard in state["shards"]:
         path = out / shard["file"]
         if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
-            raise ValueError(f"{path} is missing or damaged; choose a new --out directory")
+            raise BadInput(f"{path} is missing or damaged; choose a new --out directory")
     return state
 
 
@@ -372,10 +374,10 @@ def prepare_corpus(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, 
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.exists():
-            raise ValueError(f"input file not found: {p}")
+            raise BadInput(f"input file not found: {p}")
         input_kind(p)
     if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens={shard_tokens} must be positive")
+        raise BadInput(f"shard_tokens={shard_tokens} must be positive")
     tok = load_tokenizer(tokenizer, eos_token=eos_token)
     state = _start_state(out, _fingerprint(paths, tokenizer, text_key, eos_token, shard_tokens),
                          token_dtype(tok.vocab_size).itemsize, force)
@@ -396,7 +398,7 @@ def prepare_corpus(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, 
         finally:
             writer.close()
     if not state["shards"]:
-        raise ValueError("the input files hold no documents")
+        raise BadInput("the input files hold no documents")
     return _write_meta(out, tok, tokenizer, eos_token, state)
 
 

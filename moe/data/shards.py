@@ -23,6 +23,7 @@ import torch
 
 from moe.data.prepare import check_token_ids, token_dtype
 from moe.data.tokenizer import Tokenizer, tokenizer_for_data
+from moe.errors import BadConfig, BadInput
 
 SHARD_TOKENS = 1 << 26  # 64M tokens (128 MiB as uint16) per shard file
 
@@ -63,31 +64,31 @@ def read_meta(directory: Path) -> dict:
     uint16 or uint32, integer token counts and vocabulary size."""
     path = directory / "meta.json"
     if not path.is_file():
-        raise ValueError(f"data.source={str(directory)!r} is neither 'pocket' nor a shard "
+        raise BadConfig(f"data.source={str(directory)!r} is neither 'pocket' nor a shard "
                          "directory with meta.json (create one with `moe data prepare`)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({type(exc).__name__})") from None
+        raise BadInput(f"{path} is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
-        raise ValueError(f"{path} has no list of shards")
+        raise BadInput(f"{path} has no list of shards")
     if meta.get("dtype") not in TOKEN_DTYPES:
-        raise ValueError(f"{path}: dtype {meta.get('dtype')!r} must be one of "
+        raise BadInput(f"{path}: dtype {meta.get('dtype')!r} must be one of "
                          f"{', '.join(TOKEN_DTYPES)}")
     if not _is_count(meta.get("vocab_size")) or meta["vocab_size"] < 1:
-        raise ValueError(f"{path}: vocab_size {meta.get('vocab_size')!r} must be a positive "
+        raise BadInput(f"{path}: vocab_size {meta.get('vocab_size')!r} must be a positive "
                          "integer")
     root = directory.resolve()
     tok = meta.get("tokenizer", "byte")
     if not isinstance(tok, str) or (tok != "byte" and (directory / tok).resolve().parent != root):
-        raise ValueError(f"{path}: tokenizer {tok!r} must be \"byte\" or a file inside {directory}")
+        raise BadInput(f"{path}: tokenizer {tok!r} must be \"byte\" or a file inside {directory}")
     for shard in meta["shards"]:
         name = shard.get("file") if isinstance(shard, dict) else None
         if not isinstance(name, str) or not _is_count(shard.get("tokens")):
-            raise ValueError(f"{path}: every shard needs a file name and a token count")
+            raise BadInput(f"{path}: every shard needs a file name and a token count")
         target = (directory / name).resolve()
         if Path(name).is_absolute() or target.parent != root:
-            raise ValueError(f"{path}: shard file {name!r} is outside the shard directory "
+            raise BadInput(f"{path}: shard file {name!r} is outside the shard directory "
                              f"{directory}; only file names inside it are allowed")
     return meta
 
@@ -108,7 +109,7 @@ def load_shards(directory: str | os.PathLike, vocab_size: int | None = None
         path = directory / shard["file"]
         arr = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
         if arr.size != shard["tokens"]:
-            raise ValueError(f"{path} has {arr.size} tokens, meta.json says "
+            raise BadInput(f"{path} has {arr.size} tokens, meta.json says "
                              f"{shard['tokens']}: the shard directory is damaged")
         check_token_ids(_sample(arr), vocab, str(path))
         arrays.append(arr)
@@ -135,7 +136,7 @@ class TokenSplit:
         self.starts = np.array([max(0, a.size - self.seq_len - 1) for a in self.arrays])
         self.cum = np.cumsum(self.starts)
         if self.cum.size == 0 or self.cum[-1] <= 0:
-            raise ValueError(f"not enough tokens for one sequence of {self.seq_len + 1}")
+            raise BadInput(f"not enough tokens for one sequence of {self.seq_len + 1}")
 
     @property
     def n_tokens(self) -> int:
@@ -193,7 +194,7 @@ def load_data(data_cfg, seq_len: int) -> TokenData:
     train_split = TokenSplit(train, seq_len)
     if data_cfg.order == "ascending-quality":
         if data_cfg.source != "pocket":
-            raise ValueError("data.order='ascending-quality' needs per-document quality scores, "
+            raise BadConfig("data.order='ascending-quality' needs per-document quality scores, "
                              "which only the pocket corpus has (data.pocket_noise)")
         noise = build_pocket(data_cfg).noise
         train_split = ordered_split(train[0], -np.asarray(noise), tok.eos_id, seq_len)

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from moe.errors import BadConfig, BadInput, MissingResource
+
 
 class Tokenizer(Protocol):
     name: str
@@ -49,11 +51,11 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as _HF
         except ImportError:
-            raise ValueError("tokenizer files need the `tokenizers` package: "
+            raise MissingResource("tokenizer files need the `tokenizers` package: "
                              "pip install tokenizers") from None
         self.path = Path(path)
         if not self.path.is_file():
-            raise ValueError(f"tokenizer file not found: {self.path}")
+            raise BadInput(f"tokenizer file not found: {self.path}")
         self._tok = _HF.from_file(str(self.path))
         self.name = str(self.path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -66,7 +68,7 @@ class HFTokenizer:
             tid = self._tok.token_to_id(token)
             if tid is not None:
                 return tid
-        raise ValueError(f"{self.path} has none of the end-of-text tokens "
+        raise BadInput(f"{self.path} has none of the end-of-text tokens "
                          f"{[given] if given else list(candidates)}; pass --eos-token")
 
     def encode(self, text: str) -> list[int]:
@@ -89,13 +91,13 @@ def tokenizer_for_data(source: str) -> Tokenizer:
         return ByteTokenizer()
     meta_path = Path(source) / "meta.json"
     if not meta_path.is_file():
-        raise ValueError(f"data.source={source!r} is neither 'pocket' nor a shard directory with "
+        raise BadConfig(f"data.source={source!r} is neither 'pocket' nor a shard directory with "
                          "meta.json (create one with `moe data prepare`)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         spec = meta["tokenizer"]
     except (ValueError, KeyError, TypeError) as exc:  # not UTF-8, not JSON, no tokenizer
-        raise ValueError(f"{meta_path} is not a shard directory's meta.json "
+        raise BadInput(f"{meta_path} is not a shard directory's meta.json "
                          f"({type(exc).__name__}: {str(exc)[:80]})") from None
     if spec != "byte":
         spec = Path(source) / spec

@@ -49,6 +49,7 @@ import torch
 
 from moe.config import EvalConfig, RunConfig
 from moe.data.tokenizer import Tokenizer
+from moe.errors import BadConfig, BadInput
 from moe.eval.generate import (
     Sampling,
     batches_by_length,
@@ -95,7 +96,7 @@ def answer_start(tokenizer: Tokenizer, ids: list[int], n_prompt_chars: int) -> i
         else:
             lo = mid + 1
     if lo == len(ids):
-        raise ValueError("the answer encodes to no tokens")
+        raise BadInput("the answer encodes to no tokens")
     return lo
 
 
@@ -107,7 +108,7 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, answer: str, seq_len: int) ->
     excess = len(ids) - (seq_len + 1)  # a forward pass sees seq_len inputs, scores their next
     if excess > 0:
         if start - excess < 1:
-            raise ValueError(f"an answer of {len(ids) - start} tokens does not fit "
+            raise BadInput(f"an answer of {len(ids) - start} tokens does not fit "
                              f"model.seq_len={seq_len}: {answer[:40]!r}...")
         ids, start = ids[excess:], start - excess
     return Encoded(ids=tuple(ids), start=start, n_bytes=len(answer.encode("utf-8")))
@@ -247,7 +248,7 @@ def _choice_accuracy(items: tuple[TaskItem, ...], logps: list[list[float]]) -> f
 
 def _budgets(task: Task, records: list[dict[str, Any]]) -> list[int]:
     if task.is_correct is None:
-        raise ValueError(f"task {task.name} has neither choices nor an answer checker")
+        raise BadConfig(f"task {task.name} has neither choices nor an answer checker")
     return [task.max_new_tokens or 2 * r["n_tokens"] + 8 for r in records]
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from moe.data.tokenizer import Tokenizer
+from moe.errors import BadInput
 from moe.model import precision as precision_policy
 
 
@@ -47,9 +48,9 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+            raise BadInput(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise BadInput(f"top_p={self.top_p} must be in (0, 1]")
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moe.errors import BadInput, MissingResource
 from moe.export.hf import export_hf, exported_step
 from moe.io import atomic_write_json
 from moe.rundir import RunDir
@@ -24,7 +25,7 @@ INSTALL_HINT = "pip install 'moe-sparsity[eval]'"
 
 def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
-        raise ValueError(f"--harness needs lm-evaluation-harness: {INSTALL_HINT}")
+        raise MissingResource(f"--harness needs lm-evaluation-harness: {INSTALL_HINT}")
 
 
 def cached_export(run_dir: str | os.PathLike) -> Path:
@@ -32,7 +33,7 @@ def cached_export(run_dir: str | os.PathLike) -> Path:
     run = RunDir(run_dir)
     checkpoints = run.list_checkpoints()
     if not checkpoints:
-        raise ValueError(f"{run.path} has no checkpoint to evaluate; train it first")
+        raise BadInput(f"{run.path} has no checkpoint to evaluate; train it first")
     if exported_step(run.hf_export_dir) != checkpoints[0][0]:
         export_hf(run.path, run.hf_export_dir)
     return run.hf_export_dir
@@ -43,7 +44,7 @@ def harness_args(export_dir: str | os.PathLike, tasks: list[str], *, device: str
                  num_fewshot: int | None = None) -> dict[str, Any]:
     """Keyword arguments of `lm_eval.simple_evaluate` for the export's `hf` backend."""
     if not tasks:
-        raise ValueError("--harness needs task names, e.g. --harness gsm8k,hellaswag")
+        raise BadInput("--harness needs task names, e.g. --harness gsm8k,hellaswag")
     return {"model": "hf",
             "model_args": {"pretrained": str(export_dir), "dtype": "float32"},
             "tasks": list(tasks), "device": device, "batch_size": batch_size,

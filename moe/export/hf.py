@@ -40,6 +40,7 @@ import torch
 
 from moe.config import ModelConfig
 from moe.data.tokenizer import ByteTokenizer, Tokenizer
+from moe.errors import BadInput
 from moe.io import (
     atomic_write_json,
     atomic_write_text,
@@ -50,7 +51,7 @@ from moe.io import (
 from moe.model.lm import split_qkv
 
 
-class ExportError(ValueError):
+class ExportError(BadInput):
     """The export cannot be written as asked; the message says why."""
 
 

@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe.errors import BadInput
+
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 SMEM_LIMIT_BYTES = {80: 166912, 90: 232448, 100: 232448}
 """cudaDevAttrMaxSharedMemoryPerBlockOptin of A100 (sm_80), H100 (sm_90) and B200 (sm_100)."""
@@ -70,7 +72,7 @@ def parse_archs(text: str) -> list[str]:
     names = [a.strip() for a in text.split(",") if a.strip()]
     bad = [a for a in names if a not in ARCHS]
     if bad or not names:
-        raise ValueError(f"unknown --arch {','.join(bad) or '(none)'}; choose from "
+        raise BadInput(f"unknown --arch {','.join(bad) or '(none)'}; choose from "
                          f"{','.join(ARCHS)}")
     return names
 
@@ -190,7 +192,7 @@ def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[Kerne
     from moe.kernels import grouped_gemm as gg
 
     if gg.INTERPRET:
-        raise ValueError("moe kernels compile needs TRITON_INTERPRET unset (interpreted "
+        raise BadInput("moe kernels compile needs TRITON_INTERPRET unset (interpreted "
                          "kernels cannot be compiled)")
     out_dir.mkdir(parents=True, exist_ok=True)
     builds = []

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe.errors import BadConfig
 from moe.kernels.tiles import GROUP_M, INTERPRET, autotune_configs, prune_for_device
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -202,7 +203,7 @@ def _check_device(*tensors: torch.Tensor | None) -> None:
         return
     if device.type == "cpu" and INTERPRET:
         return
-    raise ValueError(f"Triton grouped GEMM needs CUDA tensors (got {device}); on CPU set "
+    raise BadConfig(f"Triton grouped GEMM needs CUDA tensors (got {device}); on CPU set "
                      "TRITON_INTERPRET=1 before importing kernels, or use torch's grouped_mm")
 
 

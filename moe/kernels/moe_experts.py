@@ -29,11 +29,12 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from moe.errors import MissingResource
 from moe.kernels.grouped_gemm import gather_scatter_mm
 from moe.kernels.permute import unsort_rows
 
 
-class BackendUnavailableError(ValueError):
+class BackendUnavailableError(MissingResource):
     """An optional expert backend cannot run here; the message says what to install."""
 
 

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.config import EXPERT_BACKENDS
+from moe.errors import BadConfig, BadInput, MissingResource
 from moe.kernels.permute import dispatch_rows, unsort_rows
 from moe.kernels.torch_grouped import grouped_mm_fn, torch_grouped_mm
 
@@ -152,7 +154,7 @@ _LAZY_BACKENDS = {
     "megablocks": "moe.kernels.moe_experts:megablocks_experts",
 }
 _EAGER_BACKENDS: dict[str, ExpertFn] = {"loop": loop_experts, "torch": torch_experts}
-BACKENDS = ("auto", *_EAGER_BACKENDS, *_LAZY_BACKENDS)
+BACKENDS = EXPERT_BACKENDS  # "auto" and every name implemented above (tests/test_experts.py)
 
 
 _LOADED: dict[str, ExpertFn] = dict(_EAGER_BACKENDS)
@@ -171,12 +173,12 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> ExpertFn:
 
 def _import_backend(name: str) -> ExpertFn:
     if name not in _LAZY_BACKENDS:
-        raise ValueError(f"unknown experts backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise BadConfig(f"unknown experts backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module_name, fn_name = _LAZY_BACKENDS[name].split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"experts backend {name!r} is unavailable: {exc}") from None
+        raise MissingResource(f"experts backend {name!r} is unavailable: {exc}") from None
     return getattr(module, fn_name)
 
 
@@ -232,7 +234,7 @@ class SwiGLUExperts(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, *, backend: str = "auto"):
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"unknown experts backend {backend!r}; choose one of "
+            raise BadConfig(f"unknown experts backend {backend!r}; choose one of "
                              f"{', '.join(BACKENDS)}")
         self.backend = backend
         self.w13_ED2H = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_hidden))
@@ -292,7 +294,7 @@ def _fuse_gate_up(module, state_dict, prefix, *_args) -> None:
     if w1 not in state_dict and w3 not in state_dict:
         return
     if w1 not in state_dict or w3 not in state_dict:
-        raise ValueError(f"checkpoint has only one of {w1} and {w3}; both are needed to build "
+        raise BadInput(f"checkpoint has only one of {w1} and {w3}; both are needed to build "
                          f"{prefix}w13_ED2H (re-save it with both, or retrain)")
     state_dict[prefix + "w13_ED2H"] = torch.cat([state_dict.pop(w1), state_dict.pop(w3)], -1)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ModelConfig
+from moe.errors import BadInput
 from moe.model.experts import SwiGLUExperts, init_std_for_output
 from moe.model.router import RoutingStats, TopKRouter
 
@@ -196,7 +197,7 @@ def _fuse_qkv(module, state_dict, prefix, *_args) -> None:
     if not present:
         return
     if len(present) < 3:
-        raise ValueError(f"checkpoint has only {', '.join(present)} of {', '.join(names)}; "
+        raise BadInput(f"checkpoint has only {', '.join(present)} of {', '.join(names)}; "
                          f"all three are needed to build {prefix}wqkv.weight")
     state_dict[f"{prefix}wqkv.weight"] = torch.cat([state_dict.pop(n) for n in names], 0)
 
@@ -269,7 +270,7 @@ class MoELM(nn.Module):
     def new_cache(self, pad_B: torch.Tensor, max_len: int) -> KVCache:
         """An empty KV cache for left-padded rows (`pad_B` padding tokens each), see `forward`."""
         if max_len > self.cfg.seq_len:
-            raise ValueError(f"a cache of {max_len} positions exceeds "
+            raise BadInput(f"a cache of {max_len} positions exceeds "
                              f"model.seq_len={self.cfg.seq_len}")
         return KVCache(self.cfg.n_layers, pad_B, max_len)
 
@@ -279,7 +280,7 @@ class MoELM(nn.Module):
         cached ones, the cache advances by T, and logits_BTV holds the last position only."""
         B, T = idx_BT.shape
         if T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
+            raise BadInput(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
         if cache is not None and targets_BT is not None:
             raise ValueError("targets and a KV cache do not mix: the loss needs every position")
         # Routing losses count only real tokens: those with a target to predict.

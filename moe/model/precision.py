@@ -24,12 +24,13 @@ import contextlib
 import torch
 
 from moe.config.schema import PRECISIONS
+from moe.errors import BadConfig
 
 
 def uses_bf16(precision: str, device: torch.device | str) -> bool:
     """Whether `precision` (a `train.precision` value) means bf16 autocast on `device`."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of "
+        raise BadConfig(f"unknown precision {precision!r}; choose one of "
                          f"{', '.join(PRECISIONS)}")
     return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
 

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.config import top_k_fits
+from moe.errors import BadConfig
+
 
 @dataclass(frozen=True)
 class RoutingStats:
@@ -122,8 +125,8 @@ class TopKRouter(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, *, normalize: bool = True):
         super().__init__()
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
+        if top_k < 1 or not top_k_fits(top_k, n_experts):
+            raise BadConfig(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
         self.n_experts = n_experts
         self.top_k = top_k
         self.normalize = normalize

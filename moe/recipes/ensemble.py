@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from moe.checkpoint import load_run_model
 from moe.data.shards import load_data
+from moe.errors import BadInput
 from moe.io import check_output_dir, claim_output_dir
 from moe.model import IGNORE_INDEX, ModelOutput
 from moe.record import build_result
@@ -37,7 +38,7 @@ class LogitAverage(torch.nn.Module):
     def __init__(self, models: list[torch.nn.Module]) -> None:
         super().__init__()
         if not models:
-            raise ValueError("an ensemble needs at least one model")
+            raise BadInput("an ensemble needs at least one model")
         self.members = torch.nn.ModuleList(models)
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None
@@ -63,7 +64,7 @@ def _members(run_dirs: list[str | os.PathLike], device) -> tuple[list, list, lis
     first = configs[0]
     for cfg, rid in zip(configs[1:], ids[1:], strict=True):
         if (cfg.model.vocab_size, cfg.data.source) != (first.model.vocab_size, first.data.source):
-            raise ValueError(f"run {rid} has another vocabulary or data source than {ids[0]}; "
+            raise BadInput(f"run {rid} has another vocabulary or data source than {ids[0]}; "
                              "an ensemble needs members trained on the same tokens")
     return models, configs, ids
 
@@ -74,7 +75,7 @@ def ensemble_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike, *,
     target = RunDir(out)
     device = torch.device(device)
     if target.is_done():
-        raise ValueError(f"{target.path} already holds a result; choose a new --out directory")
+        raise BadInput(f"{target.path} already holds a result; choose a new --out directory")
     source = ",".join(str(Path(d).resolve()) for d in run_dirs)
     check_output_dir(target.path, "ensemble", source=source, force=force)
     models, configs, ids = _members(run_dirs, device)

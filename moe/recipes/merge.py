@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from moe.data.shards import load_data
+from moe.errors import BadInput
 from moe.io import check_output_dir, claim_output_dir
 from moe.model import MoELM
 from moe.recipes.stats import validation_stats
@@ -52,10 +53,10 @@ DECAYS = ("mean", *SHAPES)
 def target_coefficients(steps: list[int], decay: str) -> np.ndarray:
     """w_1 .. w_k: the weight each of the window's k updates gets in the merged model."""
     if decay not in DECAYS:
-        raise ValueError(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
+        raise BadInput(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
     s = np.asarray(steps, dtype=float)
     if s.ndim != 1 or len(s) < 1 or np.any(np.diff(s) <= 0):
-        raise ValueError(f"snapshot steps must be increasing, got {list(steps)}")
+        raise BadInput(f"snapshot steps must be increasing, got {list(steps)}")
     k = len(s) - 1
     if k == 0:
         return np.zeros(0)
@@ -101,19 +102,19 @@ def window_snapshots(run: RunDir, window: int) -> list[tuple[int, Path]]:
     error naming the steps that would work, never a silent one-snapshot "merge".
     """
     if window <= 0:
-        raise ValueError(f"--window must be a positive number of steps, got {window}")
+        raise BadInput(f"--window must be a positive number of steps, got {window}")
     snaps = run.list_snapshots()
     if not snaps:
-        raise ValueError(f"{run.path} has no snapshots to merge; train it with "
+        raise BadInput(f"{run.path} has no snapshots to merge; train it with "
                          "train.save_every > 0 (e.g. --set train.save_every=10)")
     last = snaps[-1][0]
     if window > last:
-        raise ValueError(f"--window {window} is longer than the run ({last} steps, snapshots "
+        raise BadInput(f"--window {window} is longer than the run ({last} steps, snapshots "
                          f"at steps {snaps[0][0]}..{last}); use at most {last}")
     chosen = [(s, p) for s, p in snaps if s >= last - window]
     if len(chosen) < 2:
         need = f"at least {last - snaps[-2][0]}" if len(snaps) > 1 else "a run with more"
-        raise ValueError(f"--window {window} holds only the last snapshot (step {last}) of "
+        raise BadInput(f"--window {window} holds only the last snapshot (step {last}) of "
                          f"{run.path}: nothing to merge; use {need} steps")
     return chosen
 
@@ -129,7 +130,7 @@ def merge_run(run_dir: str | os.PathLike, *, window: int, decay: str,
     run, target = RunDir(run_dir), RunDir(out)
     device = torch.device(device)
     if target.has_config() or target.is_done():
-        raise ValueError(f"{target.path} already holds a run; choose a new --out directory")
+        raise BadInput(f"{target.path} already holds a run; choose a new --out directory")
     source = str(run.path.resolve())
     check_output_dir(target.path, "merge", source=source, force=force)
     cfg = run.read_config()

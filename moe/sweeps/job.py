@@ -35,7 +35,7 @@ class RunJob(submitit.helpers.Checkpointable):
         self.run = run
 
     def __call__(self) -> dict[str, Any]:
-        return run_in_dir(self.run)
+        return run_in_dir(self.run, progress=True)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Called by submitit on rank 0 when the job is preempted or times out. During
@@ -48,8 +48,9 @@ class RunJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(RunJob(self.run))
 
 
-def run_in_dir(run: RunDir) -> dict[str, Any]:
-    """Train (or resume) the run whose config.toml is in `run`; return its result record."""
+def run_in_dir(run: RunDir, *, progress: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run whose config.toml is in `run`; return its result record.
+    `progress`: report progress on stderr (a job's log; `moe.train.progress`)."""
     from moe.train import TrainingFailed, train_run  # torch is imported only inside jobs
     from moe.train.preempt import Preempted
 
@@ -63,7 +64,7 @@ def run_in_dir(run: RunDir) -> dict[str, Any]:
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
             record_start(run, current_job_id(), restarts)
         with _preemption_watch():
-            return train_run(cfg, run)
+            return train_run(cfg, run, progress=progress)
     except Preempted:
         return {}  # a rank other than 0 after the checkpoint; rank 0's handler requeued
     except (TrainingFailed, RunLocked):
@@ -133,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m moe.sweeps.job RUN_DIR", file=sys.stderr)
         return 2
     from moe.train import TrainingFailed
+    from moe.train.signals import Terminated
 
     try:
-        run_in_dir(RunDir(argv[0]))
+        run_in_dir(RunDir(argv[0]), progress=True)
     except TrainingFailed as exc:
         print(f"training failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Terminated as exc:  # SIGTERM / SIGHUP: checkpointed, status.json says so
+        print(f"{exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception:
         traceback.print_exc()
         return 1

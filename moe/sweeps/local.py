@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from moe.errors import BadInput
 from moe.rundir import RunDir
+from moe.sweepdir import SweepDir
+from moe.sweeps.executor import Executor, LaunchError, Started
 from moe.sweeps.records import record_failure, record_submission
 from moe.sweeps.scheduler import EXECUTOR_ENV, local_job_id
 
@@ -39,11 +42,32 @@ class _Worker:
     started_s: float
 
 
+@dataclass(frozen=True)
+class LocalExecutor(Executor):
+    max_parallel: int
+    progress: bool
+    name = "local"
+    needs = ("torch",)  # the workers train
+
+    @classmethod
+    def from_options(cls, *, max_parallel: int, progress: bool, **_options) -> LocalExecutor:
+        if not (isinstance(max_parallel, int) and max_parallel >= 1):
+            raise LaunchError(f"--max-parallel {max_parallel} must be at least 1")
+        return cls(max_parallel, progress)
+
+    def start(self, runs: list[RunDir], sweep: SweepDir, plans: dict) -> Started:
+        return Started(final_states=run_local(runs, max_parallel=self.max_parallel,
+                                              progress=self.progress))
+
+
+EXECUTOR = LocalExecutor
+
+
 def run_local(run_dirs: list[RunDir], *, max_parallel: int = 2, progress: bool = True
               ) -> dict[str, str]:
     """Run every directory's training in worker processes; return {run_id: final state}."""
     if max_parallel < 1:
-        raise ValueError(f"max_parallel={max_parallel} must be >= 1")
+        raise BadInput(f"max_parallel={max_parallel} must be >= 1")
     queue, running, final = list(run_dirs), [], {}
     display = Display(len(run_dirs), enabled=progress)
     with _sigterm_raises(), _stop_workers_on_error(running):

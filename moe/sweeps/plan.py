@@ -32,7 +32,7 @@ class RunPlan:
     n_experts: int
     top_k: int
     sparsity: float
-    """1 - top_k / n_experts."""
+    """1 - top_k / n_experts (`moe.config.sparsity`)."""
     n_params_total: int
     n_params_active: int
     n_params_embedding: int

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 
+from moe.errors import MissingResource
 from moe.procs import is_same_process_alive, process_start_time
 
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -29,7 +30,7 @@ EXECUTOR_ENV = "MOE_SWEEP_EXECUTOR"
 """Set to "local" in the environment of local-executor workers."""
 
 
-class SchedulerError(RuntimeError):
+class SchedulerError(MissingResource):
     """The scheduler could not be asked about jobs that may still be running."""
 
 

@@ -48,12 +48,14 @@ from moe.config import (
     config_hash,
     dumps_toml,
     set_dotted,
+    top_k_fits,
     valid_keys,
 )
 from moe.config.tomlio import read_toml as _read_toml
+from moe.errors import BadConfig
 
 
-class SpecError(ValueError):
+class SpecError(BadConfig):
     """A sweep spec is invalid; the one-line message says where and what to do."""
 
 
@@ -345,7 +347,7 @@ def _resolve(spec: SweepSpec, point: tuple[tuple[str, Any], ...]) -> RunConfig |
         set_dotted(data, key, value)
     model = data["model"]
     if _is_number(model.get("top_k")) and _is_number(model.get("n_experts")) \
-            and model["top_k"] > model["n_experts"]:
+            and not top_k_fits(model["top_k"], model["n_experts"]):
         return None
     return apply_overrides(data, ())
 

@@ -3,7 +3,9 @@
 A run's state comes from its files first (result.json = done; status.json's
 state, progress, loss and reason) and from the scheduler second: a run whose
 status.json still says pending/running but whose job the scheduler reports
-cancelled, failed, timed out, or no longer knows, is failed with that reason. A run
+cancelled, failed, timed out, or no longer knows, is failed with that reason; so is a
+`running` run whose training process is dead (`RunDir.writer`: the PID, start time and host
+its writer lock records, checked on this host), whatever started it. A run
 whose status.json or result.json cannot be parsed is reported `unreadable` with the
 reason, and every other run is reported as usual.
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from moe.procs import is_same_process_alive
 from moe.rundir import STATES, RunDir, UnreadableRunFile
 from moe.sweepdir import RUNS, SweepDir
 from moe.sweeps.plan import render_table
@@ -105,7 +109,23 @@ def run_status(run: RunDir, record: dict[str, Any], sched: dict[str, str] | None
         state, reason = "failed", "status.json says done but result.json is missing"
     if state in ("pending", "running") and job and sched is not None:
         state, reason = _reconcile(state, reason, job, sched.get(job))
+    gone = _writer_gone(run) if state == "running" else None
+    if gone:  # whatever the files or the scheduler say, its process has died
+        state, reason = "failed", gone
     return RunStatus(**fields, state=state, reason=reason)
+
+
+def _writer_gone(run: RunDir) -> str | None:
+    """Why the process recorded as training `run` is known to be dead; None when it is alive,
+    none is recorded, or it ran on another host (the scheduler answers for those)."""
+    writer = run.writer()
+    if writer is None:
+        return None
+    pid, start, host = writer
+    if host != socket.gethostname() or is_same_process_alive(pid, start):
+        return None
+    return (f"its training process {pid} on {host} is gone without marking the run "
+            "(killed); relaunch to resume from its last checkpoint")
 
 
 def _reconcile(state: str, reason: str | None, job: str, sched_state: str | None

@@ -6,6 +6,7 @@ groups task losses by. `list_tasks()` names them; `get_task(name)` returns one.
 
 from __future__ import annotations
 
+from moe.errors import BadInput
 from moe.tasks.base import EVAL_SEED, KINDS, Task, TaskData, TaskDataError, TaskItem
 from moe.tasks.pocket import POCKET_TASKS
 from moe.tasks.real import REAL_TASKS, task_data_dir
@@ -23,7 +24,7 @@ def get_task(name: str) -> Task:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(_REGISTRY)}") from None
+        raise BadInput(f"unknown task {name!r}; known tasks: {', '.join(_REGISTRY)}") from None
 
 
 __all__ = ["EVAL_SEED", "KINDS", "Task", "TaskData", "TaskDataError", "TaskItem", "get_task",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moe.config import DataConfig
+from moe.errors import BadConfig, BadInput
 from moe.tasks.answers import text_key
 
 KINDS = ("memorization", "reasoning")
@@ -23,7 +24,7 @@ EVAL_SEED = 1234
 """Seed for item subsets and shot draws: fixed, so every run of a sweep sees the same prompts."""
 
 
-class TaskDataError(ValueError):
+class TaskDataError(BadInput):
     """A task's data is missing or malformed; the message says which file and what to do."""
 
 
@@ -94,9 +95,9 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"task {self.name}: kind={self.kind!r} must be one of {KINDS}")
+            raise BadConfig(f"task {self.name}: kind={self.kind!r} must be one of {KINDS}")
         if self.n_shots < 0 or self.max_new_tokens < 0:
-            raise ValueError(f"task {self.name}: n_shots and max_new_tokens must be >= 0")
+            raise BadConfig(f"task {self.name}: n_shots and max_new_tokens must be >= 0")
 
     def load(self, data_cfg: DataConfig, *, max_items: int = 0,
              seed: int = EVAL_SEED) -> TaskData:

@@ -25,6 +25,7 @@ import torch
 
 from moe.checkpoint import load_verified, save_checkpoint
 from moe.config import config_hash
+from moe.errors import BadInput
 from moe.rundir import RunDir
 
 
@@ -80,7 +81,7 @@ def load_snapshot(run: RunDir, step: int, path, map_location: str | torch.device
     try:
         return load_verified(run, step, path, map_location, None)
     except ValueError as exc:
-        raise ValueError(f"snapshot {path} (step {step}) is unusable: {exc}") from None
+        raise BadInput(f"snapshot {path} (step {step}) is unusable: {exc}") from None
 
 
 def write_weights_run(run: RunDir, cfg, step: int, weights: dict[str, torch.Tensor],

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+from moe.errors import BadConfig
 from moe.kernels.permute import dispatch_rows, unsort_rows
 from moe.model.experts import combine, compute_dtype, make_dispatch_plan
 
@@ -97,7 +98,7 @@ def _all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int],
 def expert_block(n_experts: int, ep_size: int, ep_rank: int) -> slice:
     """The experts rank `ep_rank` of a group of `ep_size` holds."""
     if n_experts % ep_size:
-        raise ValueError(f"model.n_experts={n_experts} must be divisible by "
+        raise BadConfig(f"model.n_experts={n_experts} must be divisible by "
                          f"parallel.expert={ep_size}")
     n_local = n_experts // ep_size
     return slice(ep_rank * n_local, (ep_rank + 1) * n_local)
@@ -108,7 +109,7 @@ def make_expert_parallel(experts: nn.Module, group: dist.ProcessGroup) -> nn.Mod
     params = dict(experts.named_parameters(recurse=False))
     n_experts = next(iter(params.values())).shape[0]
     if any(p.shape[0] != n_experts for p in params.values()) or list(experts.children()):
-        raise ValueError(f"{type(experts).__name__}: expert parallelism needs every weight "
+        raise BadConfig(f"{type(experts).__name__}: expert parallelism needs every weight "
                          "to lead with the expert dimension")
     ep_size, ep_rank = dist.get_world_size(group), dist.get_rank(group)
     rows = expert_block(n_experts, ep_size, ep_rank)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ import torch.distributed as dist
 from moe.checkpoint import run_ids_of, save_checkpoint
 from moe.config import RunConfig, config_hash
 from moe.data.shards import TokenData, load_data
+from moe.errors import EXIT_TRAINING_FAILED, BadConfig, BadInput, UserError
 from moe.eval import EvalShard, evaluate_tasks, flat_results, load_tasks
 from moe.model import MoELM, precision
 from moe.params import resolve_tokens
@@ -40,10 +41,12 @@ from moe.rundir import RunDir
 from moe.train.averaging import WeightEMA, save_snapshot
 from moe.train.distributed import Dist
 from moe.train.parallel import Parallel, parallelize, shards_weights
-from moe.train.preempt import active_watch
-from moe.train.resources import apply_num_threads, check_resources
+from moe.train.preempt import PreemptionWatch, active_watch
+from moe.train.progress import Progress
+from moe.train.resources import apply_num_threads, check_resources, retain_freed_memory
 from moe.train.resume import load_newest, save_sharded_step
 from moe.train.schedule import build_optimizer, lr_at, total_steps
+from moe.train.signals import StopSignals, Terminated
 from moe.train.step import (
     StepStats,
     grad_accum_steps,
@@ -54,8 +57,10 @@ from moe.train.step import (
 from moe.train.tracking import Tracker, open_tracker
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(UserError, RuntimeError):
     """The run diverged (NaN/inf loss); status.json says where and why."""
+
+    exit_code = EXIT_TRAINING_FAILED
 
 
 def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
@@ -71,7 +76,7 @@ def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
         if config_hash(existing) != config_hash(cfg):
             if run.is_done() or run.list_checkpoints() or run.read_metrics():
                 what = "finished" if run.is_done() else "partly trained"
-                raise ValueError(f"{run.path} already holds a different run ({what}; its "
+                raise BadInput(f"{run.path} already holds a different run ({what}; its "
                                  "config.toml differs); use a new --out directory or the "
                                  "same config")
             run.update_status(state="pending", reason="config replaced before any training",
@@ -81,13 +86,26 @@ def prepare_run_dir(cfg: RunConfig, run: RunDir) -> None:
     run.write_config(cfg)
 
 
-def _progress_bar(n_steps: int, start: int, enabled: bool):
+def _progress(cfg: RunConfig, n_steps: int, start: int, enabled: bool) -> Progress | None:
+    """A bar on a terminal, else a line every log.progress_every_s (`moe.train.progress`)."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    return Progress(n_steps, start, cfg.train.batch_size * cfg.model.seq_len,
+                    every_s=cfg.log.progress_every_s)
 
-    return tqdm(total=n_steps, initial=start, unit="step", dynamic_ncols=True,
-                disable=not sys.stderr.isatty())
+
+@contextlib.contextmanager
+def _in_loop(watch: PreemptionWatch | None, stops: StopSignals) -> Iterator[None]:
+    """While the steps run, stop signals wait for the step boundary (a checkpoint first)."""
+    for handler in (watch, stops):
+        if handler is not None:
+            handler.in_loop = True
+    try:
+        yield
+    finally:
+        for handler in (watch, stops):
+            if handler is not None:
+                handler.in_loop = False
 
 
 def _metrics_row(step: int, n_steps: int, cfg: RunConfig, s: StepStats, lr: float,
@@ -134,9 +152,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
     """The model laid out by [parallel], and its optimizer (built on the sharded weights)."""
     apply_num_threads(cfg, device, ddp.world)
+    if device.type == "cpu":
+        retain_freed_memory()
     per_micro = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     if per_micro % ddp.world:
-        raise ValueError(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
+        raise BadConfig(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "
                          f"divisible by the {ddp.world} data-parallel ranks")
     torch.manual_seed(cfg.train.seed)
     model = MoELM(cfg.model).to(device)
@@ -156,18 +176,21 @@ def train_run(cfg: RunConfig, run_dir: RunDir | str | os.PathLike, *, progress: 
     Before anything is allocated or written the run's memory is estimated and refused
     when the machine (or GPU) cannot hold it. One process at a time trains a directory
     (`RunDir.writer_lock`, held until this returns); a failure once the directory holds
-    this run marks it failed with the reason.
+    this run marks it failed with the reason. SIGTERM and SIGHUP end the current step,
+    write a checkpoint and raise `Terminated` (`moe.train.signals`); the run is then
+    marked failed with the signal as the reason, and a rerun resumes.
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     ddp = Dist.current()
     if not run.is_done():  # a finished run only evaluates
         check_resources(cfg, pick_device(cfg.train), ddp.world)
     data = _load_inputs(cfg)  # a missing task file or a typo fails now, before any write
-    with run.writer_lock() if ddp.is_main else contextlib.nullcontext():
+    with run.writer_lock() if ddp.is_main else contextlib.nullcontext(), \
+            StopSignals() as stops:
         if ddp.is_main:
             run.clean_stale_tmp()
         try:
-            return _train_run(cfg, run, ddp, data, progress)
+            return _train_run(cfg, run, ddp, data, progress, stops)
         except TrainingFailed:
             raise  # status.json already says where and why
         except (Exception, KeyboardInterrupt) as exc:
@@ -182,8 +205,8 @@ def _mark_failed(run: RunDir, cfg: RunConfig, exc: BaseException) -> None:
         if run.is_done() or not run.has_config() or \
                 config_hash(run.read_config()) != config_hash(cfg):
             return
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
-            f"{type(exc).__name__}: {exc}"
+        reason = str(exc) if isinstance(exc, Terminated) else "interrupted" \
+            if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         run.update_status(state="failed", reason=reason[:500])
     except Exception:  # noqa: BLE001 - the original error is the one to report
         pass
@@ -192,15 +215,15 @@ def _mark_failed(run: RunDir, cfg: RunConfig, exc: BaseException) -> None:
 def _load_inputs(cfg: RunConfig) -> TokenData:
     data = load_data(cfg.data, cfg.model.seq_len)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+        raise BadConfig(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {data.tokenizer.vocab_size} ids")
     if cfg.eval.tasks:
         load_tasks(cfg)
     return data
 
 
-def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress: bool
-               ) -> dict[str, Any]:
+def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress: bool,
+               stops: StopSignals) -> dict[str, Any]:
     device = pick_device(cfg.train)
     if ddp.is_main:
         prepare_run_dir(cfg, run)
@@ -216,51 +239,59 @@ def _train_run(cfg: RunConfig, run: RunDir, ddp: Dist, data: TokenData, progress
         run.update_status(state="running", step=start, steps_total=n_steps,
                           tokens_total=tokens_total, reason=None)
     model.train()
-    t0 = t_last = time.time()
-    last_step = start
-    bar = _progress_bar(n_steps, start, progress and ddp.is_main)
+    t0 = time.time()
+    since = (start, t0)  # the last logged step and its time: tokens/s between log rows
+    bar = _progress(cfg, n_steps, start, progress and ddp.is_main)
     watch = active_watch()  # under submitit: a stop warning checkpoints at the step's end
-    if watch is not None:
-        watch.in_loop = True
-    for step in range(start, n_steps):
-        lr = lr_at(step, cfg.train, n_steps)
-        stats = train_step(model, opt, data, cfg, step, lr, device, ddp, par)
-        if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
-            raise _fail(run, ddp, step + 1, f"diverged: non-finite loss or gradient at step "
-                        f"{step + 1} (loss {stats.loss:.4g}, grad norm {stats.grad_norm:.4g}, "
-                        f"lr {lr:.3g})")
-        recent_ce = (recent_ce + [stats.ce])[-20:]
-        done = step + 1
-        ema.update(_unwrap(model), done)
-        if ddp.is_main and cfg.train.save_every and (done % cfg.train.save_every == 0
-                                                     or done == n_steps):
-            save_snapshot(run, done, _unwrap(model))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.3f}", refresh=False)
-        if ddp.is_main and (done % cfg.train.log_every == 0 or done == n_steps or done == 1):
-            now = time.time()
-            tps = (done - last_step) * cfg.train.batch_size * cfg.model.seq_len / (now - t_last)
-            t_last, last_step = now, done
-            row = _metrics_row(done, n_steps, cfg, stats, lr, tps)
-            run.append_metrics(row)
-            tracker.log(row)
-            run.update_status(step=done, tokens_done=min(tokens_total, done *
-                              cfg.train.batch_size * cfg.model.seq_len), last_loss=stats.loss)
-        if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 and done < n_steps:
-            _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
-        stop = watch is not None and watch.poll(ddp.world, device)
-        if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop:
-            _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
-        if stop:
-            watch.hand_over(ddp.rank)
-    if watch is not None:
-        watch.in_loop = False
+    with _in_loop(watch, stops):
+        for step in range(start, n_steps):
+            lr = lr_at(step, cfg.train, n_steps)
+            stats = train_step(model, opt, data, cfg, step, lr, device, ddp, par)
+            if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
+                raise _fail(run, ddp, step + 1, f"diverged: non-finite loss or gradient at "
+                            f"step {step + 1} (loss {stats.loss:.4g}, grad norm "
+                            f"{stats.grad_norm:.4g}, lr {lr:.3g})")
+            recent_ce = (recent_ce + [stats.ce])[-20:]
+            done = step + 1
+            ema.update(_unwrap(model), done)
+            if ddp.is_main and cfg.train.save_every and (done % cfg.train.save_every == 0
+                                                         or done == n_steps):
+                save_snapshot(run, done, _unwrap(model))
+            if bar is not None:
+                bar.update(done, stats.loss)
+            if ddp.is_main and (done % cfg.train.log_every == 0 or done in (1, n_steps)):
+                since = _log_step(run, tracker, cfg, done, n_steps, stats, lr, since)
+            if cfg.eval.every and cfg.eval.tasks and done % cfg.eval.every == 0 \
+                    and done < n_steps:
+                _periodic_eval(model, data, cfg, device, run, done, ddp, par, tracker)
+            signum = stops.poll(ddp.world, device)  # SIGTERM / SIGHUP on any rank
+            stop = watch is not None and watch.poll(ddp.world, device)
+            if done % cfg.train.checkpoint_every == 0 or done == n_steps or stop or signum:
+                _checkpoint(run, done, model, opt, cfg, ddp, par, recent_ce, ema)
+            if signum:
+                raise Terminated(signum, step=done)  # train_run marks the run failed
+            if stop:
+                watch.hand_over(ddp.rank)
     if bar is not None:
         bar.close()
     tracker.close()
     return _finish(run, cfg, model, data, device, ddp, recent_ce,
                    n_steps - start, time.time() - t0, par, ema)
+
+
+def _log_step(run: RunDir, tracker: Tracker, cfg: RunConfig, done: int, n_steps: int,
+              stats: StepStats, lr: float, since: tuple[int, float]) -> tuple[int, float]:
+    """Append the metrics row of step `done` and update status.json; returns the new `since`
+    (tokens/s is measured over the steps since the previous row)."""
+    now = time.time()
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    tps = (done - since[0]) * tokens_per_step / max(now - since[1], 1e-9)
+    row = _metrics_row(done, n_steps, cfg, stats, lr, tps)
+    run.append_metrics(row)
+    tracker.log(row)
+    run.update_status(step=done, tokens_done=min(resolve_tokens(cfg), done * tokens_per_step),
+                      last_loss=stats.loss)
+    return done, now
 
 
 def _run_tasks(model, data: TokenData, cfg: RunConfig, device: torch.device, ddp: Dist,
@@ -292,7 +323,7 @@ def _evaluate_missing(run: RunDir, cfg: RunConfig, data: TokenData, device: torc
     """
     result = run.read_result() or {}
     if result.get("run_id", config_hash(cfg)) not in run_ids_of(cfg):
-        raise ValueError(f"{run.path} holds the finished run {result.get('run_id')!r}, not "
+        raise BadInput(f"{run.path} holds the finished run {result.get('run_id')!r}, not "
                          f"{config_hash(cfg)!r}; use a new --out directory or its config")
     missing = [t for t in cfg.eval.tasks if task_column(t) not in result]
     if missing:

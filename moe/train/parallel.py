@@ -17,6 +17,7 @@
   as every other weight.
 - `activation_checkpointing`: each block's activations are recomputed in the backward
   pass (`torch.distributed._composable.checkpoint`, which keeps parameter names).
+- `train.compile` (default: on CUDA): each block's forward is `torch.compile`d in place.
 
 The expert mesh is ordered (ep, dp), so the shard a rank holds of an expert weight is
 DTensor's (Shard(0), Shard(0)) on it: the sharded checkpoints (`moe.train.dcp`) describe
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.config import RunConfig
+from moe.errors import BadConfig
 from moe.train.distributed import Dist
 from moe.train.expert_parallel import is_expert_parallel, make_expert_parallel
 
@@ -67,15 +71,15 @@ def check_layout(cfg: RunConfig, world: int) -> None:
     """One-line errors for a [parallel] section this job cannot run."""
     p = cfg.parallel
     if p.expert > 1 and p.data != "fsdp":
-        raise ValueError(f"parallel.expert={p.expert} needs parallel.data=\"fsdp\" (the "
+        raise BadConfig(f"parallel.expert={p.expert} needs parallel.data=\"fsdp\" (the "
                          "non-expert weights are sharded with FSDP2)")
     if world == 1:
         return  # one process holds everything, whatever the layout it was planned for
     if world % p.expert:
-        raise ValueError(f"parallel.expert={p.expert} must divide the {world} processes of "
+        raise BadConfig(f"parallel.expert={p.expert} must divide the {world} processes of "
                          "the job")
     if p.expert > 1 and cfg.model.n_experts % p.expert:
-        raise ValueError(f"model.n_experts={cfg.model.n_experts} must be divisible by "
+        raise BadConfig(f"model.n_experts={cfg.model.n_experts} must be divisible by "
                          f"parallel.expert={p.expert}")
 
 
@@ -96,6 +100,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dis
 
         for block in model.blocks:
             checkpoint(block)
+    if compiles(cfg, device):
+        compile_blocks(model)
     if ddp.world == 1 and not shards_weights(cfg):
         return model, par  # one process without a group: nothing to shard or reduce
     if pcfg.data == "ddp":
@@ -103,11 +109,46 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device, ddp: Dis
 
         return DistributedDataParallel(model), par
     if cfg.train.ema_decay or cfg.train.save_every:
-        raise ValueError("train.ema_decay and train.save_every keep whole copies of the weights "
+        raise BadConfig("train.ema_decay and train.save_every keep whole copies of the weights "
                          "and do not work with sharded weights yet: use parallel.data=\"ddp\" "
                          "or set them to 0")
     _fully_shard(model, par, device, bf16)
     return model, par
+
+
+COMPILE_BACKEND = "inductor"
+"""torch.compile's backend for `train.compile` (tests choose a cheaper one)."""
+
+
+def compiles(cfg: RunConfig, device: torch.device) -> bool:
+    """`train.compile`, or (unset) whether the run is on CUDA."""
+    return device.type == "cuda" if cfg.train.compile is None else cfg.train.compile
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every block's forward in place, as torchtitan does: per block, so DDP's
+    and FSDP2's hooks, activation checkpointing and parameter names stay as they are.
+
+    Training, validation and task scoring run the compiled blocks; a KV-cached generation
+    step (the block's `step` argument) runs eager: its cache is Python state that changes
+    every call and would recompile each layer at each length. The forward is a method
+    bound to its block, so a deep copy (the EMA weights) runs its own weights.
+    """
+    for block in model.blocks:
+        block.forward = types.MethodType(_compiled_block_forward, block)
+
+
+_COMPILED: dict[tuple[type, str], Callable] = {}
+
+
+def _compiled_block_forward(self, x_BTD, cos_TF, sin_TF, mask_N, step=None):
+    cls = type(self)
+    if step is not None:
+        return cls.forward(self, x_BTD, cos_TF, sin_TF, mask_N, step)
+    key = (cls, COMPILE_BACKEND)
+    if key not in _COMPILED:  # one compiled function for every block (the same code)
+        _COMPILED[key] = torch.compile(cls.forward, backend=COMPILE_BACKEND)
+    return _COMPILED[key](self, x_BTD, cos_TF, sin_TF, mask_N)
 
 
 def _fully_shard(model: nn.Module, par: Parallel, device: torch.device, bf16: bool) -> None:
@@ -197,5 +238,5 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-__all__ = ["Parallel", "check_layout", "clip_grad_norm", "grad_sync", "is_expert_parallel",
-           "parallelize", "shards_weights", "unwrap"]
+__all__ = ["Parallel", "check_layout", "clip_grad_norm", "compile_blocks", "compiles",
+           "grad_sync", "is_expert_parallel", "parallelize", "shards_weights", "unwrap"]

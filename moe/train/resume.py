@@ -21,6 +21,7 @@ from moe.checkpoint_dcp import (
     save_sharded,
 )
 from moe.config import RunConfig, config_hash
+from moe.errors import BadInput
 from moe.model import MoELM
 from moe.rundir import RunDir
 from moe.train.distributed import Dist
@@ -56,7 +57,7 @@ def load_newest(run: RunDir, model, opt, device, ddp: Dist, par: Parallel,
         path = run.sharded_checkpoint_path(newest[1])
         extra = load_sharded(path, unwrap(model), opt, expert_layouts(par))
         if extra.get("run_id") not in run_ids_of(cfg):
-            raise ValueError(f"{path} was written by run {extra.get('run_id')!r}, not "
+            raise BadInput(f"{path} was written by run {extra.get('run_id')!r}, not "
                              f"{config_hash(cfg)!r}: move it away or train into a new --out")
         torch.set_rng_state(extra["rng_cpu"])
         return int(extra["step"]), [float(x) for x in json.loads(extra.get("recent_ce", "[]"))]

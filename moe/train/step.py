@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from moe.config import RunConfig, TrainConfig
 from moe.data.shards import TokenData
+from moe.errors import BadConfig, MissingResource
 from moe.model import ModelOutput, precision
 from moe.model.lm import IGNORE_INDEX
 from moe.train.balance import all_ranks_sum, count_step_routing, routing_counts, step_balance_term
@@ -30,7 +31,7 @@ from moe.train.parallel import Parallel, clip_grad_norm, grad_sync
 
 def pick_device(tcfg: TrainConfig) -> torch.device:
     if tcfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but CUDA is not available; use train.device=cpu")
+        raise MissingResource("train.device='cuda' but CUDA is not available; use train.device=cpu")
     if tcfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(tcfg.device)
@@ -62,7 +63,7 @@ def grad_accum_steps(cfg: RunConfig, world: int) -> int:
     if not micro:
         return cfg.train.grad_accum
     if cfg.train.batch_size % (micro * world):
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+        raise BadConfig(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                          f"parallel.micro_batch={micro} x {world} ranks")
     return cfg.train.batch_size // (micro * world)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from moe.config import RunConfig
 from moe.config.schema import LogConfig
+from moe.errors import MissingResource
 from moe.rundir import RunDir
 from moe.sweepdir import SweepDir
 
@@ -98,7 +99,7 @@ def _import(tracker: str):
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise ValueError(f"log.tracker={tracker!r} needs the {package} package: "
+        raise MissingResource(f"log.tracker={tracker!r} needs the {package} package: "
                          f"pip install {package}") from None
 
 

@@ -17,6 +17,7 @@ from moe.analysis.lawforms import (
     ludziejewski,
 )
 from moe.analysis.lawforms.base import LawForm
+from moe.errors import BadInput
 
 REGISTRY: dict[str, LawForm] = {m.LAW.name: m.LAW for m in (
     chinchilla, chinchilla_tied, kaplan, gadre, clark, krajewski, ludziejewski)}
@@ -30,4 +31,4 @@ def get(name: str) -> LawForm:
     if name in REGISTRY:
         return REGISTRY[name]
     why = f" ({NOT_REGISTERED[name]})" if name in NOT_REGISTERED else ""
-    raise ValueError(f"unknown law {name!r}{why}; choose one of {', '.join(REGISTRY)}")
+    raise BadInput(f"unknown law {name!r}{why}; choose one of {', '.join(REGISTRY)}")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from moe.errors import BadInput
+
 LOG_N_RANGE = (np.log(1e3), np.log(1e15))
 
 
@@ -39,11 +41,11 @@ class Budget:
 
     def __post_init__(self):
         if not self.flops > 0 and self.n is None:
-            raise ValueError(f"the compute budget must be > 0 FLOPs, got {self.flops}")
+            raise BadInput(f"the compute budget must be > 0 FLOPs, got {self.flops}")
         if self.memory_bytes is not None and not self.memory_bytes > 0:
-            raise ValueError(f"the memory limit must be > 0 bytes, got {self.memory_bytes}")
+            raise BadInput(f"the memory limit must be > 0 bytes, got {self.memory_bytes}")
         if not 0 < self.expert_share <= 1:
-            raise ValueError(f"expert_share must be in (0, 1], got {self.expert_share}")
+            raise BadInput(f"expert_share must be in (0, 1], got {self.expert_share}")
 
     def total_params(self, n_active: float, e: float) -> float:
         """Total parameters of an MoE with ``n_active`` active parameters and ``e`` experts."""
@@ -63,7 +65,7 @@ def best_n(loss_at, budget: Budget, n_max: float = np.inf) -> tuple[float, float
     """(N_opt, loss) minimising ``loss_at(N, D)`` along D = C / FLOPs-per-token(N), N <= n_max."""
     hi = min(LOG_N_RANGE[1], np.log(n_max))
     if hi <= LOG_N_RANGE[0]:
-        raise ValueError(f"the memory limit allows at most {n_max:.3g} parameters")
+        raise BadInput(f"the memory limit allows at most {n_max:.3g} parameters")
 
     def f(log_n):
         n = np.exp(log_n)
@@ -99,6 +101,6 @@ def expert_optimum(predict, p: dict, budget: Budget) -> dict:
                      "n_total": budget.total_params(n_opt, e), "loss": loss,
                      "memory_bound": bool(np.isfinite(n_max) and n_opt > 0.999 * n_max)})
     if not rows:
-        raise ValueError("no expert count fits in the memory limit")
+        raise BadInput("no expert count fits in the memory limit")
     best = min(rows, key=lambda r: r["loss"])
     return {**best, "by_experts": rows}

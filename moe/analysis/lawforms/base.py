@@ -22,6 +22,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from moe.analysis import _lse, identify
+from moe.errors import BadInput
 
 DELTA = _lse.HUBER_DELTA
 
@@ -132,7 +133,7 @@ def search(law: LawForm, x: dict, loss: np.ndarray, *, n_refine: int = 4,
         if f < best_f:
             best, best_f = p, f
     if best is None:
-        raise ValueError(f"the {law.name} law could not be fitted (no finite objective)")
+        raise BadInput(f"the {law.name} law could not be fitted (no finite objective)")
     return best, best_f
 
 

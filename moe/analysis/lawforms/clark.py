@@ -21,6 +21,7 @@ import numpy as np
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis import laws
 from moe.analysis.lawforms.base import LawForm, objective
+from moe.errors import BadInput
 
 PUBLISHED = {"a": -0.082, "b": -0.108, "c": 0.009, "d": 1.104, "e_start": 1.847,
              "e_max": 314.478}
@@ -50,13 +51,13 @@ def screen(x: dict, loss) -> list:
 
 def optimum(p: dict, budget: allocate.Budget) -> dict:
     if budget.n is None:
-        raise ValueError("the clark-routed law has no tokens: give the active parameters "
+        raise BadInput("the clark-routed law has no tokens: give the active parameters "
                          "(--n) and a memory limit (--memory) to choose E")
     rows = [{"experts": int(e), "loss": float(predict({"n": budget.n, "e": e}, p)),
              "n_total": budget.total_params(budget.n, e)} for e in budget.experts
             if budget.n <= budget.max_active(e)]
     if not rows:
-        raise ValueError("no expert count fits in the memory limit at this N")
+        raise BadInput("no expert count fits in the memory limit at this N")
     return {**min(rows, key=lambda r: r["loss"]), "n_active": budget.n, "by_experts": rows}
 
 

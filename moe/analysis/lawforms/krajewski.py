@@ -18,6 +18,7 @@ import numpy as np
 
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis.lawforms.base import LawForm, linear_candidates
+from moe.errors import BadInput
 
 PUBLISHED = {"a": 18.1, "alpha": 0.115, "b": 30.8, "beta": 0.147, "g": 2.1, "gamma": 0.58,
              "c": 0.47}
@@ -47,7 +48,7 @@ def screen(x: dict, loss) -> list:
 
 def optimum(p: dict, budget: allocate.Budget) -> dict:
     if budget.granularity is None:
-        raise ValueError("the krajewski-granularity law needs the granularity (--granularity)")
+        raise BadInput("the krajewski-granularity law needs the granularity (--granularity)")
     g = budget.granularity
     out = allocate.dense_optimum(lambda x, q: predict({**x, "g": g}, q), p, budget)
     return {**out, "granularity": g}
