@@ -4,12 +4,12 @@ Goals (2 quiet CPU cores): the whole fit, global search included, <= 25 ms (medi
 the same optimum (objective 0.0010183); 1,000 bootstrap resamples <= 5 s. Then each
 registry law's fit time (median of ``--repeats``) on its synthetic table from the paper's
 published coefficients (moe.analysis.synthetic.law_tables). On a machine shared with other
-work, compare CPU seconds and ratios, not wall time against the goals. Also times the identifiability
-checks (Hessian condition) and the fit with Epoch's 4,500 starts added to the screen.
-``--epoch-baseline`` also times the naive Epoch procedure (L-BFGS-B with
+work, compare CPU seconds and ratios, not wall time against the goals. Also times the
+identifiability checks (Hessian condition) and the fit with Epoch's 4,500 starts added to
+the screen. ``--epoch-baseline`` also times the naive Epoch procedure (L-BFGS-B with
 analytic gradients from each of the 4,500 grid starts; about two minutes).
 
-    python benchmarks/bench_fit.py [--resamples 1000] [--repeats 3] [--epoch-baseline]
+    python benchmarks/bench_fit.py [--resamples 1000] [--repeats 7] [--epoch-baseline]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from moe.analysis import _lse, fit, lawforms, synthetic
-from moe.analysis.lawforms import base as lawform_base
 from moe.analysis._threads import single_thread_blas
 from moe.analysis.bootstrap import bootstrap_fit
+from moe.analysis.lawforms import base as lawform_base
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / \
     "chinchilla_fig4_epoch_extraction.csv"
@@ -54,7 +54,7 @@ def law_rows(repeats: int) -> list:
         law = lawforms.get(name)
         loss = law.predict(x, truth) * np.exp(
             np.random.default_rng(0).normal(0, 0.002, len(x["n"])))
-        fits = [timed(lambda law=law, loss=loss: lawform_base.fit(law, x, loss))
+        fits = [timed(lambda law=law, x=x, loss=loss: lawform_base.fit(law, x, loss))
                 for _ in range(repeats)]
         out.append((f"law {name} ({len(loss)} points, {len(law.params)} params)",
                     statistics.median(f[1] for f in fits),

@@ -225,3 +225,26 @@ def test_approach2_always_reports_its_bias_on_the_grid_and_blocks_a_biased_verdi
     record = near.to_dict()
     assert record["method_bias"]["law"].startswith("the Approach-3 law of the same rows")
     assert set(record["intervals"]) == {"a", "b", "n_prefactor", "d_prefactor"}
+
+
+def test_cli_window_flag_reaches_the_fit_json(tmp_path):
+    import argparse
+    import json
+
+    from moe.app import analysis_cmd
+
+    truth = {"E": 1.7, "A": 300.0, "B": 3000.0, "alpha": 0.28, "beta": 0.40}
+    n, loss, c = _drifting_isoflop_grid(truth)
+    path, out = tmp_path / "iso.csv", tmp_path / "iso.json"
+    pd.DataFrame({"params": n, "C": c, "val_loss": loss}).to_csv(path, index=False)
+    parser = argparse.ArgumentParser(prog="moe")
+    analysis_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["fit", str(path), "--approach", "2", "--n-col", "params",
+                              "--c-col", "C", "--window", "nearest:5", "--bootstrap", "10",
+                              "-o", str(out)])
+    assert args.func(args) == 0
+    record = json.loads(out.read_text())
+    a_true = truth["beta"] / (truth["alpha"] + truth["beta"])
+    assert record["window"] == "nearest:5" and record["a"] == pytest.approx(a_true, rel=0.01)
+    assert abs(record["method_bias"]["relative"]) < 0.01
+    assert "bootstrap intervals (10 resamples)" in record["checks"]["ran"]

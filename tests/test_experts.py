@@ -289,12 +289,17 @@ def test_no_host_sync_in_the_moe_layer_forward(backend):
     ffn = MoELM(cfg).cuda().blocks[0].ffn
     x = torch.randn(4, 64, 64, device="cuda")
     mask = torch.ones(4 * 64, dtype=torch.bool, device="cuda")
+    _runs_without_host_sync(lambda: ffn(x, mask))
+
+
+def _runs_without_host_sync(fn) -> None:
+    """fn() under bf16 autocast, its second call with CUDA's sync debug mode raising."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        ffn(x, mask)  # warm-up: Triton's autotuning synchronises, once
+        fn()  # warm-up: Triton's autotuning synchronises, once
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            ffn(x, mask)
+            fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -317,14 +322,7 @@ def test_no_host_sync_in_the_model_forward_and_the_step_balance_loss(backend):
         lb = step_balance_term(out, routing_counts(out), cfg.top_k, n_parts=1)
         return out.ce_loss + 1e-2 * lb + 1e-3 * out.z_loss
 
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        micro_step()  # warm-up: Triton's autotuning synchronises, once
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            micro_step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    _runs_without_host_sync(micro_step)
 
 
 @gpu

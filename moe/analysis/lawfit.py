@@ -104,10 +104,10 @@ def compare(names, train: pd.DataFrame, test: pd.DataFrame, cols: Columns, *,
                      "reason": result.verdict.reason, "n_params": len(law.params),
                      "n_train": len(loss), "n_test": len(loss_t), "params": result.params})
     pool = [r for r in rows if r["identified"]] or rows
-    chosen = min(pool, key=lambda r: r["held_out_mean_abs_rel_error"])
-    best = chosen["held_out_mean_abs_rel_error"]
-    ties = [r["law"] for r in pool if r is not chosen
-            and abs(r["held_out_mean_abs_rel_error"] - best) <= 1e-6 * max(best, 1e-12)]
+    best = min(r["held_out_mean_abs_rel_error"] for r in pool)
+    tied = [r for r in pool if r["held_out_mean_abs_rel_error"] <= best * (1 + 1e-6) + 1e-15]
+    chosen = tied[0]  # among laws tied to 1e-6 (the same family), the first one asked for
+    ties = [r["law"] for r in tied[1:]]
     return {"laws": rows, "chosen": chosen["law"], "tied_with": ties,
             "chosen_among": "identified laws" if pool is not rows else
             "all laws (none is identified)",

@@ -252,6 +252,31 @@ def _force_flag(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add ``fit``, ``predict``, ``plot`` and ``report`` to an argparse subparsers object."""
+    _register_fit(subparsers)
+    _register_predict(subparsers)
+    p = subparsers.add_parser("plot", help="draw the paper figures (PNG and PDF)")
+    p.add_argument("source", help="sweep directory or results table")
+    p.add_argument("-o", "--output", required=True, help="figure directory")
+    _force_flag(p)
+    _column_flags(p, full=True)
+    p.set_defaults(func=_plot)
+
+    p = subparsers.add_parser("report", help="write a Markdown report: fits, optima, figures")
+    p.add_argument("source", help="sweep directory or results table")
+    p.add_argument("-o", "--output", default=None,
+                   help="report.md (default); with --findings-only, FILE.json (optional)")
+    p.add_argument("--fig-dir", default=None, help="default: figures/ next to the report")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="K",
+                   help="resamples (the findings use at least 1000)")
+    p.add_argument("--findings-only", action="store_true",
+                   help="only the paper's findings: print them, and write -o FILE.json")
+    p.add_argument("--seed", type=int, default=0)
+    _force_flag(p)
+    _column_flags(p, full=True)
+    p.set_defaults(func=_report)
+
+
+def _register_fit(subparsers) -> None:
     p = subparsers.add_parser("fit", help="fit a scaling law (Approach 3) or IsoFLOP profiles "
                                           "(Approach 2) to a results table")
     p.add_argument("table", help="results table (.csv or .parquet) or a sweep directory")
@@ -286,6 +311,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", default=None, help="fit.json")
     p.set_defaults(func=_fit)
 
+
+def _register_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predicted loss at (N, D, ...) from a fit.json, "
                                               "or the best allocation of a budget (--optimize)")
     p.add_argument("fit", help="fit.json written by `moe fit` (Approach 3 or a registry law)")
@@ -304,24 +331,3 @@ def register(subparsers) -> None:
                    help="share of active parameters in the routed experts (memory model)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_predict)
-
-    p = subparsers.add_parser("plot", help="draw the paper figures (PNG and PDF)")
-    p.add_argument("source", help="sweep directory or results table")
-    p.add_argument("-o", "--output", required=True, help="figure directory")
-    _force_flag(p)
-    _column_flags(p, full=True)
-    p.set_defaults(func=_plot)
-
-    p = subparsers.add_parser("report", help="write a Markdown report: fits, optima, figures")
-    p.add_argument("source", help="sweep directory or results table")
-    p.add_argument("-o", "--output", default=None,
-                   help="report.md (default); with --findings-only, FILE.json (optional)")
-    p.add_argument("--fig-dir", default=None, help="default: figures/ next to the report")
-    p.add_argument("--bootstrap", type=int, default=200, metavar="K",
-                   help="resamples (the findings use at least 1000)")
-    p.add_argument("--findings-only", action="store_true",
-                   help="only the paper's findings: print them, and write -o FILE.json")
-    p.add_argument("--seed", type=int, default=0)
-    _force_flag(p)
-    _column_flags(p, full=True)
-    p.set_defaults(func=_report)

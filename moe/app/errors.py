@@ -18,7 +18,9 @@ the exit code. The codes are documented in README.md ("Reliability"):
     69  a missing resource: a package (an extra of the install: named with its pip line),
         a GPU, a kernel backend, the scheduler, or a run directory another process trains
     70  internal error: a bug in the toolkit (the traceback is saved to a file)
+    129 `moe train` stopped by SIGHUP after a checkpoint (moe.train.signals)
     130 interrupted (Ctrl-C)
+    143 `moe train` stopped by SIGTERM after a checkpoint (moe.train.signals)
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ EXIT_USAGE = EXIT_BAD_INPUT
 EXIT_PERMISSION = 4
 EXIT_OS = 5
 EXIT_INTERRUPTED = 130
+EXIT_SIGHUP = 129  # 128 + the signal number, as a shell reports it: moe.train.signals
+EXIT_SIGTERM = 143
 CRASH_DIR_ENV = "MOE_CRASH_DIR"
 DEBUG_ENV = "MOE_DEBUG"
 EXTRAS = {"torch": "train", "submitit": "train"}

@@ -43,7 +43,7 @@ from moe.train.distributed import Dist
 from moe.train.parallel import Parallel, parallelize, shards_weights
 from moe.train.preempt import PreemptionWatch, active_watch
 from moe.train.progress import Progress
-from moe.train.resources import apply_num_threads, check_resources
+from moe.train.resources import apply_num_threads, check_resources, retain_freed_memory
 from moe.train.resume import load_newest, save_sharded_step
 from moe.train.schedule import build_optimizer, lr_at, total_steps
 from moe.train.signals import StopSignals, Terminated
@@ -152,6 +152,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _setup(cfg: RunConfig, device: torch.device, ddp: Dist):
     """The model laid out by [parallel], and its optimizer (built on the sharded weights)."""
     apply_num_threads(cfg, device, ddp.world)
+    if device.type == "cpu":
+        retain_freed_memory()
     per_micro = cfg.train.batch_size // grad_accum_steps(cfg, ddp.world)
     if per_micro % ddp.world:
         raise BadConfig(f"train.batch_size / train.grad_accum = {per_micro} sequences must be "

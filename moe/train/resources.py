@@ -14,6 +14,8 @@ because a step is thousands of small ops and every one waits for the slower thre
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import time
@@ -141,6 +143,25 @@ def apply_num_threads(cfg: RunConfig, device: torch.device, world: int = 1) -> i
     if isinstance(wanted, int) and wanted > 0:
         torch.set_num_threads(wanted)
     return torch.get_num_threads()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's mallopt parameters (malloc.h)."""
+
+
+def retain_freed_memory() -> bool:
+    """Keep memory that torch frees on the heap for the next step (glibc; False elsewhere).
+
+    By default glibc maps blocks above a moving threshold straight from the kernel and
+    returns the heap's free top to it, so every training step faults its activations' pages
+    in again: 1-2k page faults per pocket step, 5-13% of its CPU time. Blocks up to 32 MiB
+    now come from the heap, which is trimmed only above 1 GiB free.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def check_resources(cfg: RunConfig, device: torch.device, world: int = 1) -> None:
