@@ -30,10 +30,11 @@ from moe.params import estimate_train_memory, train_flops_per_token
 THREADS_PER_CPU = 4
 """train.num_threads above this many per CPU core is refused (oversubscription, crashes)."""
 GiB = 1 << 30
-MIN_FLOPS_PER_THREAD = 3e9
+MIN_FLOPS_PER_THREAD = 2.5e9
 """Training FLOPs of one micro-batch per thread below which another thread costs more in
-per-op hand-offs than it adds (between d_model 64, where 1 thread wins, and 128, where 2
-win, at 16 x 128 tokens: bench_cpu.py)."""
+per-op hand-offs than it adds. Measured on 2 idle-ish cores at 16 x 128 tokens
+(bench_cpu.py): pocket-tiny (d_model 64, E8 k2, 2.2 GFLOP) ran 3.7x slower on 2 threads,
+d_model 64 E16 k8 (5.9 GFLOP) 1.7x faster."""
 FREE_SLACK = 0.25
 """A core counts as free when other processes keep it busy less than this fraction."""
 CORES_ENV = "OMP_NUM_THREADS"
