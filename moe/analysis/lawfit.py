@@ -17,7 +17,7 @@ from moe.analysis.tables import TableError, used_columns
 
 # law variable -> (Columns role, what it is)
 VARIABLES = {"n": ("n", "parameters"), "d": ("d", "tokens"), "e": ("n_experts", "experts"),
-             "g": ("granularity", "granularity")}
+             "g": ("granularity", "granularity"), "s": ("sparsity", "sparsity (1 - k/E)")}
 
 
 def inputs(df: pd.DataFrame, law: base.LawForm, cols: Columns, *, c_col: str | None = None,
@@ -35,8 +35,16 @@ def inputs(df: pd.DataFrame, law: base.LawForm, cols: Columns, *, c_col: str | N
                              f"table (map it with {flag}); the table has: {shown}")
         names[var] = col
     names["loss"] = cols.loss
-    values, _ = used_columns(df, list(names.values()), purpose=f"the {law.name} fit",
+    purpose = f"the {law.name} fit"
+    values, _ = used_columns(df, list(names.values()), purpose=purpose, positive=False,
                              min_points=min_points)
+    for j, (var, col) in enumerate(names.items()):  # sparsity is a share: 0 (dense) is valid
+        bad = (values[:, j] < 0) | (values[:, j] >= 1) if var == "s" else values[:, j] <= 0
+        if bad.any():
+            what, rule = ("outside [0, 1)", "in [0, 1)") if var == "s" else ("non-positive",
+                                                                          "> 0")
+            raise TableError(f"column {col!r} has {int(bad.sum())} {what} value(s); {purpose} "
+                             f"needs every value {rule}")
     x = {var: values[:, j] for j, var in enumerate(law.variables)}
     if c_col and "d" in x:
         x["d"] = x["d"] / (6.0 * x["n"])

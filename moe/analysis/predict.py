@@ -11,7 +11,8 @@ from moe.analysis.fit import PARAM_NAMES, predict_params
 from moe.analysis.lawforms import allocate
 from moe.errors import BadInput
 
-VARIABLE_NAMES = {"n": "N", "d": "D", "e": "E (experts)", "g": "G (granularity)"}
+VARIABLE_NAMES = {"n": "N", "d": "D", "e": "E (experts)", "g": "G (granularity)",
+                  "s": "S (sparsity)"}
 
 
 def check_record(record, path: str) -> str:
@@ -51,7 +52,10 @@ def range_warnings(record: dict, x: dict) -> list[str]:
         if var not in x or x[var] is None:
             continue
         v = float(x[var])
-        if v > hi or v < lo:
+        if var == "s" and not lo <= v <= hi:  # a share in [0, 1): no ratio to report
+            out.append(f"S = {v:.4g} is outside the fitted range [{lo:.4g}, {hi:.4g}]: "
+                       "an extrapolation")
+        elif var != "s" and (v > hi or v < lo):
             factor = v / hi if v > hi else lo / v
             side = "above the largest" if v > hi else "below the smallest"
             out.append(f"{VARIABLE_NAMES.get(var, var)} = {v:.4g} is {factor:.3g}x {side} "
@@ -61,17 +65,20 @@ def range_warnings(record: dict, x: dict) -> list[str]:
 
 def predict_from_record(record: dict, n: float | None, d: float | None = None, *,
                         e: float | None = None, g: float | None = None,
-                        level: float | None = None, path: str = "the fit file") -> dict:
+                        s: float | None = None, level: float | None = None,
+                        path: str = "the fit file") -> dict:
     """{"loss", "interval", "level", "identified", "warnings", "range_warnings", ...} at
-    N = ``n``, D = ``d`` and, for MoE laws, E = ``e`` experts and granularity G = ``g``."""
+    N = ``n``, D = ``d`` and, for MoE laws, E = ``e`` experts, granularity G = ``g`` or
+    sparsity S = ``s``."""
     law = check_record(record, path)
-    x = {"n": n, "d": d, "e": e, "g": g}
+    x = {"n": n, "d": d, "e": e, "g": g, "s": s}
     for var in variables_of(law):
         value = x.get(var)
-        if value is None or not value > 0:
-            flag = {"n": "--n", "d": "--d", "e": "--e", "g": "--g"}[var]
-            raise BadInput(f"the {law} law needs {flag} "
-                             f"({VARIABLE_NAMES[var]}) > 0, got {value}")
+        ok = value is not None and (0 <= value < 1 if var == "s" else value > 0)
+        if not ok:
+            rule = "in [0, 1)" if var == "s" else "> 0"
+            raise BadInput(f"the {law} law needs --{var} ({VARIABLE_NAMES[var]}) {rule}, "
+                           f"got {value}")
     x = {k: float(x[k]) for k in variables_of(law)}
     loss = float(_evaluate(law, record["params"], x))
     boot = record.get("bootstrap") or {}

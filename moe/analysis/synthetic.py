@@ -163,8 +163,10 @@ def _with_tokens(x: dict) -> dict:
 
 def law_tables() -> dict:
     """{law name: (its paper's published coefficients, a design table {role: array})} for
-    each registry law (the coefficients and their sources are in each law's module)."""
+    each registry law (the coefficients and their sources are in each law's module; for
+    abnar-sparsity, whose fitted values were not reachable, a planted set: see its module)."""
     from moe.analysis.lawforms import (
+        abnar,
         chinchilla,
         chinchilla_tied,
         clark,
@@ -184,4 +186,7 @@ def law_tables() -> dict:
             n=np.geomspace(1e8, 4e9, 5), d=np.geomspace(1e9, 1e11, 4), g=[1, 2, 4, 8, 16])),
         "ludziejewski-joint": (ludziejewski.PUBLISHED, _with_tokens(_grid(
             n=np.geomspace(5e7, 2.7e9, 5), tpp=[4, 16, 64], e=[1, 2, 4, 8, 16, 32]))),
+        "abnar-sparsity": (abnar.PLANTED, _grid(  # the paper's sparsities, S = 0.98 included
+            n=np.geomspace(1e8, 4e9, 5), d=np.geomspace(2e9, 1e11, 4),
+            s=[0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98])),
     }

@@ -130,7 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.optimize:
         out = _optimize(record, args, str(path))
     else:
-        out = predict.predict_from_record(record, args.n, args.d, e=args.e, g=args.g,
+        out = predict.predict_from_record(record, args.n, args.d, e=args.e, g=args.g, s=args.s,
                                           path=str(path))
     _warn(record, f"fit {path}")
     for text in out.get("range_warnings", []):
@@ -320,6 +320,7 @@ def _register_predict(subparsers) -> None:
     p.add_argument("--d", type=float, default=None, help="tokens")
     p.add_argument("--e", type=float, default=None, help="experts (MoE laws)")
     p.add_argument("--g", type=float, default=None, help="granularity (krajewski-granularity)")
+    p.add_argument("--s", type=float, default=None, help="sparsity 1 - k/E (abnar-sparsity)")
     p.add_argument("--optimize", action="store_true",
                    help="what to train with --flops C (and --memory M bytes): N_opt, D_opt, "
                         "and for MoE laws the best number of experts")

@@ -8,6 +8,7 @@ optimal allocation the paper defines. docs/laws.md has one section per law.
 from __future__ import annotations
 
 from moe.analysis.lawforms import (
+    abnar,
     chinchilla,
     chinchilla_tied,
     clark,
@@ -20,15 +21,11 @@ from moe.analysis.lawforms.base import LawForm
 from moe.errors import BadInput
 
 REGISTRY: dict[str, LawForm] = {m.LAW.name: m.LAW for m in (
-    chinchilla, chinchilla_tied, kaplan, gadre, clark, krajewski, ludziejewski)}
-# Abnar et al. 2025 (arXiv 2501.12370) is not in the registry: see docs/laws.md, "abnar-sparsity".
-NOT_REGISTERED = {"abnar-sparsity": "its published law form and coefficients could not be "
-                                    "checked against the paper in this version (docs/laws.md)"}
+    chinchilla, chinchilla_tied, kaplan, gadre, clark, krajewski, ludziejewski, abnar)}
 
 
 def get(name: str) -> LawForm:
     """The law called ``name``; an unknown name lists the registry."""
     if name in REGISTRY:
         return REGISTRY[name]
-    why = f" ({NOT_REGISTERED[name]})" if name in NOT_REGISTERED else ""
-    raise BadInput(f"unknown law {name!r}{why}; choose one of {', '.join(REGISTRY)}")
+    raise BadInput(f"unknown law {name!r}; choose one of {', '.join(REGISTRY)}")

@@ -21,7 +21,7 @@ def _data_issues(law: base.LawForm, x: dict) -> list:
     issues = []
     for role in law.variables:
         v = np.asarray(x[role], dtype=float)
-        if role in ("e", "g"):
+        if role in ("e", "g", "s"):
             if len(np.unique(v)) < 2:
                 issues.append(identify.Issue(message=f"{role.upper()} takes one value: the "
                                              "law's terms in it cannot be fitted"))

@@ -5,13 +5,13 @@ Ludziejewski et al. 2025, "Joint MoE Scaling Laws: Mixture of Experts Can Be Mem
 Efficient", arXiv 2502.05172, eq. 4 (fit: a = 35.91, alpha = -0.1889, delta = 0.2285,
 gamma = -0.0098, b = 35.98, beta = -0.1775, omega = -0.5529, zeta = 0.0259, c = 1.3637;
 exponents are signed, N_act active parameters, D tokens, E experts, E = 1 a dense model).
-The paper writes E_hat, a transformed expert count; this module uses E_hat = E (its
-transform's constants are not restated here), so fitted delta, gamma, omega, zeta are
-for E itself. Solver: the dense slice (delta = gamma = omega = zeta = 0) by variable
-projection over (alpha, beta) with exact NNLS for (a, b, c), then trust-region refinement
-of all nine. Optimum: the best E, N_act and D at compute C = 6 N_act D under a memory
-limit on total parameters (see :mod:`moe.analysis.lawforms.allocate`), the paper's
-memory-constrained question.
+The paper writes E_hat, a transformed expert count; this module uses E_hat = E (the
+transform's definition was not found in this project's sources: docs/laws.md), so fitted
+delta, gamma, omega, zeta are for E itself. Solver: the dense slice (delta = gamma =
+omega = zeta = 0) by variable projection over (alpha, beta) with exact NNLS for (a, b, c),
+then trust-region refinement of all nine. Optimum: the best E, N_act and D at compute
+C = 6 N_act D under a memory limit on total parameters (see
+:mod:`moe.analysis.lawforms.allocate`), the paper's memory-constrained question.
 """
 
 from __future__ import annotations
