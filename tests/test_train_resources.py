@@ -29,20 +29,14 @@ def step_flops(cfg: RunConfig) -> float:
 
 
 @pytest.mark.parametrize("d_model", [32, 48, 64])
-def test_pocket_models_take_one_thread_even_on_two_quiet_cores(d_model):
-    # measured: pocket-tiny (d_model 64, E8 k2) trains 3.7x slower on 2 threads than on 1
+def test_pocket_models_take_the_idle_cores_and_no_busy_one(d_model):
+    # measured on 2 cores: 1.3-1.6x faster on 2 idle cores, 2-3x slower beside a busy loop
     for experts in (["model.n_experts=32", "model.top_k=1"],
-                    ["model.n_experts=8", "model.top_k=2"]):
+                    ["model.n_experts=8", "model.top_k=2"],
+                    ["model.n_experts=16", "model.top_k=8"]):
         cfg = load_config(POCKET_TINY, [f"model.d_model={d_model}", *experts])
-        assert choose_num_threads(flops_per_step=step_flops(cfg), cores=2, busy_cores=0.0) == 1
-
-
-def test_the_largest_pocket_science_model_takes_two_free_cores_only():
-    # measured: d_model 64 E16 k8 trains 1.7x faster on 2 idle cores, 2x slower beside a
-    # busy loop
-    cfg = load_config(POCKET_TINY, ["model.d_model=64", "model.n_experts=16", "model.top_k=8"])
-    assert choose_num_threads(flops_per_step=step_flops(cfg), cores=2, busy_cores=0.0) == 2
-    assert choose_num_threads(flops_per_step=step_flops(cfg), cores=2, busy_cores=1.0) == 1
+        assert choose_num_threads(flops_per_step=step_flops(cfg), cores=2, busy_cores=0.0) == 2
+        assert choose_num_threads(flops_per_step=step_flops(cfg), cores=2, busy_cores=1.0) == 1
 
 
 def test_a_large_model_takes_every_free_core_and_no_busy_one():
@@ -151,7 +145,7 @@ opt = build_optimizer(model, cfg.train)
 idx = torch.randint(0, 258, (16, 128))
 
 def faults_per_step():
-    for _ in range(3):  # the heap settles
+    for _ in range(6):  # the heap settles
         model(idx, idx).ce_loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
@@ -170,5 +164,5 @@ def test_retained_memory_stops_the_page_faults_of_every_step():
     out = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True,
                          check=True, timeout=300)
     default, retained = map(float, out.stdout.split())
-    assert default > 200  # each step faulted its activations in again
-    assert retained < default / 10
+    assert retained < 50  # a settled step reuses the heap (default: 180-1,700 faults a step)
+    assert retained < default

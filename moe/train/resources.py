@@ -5,11 +5,12 @@ the device the run will use (the GPU's, or the machine's RAM: the smaller of
 physical memory and the cgroup limit) and the thread count with the CPUs.
 
 `train.num_threads = "auto"` picks the CPU thread count at start (`auto_num_threads`):
-more threads pay only when each of torch's ops is big enough to split, and never on a
-core another process keeps busy (docs/architecture.md, "CPU threads"). Measured on 2
-cores (benchmarks/bench_cpu.py): a pocket model (d_model 32-64) trains 2-3x slower on 2
-threads than on 1 even on a quiet machine, and up to 11x slower beside another job,
-because a step is thousands of small ops and every one waits for the slower thread.
+more threads pay only on cores no other process keeps busy, and only when torch's ops
+are big enough to split (docs/architecture.md, "CPU threads"). Measured on 2 cores
+(benchmarks/bench_cpu.py): pocket models (d_model 32-64) train 1.3-1.6x faster on 2
+idle cores than on 1, but 2-3x slower on 2 threads beside a busy loop (and up to 11x
+beside another job), because a step is thousands of small ops and every one waits for
+the slower thread.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from moe.params import estimate_train_memory, train_flops_per_token
 THREADS_PER_CPU = 4
 """train.num_threads above this many per CPU core is refused (oversubscription, crashes)."""
 GiB = 1 << 30
-MIN_FLOPS_PER_THREAD = 2.5e9
+MIN_FLOPS_PER_THREAD = 2.5e8
 """Training FLOPs of one micro-batch per thread below which another thread costs more in
-per-op hand-offs than it adds. Measured on 2 idle-ish cores at 16 x 128 tokens
-(bench_cpu.py): pocket-tiny (d_model 64, E8 k2, 2.2 GFLOP) ran 3.7x slower on 2 threads,
-d_model 64 E16 k8 (5.9 GFLOP) 1.7x faster."""
+per-op hand-offs than it adds. On 2 idle cores (bench_cpu.py) even the smallest pocket
+model (d_model 32, 0.7 GFLOP a micro-batch) ran 1.3x faster on 2 threads; beside a busy
+loop every pocket model ran 2-3x slower on 2, which the free-core count decides."""
 FREE_SLACK = 0.25
 """A core counts as free when other processes keep it busy less than this fraction."""
 CORES_ENV = "OMP_NUM_THREADS"
