@@ -40,8 +40,8 @@ from moe.model import MoELM
 from moe.params import train_flops_per_token
 from moe.train import build_optimizer
 from moe.train.distributed import Dist
-from moe.train.step import train_step
 from moe.train.resources import apply_num_threads
+from moe.train.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 POCKET_TINY = ROOT / "configs" / "pocket-tiny.toml"
