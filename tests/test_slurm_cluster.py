@@ -99,6 +99,13 @@ def test_checkpointable_job_finishes_after_requeue(slurm_cluster: SlurmCluster, 
     else:
         slurm_cluster.run("scontrol", "requeue", job.job_id)
 
+    # Requeueing SIGTERMs every process of the job, and submitit's own `scontrol requeue`
+    # child can die of it; the first attempt then leaves an error result that makes
+    # `job.done()` true while the requeued attempt is still pending. Wait for accounting
+    # to say the job has ended before reading the result, which the second attempt
+    # rewrites.
+    slurm_cluster.wait_for_state(job.job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"},
+                                 timeout_s=JOB_TIMEOUT_S)
     assert _result(job) == 2
     # One line per attempt: SLURM_RESTART_COUNT, then the object's own call count,
     # which survives through submitit's checkpoint but restarts after a bare requeue.
