@@ -40,12 +40,10 @@ def huber(r: np.ndarray, delta: float) -> np.ndarray:
     return np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta))
 
 
-def objective_and_grad(theta, log_x, log_y, weights, delta=HUBER_DELTA):
-    """Weighted Huber objective on log residuals and its analytic gradient w.r.t. theta.
 
-    log_x: (n, K) logs of the inputs; log_y: (n,) log losses; weights: (n,) (bootstrap counts).
-    d LSE / d c_j = p_j, d LSE / d e = p_0, d LSE / d g_j = -p_j log X_j with p the softmax.
-    """
+def _log_sum_exp_terms(theta, log_x):
+    """log L_hat (n,) and the softmax weights p (n, K+1) of its terms, for theta =
+    (c_1..c_K, e, g_1..g_K): term j is c_j - g_j log X_j, the last term is e."""
     k = log_x.shape[1]
     z = np.empty((log_x.shape[0], k + 1))
     z[:, :k] = theta[:k] - log_x * theta[k + 1:]
@@ -54,7 +52,17 @@ def objective_and_grad(theta, log_x, log_y, weights, delta=HUBER_DELTA):
     p = np.exp(z - zmax[:, None])
     total = p.sum(axis=1)
     p /= total[:, None]
-    r = log_y - (zmax + np.log(total))
+    return zmax + np.log(total), p
+
+def objective_and_grad(theta, log_x, log_y, weights, delta=HUBER_DELTA):
+    """Weighted Huber objective on log residuals and its analytic gradient w.r.t. theta.
+
+    log_x: (n, K) logs of the inputs; log_y: (n,) log losses; weights: (n,) (bootstrap counts).
+    d LSE / d c_j = p_j, d LSE / d e = p_0, d LSE / d g_j = -p_j log X_j with p the softmax.
+    """
+    k = log_x.shape[1]
+    log_total, p = _log_sum_exp_terms(theta, log_x)
+    r = log_y - log_total
     wpsi = weights * np.clip(r, -delta, delta)
     grad = np.empty_like(theta)
     grad[:k + 1] = -(wpsi @ p)
@@ -169,17 +177,11 @@ def exponent_grid(k: int, lo=0.02, hi=2.5, n_per_axis=None) -> np.ndarray:
 def residuals_and_jacobian(theta, log_x, log_y):
     """Log residuals log L_hat - log L (n,) and their Jacobian w.r.t. theta (n, 2K+1)."""
     k = log_x.shape[1]
-    z = np.empty((log_x.shape[0], k + 1))
-    z[:, :k] = theta[:k] - log_x * theta[k + 1:]
-    z[:, k] = theta[k]
-    zmax = z.max(axis=1)
-    p = np.exp(z - zmax[:, None])
-    total = p.sum(axis=1)
-    p /= total[:, None]
+    log_total, p = _log_sum_exp_terms(theta, log_x)
     jac = np.empty((len(log_y), 2 * k + 1))
     jac[:, :k + 1] = p
     jac[:, k + 1:] = -p[:, :k] * log_x
-    return zmax + np.log(total) - log_y, jac
+    return log_total - log_y, jac
 
 
 def refine(theta0, log_x, log_y, weights, delta=HUBER_DELTA, max_iter=1000):
