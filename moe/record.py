@@ -45,7 +45,7 @@ COLUMNS: tuple[Column, ...] = (
     Column(name="n_layers", meaning="transformer blocks", unit="layers"),
     Column(name="n_experts", meaning="experts per MoE layer (1: a dense model)", unit="experts"),
     Column(name="top_k", meaning="experts each token is routed to", unit="experts"),
-    Column(name="sparsity", meaning="1 - top_k / n_experts (moe.params.sparsity)", unit="-"),
+    Column(name="sparsity", meaning="1 - top_k / n_experts (moe.config.sparsity)", unit="-"),
     Column(name="n_params_total", meaning="all parameters, embeddings included",
            unit="parameters"),
     Column(name="n_params_active", meaning="parameters one token's forward uses (top_k of "
