@@ -2,14 +2,18 @@
 
 Goals (2 quiet CPU cores): the whole fit, global search included, <= 25 ms (median) with
 the same optimum (objective 0.0010183); 1,000 bootstrap resamples <= 5 s. Then each
-registry law's fit time (median of ``--repeats``) on its synthetic table from the paper's
-published coefficients (moe.analysis.synthetic.law_tables). On a machine shared with other
+registry law's fit time (median of ``--repeats``) and its ``--law-resamples`` bootstrap on its
+synthetic table from the paper's published coefficients (moe.analysis.synthetic.law_tables),
+and the comparison of the report's "Which law" section (`moe fit --compare` of
+chinchilla, chinchilla-tied and kaplan, default held-out split, ``--law-resamples``
+resamples) on the 240 points. On a machine shared with other
 work, compare CPU seconds and ratios, not wall time against the goals. Also times the
 identifiability checks (Hessian condition) and the fit with Epoch's 4,500 starts added to
 the screen. ``--epoch-baseline`` also times the naive Epoch procedure (L-BFGS-B with
 analytic gradients from each of the 4,500 grid starts; about two minutes).
 
-    python benchmarks/bench_fit.py [--resamples 1000] [--repeats 7] [--epoch-baseline]
+    python benchmarks/bench_fit.py [--resamples 1000] [--repeats 7] [--law-resamples 200]
+        [--epoch-baseline]
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moe.analysis import _lse, fit, lawforms, synthetic
+from moe.analysis import _lse, fit, lawforms, records, synthetic
 from moe.analysis._threads import single_thread_blas
 from moe.analysis.bootstrap import bootstrap_fit
+from moe.analysis.columns import Columns
 from moe.analysis.lawforms import base as lawform_base
+from moe.analysis.report import WHICH_LAWS
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / \
     "chinchilla_fig4_epoch_extraction.csv"
@@ -47,8 +53,9 @@ def timed(func):
     return out, time.perf_counter() - wall, _cpu_s() - cpu
 
 
-def law_rows(repeats: int) -> list:
-    """(name, median wall s, median cpu s, goal, objective) of each registry law's point fit."""
+def law_rows(repeats: int, resamples: int) -> list:
+    """(name, wall s, cpu s, goal, objective) of each registry law's point fit (median of
+    ``repeats``) and of its bootstrap refits (``resamples``, once)."""
     out = []
     for name, (truth, x) in synthetic.law_tables().items():
         law = lawforms.get(name)
@@ -59,7 +66,22 @@ def law_rows(repeats: int) -> list:
         out.append((f"law {name} ({len(loss)} points, {len(law.params)} params)",
                     statistics.median(f[1] for f in fits),
                     statistics.median(f[2] for f in fits), float("nan"), fits[-1][0].objective))
+        _, wall, cpu = timed(lambda law=law, x=x, loss=loss, p=fits[-1][0]: lawform_base.bootstrap(
+            p, x, loss, n_resamples=resamples))
+        out.append((f"  its bootstrap, {resamples} resamples", wall, cpu, float("nan"),
+                    float("nan")))
     return out
+
+
+def compare_row(resamples: int) -> tuple:
+    """The report's "Which law" comparison on the 240 points (default held-out split)."""
+    df = pd.read_csv(DATA).nsmallest(235, "loss")  # the 5 highest losses dropped, as above
+    df = df.assign(tokens=df["Training FLOP"] / (6.0 * df["Model Size"]))
+    cols = Columns(n="Model Size", d="tokens", loss="loss")
+    _, wall, cpu = timed(lambda: records.compare_record(df, None, WHICH_LAWS, cols,
+                                                        n_boot=resamples))
+    return (f"compare {','.join(WHICH_LAWS)} ({resamples} res.)", wall, cpu, float("nan"),
+            float("nan"))
 
 
 def main() -> None:
@@ -67,6 +89,8 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=7, help="repeats of each single fit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--law-resamples", type=int, default=200,
+                        help="bootstrap resamples of each registry law and of the comparison")
     parser.add_argument("--epoch-baseline", action="store_true")
     args = parser.parse_args()
     load_1min = os.getloadavg()[0]  # other work on the machine slows every timing below
@@ -91,7 +115,8 @@ def main() -> None:
                                                   seed=args.seed))
     rows.append((f"bootstrap, {args.resamples} resamples, {boot.n_workers} workers", wall, cpu,
                  5.0 * args.resamples / 1000, float("nan")))
-    rows += law_rows(args.repeats)
+    rows += law_rows(args.repeats, args.law_resamples)
+    rows.append(compare_row(args.law_resamples))
     if args.epoch_baseline:
         with single_thread_blas():
             (theta, obj), wall, cpu = timed(lambda: _lse.epoch_baseline(log_x, log_y))

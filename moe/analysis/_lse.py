@@ -149,10 +149,11 @@ def project(basis, y, weights, delta=HUBER_DELTA, n_irls=4):
 
     Huber-weighted IRLS on relative residuals 1 - y_hat/y (which approximate log residuals),
     exact NNLS each step (:func:`batch_nnls`); zero coefficients are raised to a tiny positive
-    value. Returns (coefficients, objectives (G,): the weighted Huber sum of log residuals).
+    value. ``weights`` (n,), or (G, n) for one weighting per problem (bootstrap counts).
+    Returns (coefficients, objectives (G,): the weighted Huber sum of log residuals).
     """
     basis = basis / y
-    omega = np.broadcast_to(weights, (len(basis), len(weights))).copy()
+    omega = np.broadcast_to(weights, (len(basis), len(y))).copy()
     for _ in range(n_irls):
         bw = basis * omega[:, None, :]
         gram = np.matmul(bw, basis.transpose(0, 2, 1))
@@ -162,7 +163,8 @@ def project(basis, y, weights, delta=HUBER_DELTA, n_irls=4):
     coef = np.maximum(coef, _TINY * y.min())
     ratio = np.einsum("gm,gmn->gn", coef, basis)  # y_hat / y
     with np.errstate(divide="ignore", invalid="ignore"):
-        values = huber(-np.log(ratio), delta) @ weights
+        loss = huber(-np.log(ratio), delta)
+        values = loss @ weights if np.ndim(weights) == 1 else np.sum(loss * weights, axis=1)
     return coef, np.where(np.isfinite(values), values, np.inf)
 
 

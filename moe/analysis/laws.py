@@ -43,7 +43,7 @@ def clark_saturated_experts(e, e_start, e_max):
     E_start << E << E_max. ``e`` is the number of experts (1 for a dense model).
     """
     e = np.asarray(e, dtype=float)
-    if not e_max > e_start > 0:
+    if not (np.all(np.asarray(e_max) > e_start) and np.all(np.asarray(e_start) > 0)):
         raise ValueError(f"need e_max > e_start > 0, got e_start={e_start}, e_max={e_max}")
     return 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
 

@@ -28,6 +28,7 @@ import numpy as np
 
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis.lawforms.base import LawForm, linear_candidates
+from moe.analysis.lawforms.batch import stack_columns
 from moe.config import sparsity
 from moe.errors import BadInput
 
@@ -49,6 +50,19 @@ def predict(x: dict, p: dict):
     return (p["a"] / n ** p["alpha"] + p["b"] / d ** p["beta"]
             + p["c"] / dense ** p["lambda"] + p["d"] / (dense ** p["delta"] * n ** p["gamma"])
             + p["e"])
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (a, alpha, b, beta, c, lambda, d, delta, gamma, e), (..., n, 10)."""
+    n, d, s = (np.asarray(x[k], dtype=float) for k in ("n", "d", "s"))
+    log_n, log_d, log_dense = np.log(n), np.log(d), np.log1p(-s)
+    n_term, d_term = n ** -p["alpha"], d ** -p["beta"]
+    s_term = (1.0 - s) ** -p["lambda"]
+    mixed = (1.0 - s) ** -p["delta"] * n ** -p["gamma"]
+    return stack_columns(n_term, -p["a"] * n_term * log_n, d_term, -p["b"] * d_term * log_d,
+                         s_term, -p["c"] * s_term * log_dense, mixed,
+                         -p["d"] * mixed * log_dense, -p["d"] * mixed * log_n,
+                         1.0)
 
 
 def _basis(x, grid):
@@ -102,6 +116,6 @@ LAW = LawForm(
             "c": (1e-8, 1e3), "lambda": (-3.0, 3.0), "d": (1e-8, 1e30), "delta": (-3.0, 3.0),
             "gamma": (0.0, 3.0), "e": (1e-6, 1e3)},
     predict=predict, screen=screen, exponents=("alpha", "beta"),
-    log_params=("a", "b", "c", "d", "e"), floor="e", optimum=optimum,
+    log_params=("a", "b", "c", "d", "e"), floor="e", optimum=optimum, jacobian=jacobian,
     notes="N total parameters, S = 1 - k/E; the paper's fitted values (Table 3) are not "
           "restated: none was reachable from this project's sources")

@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares
 
+import moe.analysis.lawforms.batch as batch
 from moe.analysis import _lse, identify
+from moe.analysis._threads import single_thread_blas
 from moe.errors import BadInput
 
 DELTA = _lse.HUBER_DELTA
+BASIN_TOL = 0.1  # exponents this close belong to one basin (as in _lse.global_fit)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +49,12 @@ class LawForm:
     notes: str = ""  # what a user must know (deviations from the paper, assumptions)
     solve: Callable | None = None  # (x, loss, starts) -> (params, objective): a law's own
     # global solver, used instead of screen + refine when it is exact and faster
+    jacobian: Callable | None = None  # (x, p) -> (n, len(params)): d predict / d params, in
+    # the order of ``params`` (natural scale, not log); without it refinement uses finite
+    # differences and the bootstrap refits one resample at a time
+    boot_screen: Callable | None = None  # (x, loss, counts (R, n)) -> (R, len(params)): a
+    # screened start per bootstrap resample (natural scale), also refined where its exponents
+    # are more than BASIN_TOL from the warm refit's (a resample that changed basin)
 
     def __post_init__(self):
         missing = [p for p in self.params if p not in self.bounds]
@@ -91,6 +100,13 @@ def _vector_bounds(law: LawForm):
     return np.array(lo, dtype=float), np.array(hi, dtype=float)
 
 
+def _inside(z, lo, hi) -> np.ndarray:
+    """z clipped to just inside finite bounds (scipy wants a strictly feasible start)."""
+    with np.errstate(invalid="ignore"):
+        return np.clip(z, np.where(np.isfinite(lo), lo + 1e-12 * np.abs(lo), lo),
+                       np.where(np.isfinite(hi), hi - 1e-12 * np.abs(hi), hi))
+
+
 def objective(law: LawForm, x: dict, loss: np.ndarray, p: dict) -> float:
     with np.errstate(all="ignore"):
         r = np.log(loss) - np.log(law.predict(x, p))
@@ -102,7 +118,7 @@ def refine(law: LawForm, x: dict, loss: np.ndarray, start: dict) -> tuple[dict, 
     """Trust-region least squares from ``start`` on Huber(delta) log residuals (scipy's
     loss='huber' with f_scale=delta is exactly that objective)."""
     lo, hi = _vector_bounds(law)
-    z0 = np.clip(_to_vector(law, start), lo + 1e-12 * np.abs(lo), hi - 1e-12 * np.abs(hi))
+    z0 = _inside(_to_vector(law, start), lo, hi)
     log_y = np.log(loss)
 
     def resid(z):
@@ -110,7 +126,14 @@ def refine(law: LawForm, x: dict, loss: np.ndarray, start: dict) -> tuple[dict, 
             r = np.log(law.predict(x, _from_vector(law, z))) - log_y
         return np.where(np.isfinite(r), r, 1e3)
 
-    res = least_squares(resid, z0, bounds=(lo, hi), loss="huber", f_scale=DELTA,
+    jac = "2-point"
+    if law.jacobian is not None:
+        jac_batch = batch.law_model(law, x, log_y)[1]
+
+        def jac(z):
+            return jac_batch(z[None])[0]
+
+    res = least_squares(resid, z0, jac=jac, bounds=(lo, hi), loss="huber", f_scale=DELTA,
                         method="trf", x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12,
                         max_nfev=2000)
     p = _from_vector(law, res.x)
@@ -146,23 +169,66 @@ def fit(law: LawForm, x: dict, loss: np.ndarray) -> FormFit:
                    seconds=time.perf_counter() - start, ranges=ranges)
 
 
+def resample_counts(n: int, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """(R, n) how often each row is drawn: rows resampled with replacement,
+    ``default_rng([seed, i])`` for resample i."""
+    return np.stack([np.bincount(np.random.default_rng([seed, i]).integers(0, n, n),
+                                 minlength=n) for i in range(n_resamples)]).astype(float)
+
+
+def refits(law: LawForm, x: dict, loss: np.ndarray, counts: np.ndarray,
+           start: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(params (R, P) in the order of ``law.params``, objectives (R,)) of every resample
+    refitted from ``start`` at once (:mod:`moe.analysis.lawforms.batch`); with a
+    ``boot_screen``, each resample's screened start is refined too where it lies in another
+    basin, and the better fit kept. A resample whose fit failed has objective inf."""
+    with single_thread_blas():
+        return _refits(law, x, loss, counts, start)
+
+
+def _refits(law: LawForm, x: dict, loss: np.ndarray, counts: np.ndarray, start: dict):
+    lo, hi = _vector_bounds(law)
+    resid, jac = batch.law_model(law, x, np.log(loss))
+    z, f = batch.best_refine(resid, jac, _inside(_to_vector(law, start), lo, hi), counts, lo,
+                             hi)
+    if law.boot_screen is not None:
+        cand = law.boot_screen(x, loss, counts)
+        exps = [law.params.index(k) for k in law.exponents]
+        rows = np.flatnonzero(np.max(np.abs(cand[:, exps] - z[:, exps]), axis=1) > BASIN_TOL)
+        if rows.size:
+            zc = _inside(np.array([_to_vector(law, dict(zip(law.params, row, strict=True)))
+                                   for row in cand[rows]]), lo, hi)
+            z2, f2 = batch.best_refine(resid, jac, zc, counts[rows], lo, hi)
+            better = f2 < f[rows]
+            z[rows[better]], f[rows[better]] = z2[better], f2[better]
+    params = np.array([[_from_vector(law, row)[k] for k in law.params] for row in z])
+    return params, f
+
+
 def bootstrap(result: FormFit, x: dict, loss: np.ndarray, *, n_resamples: int, seed: int = 0,
               level: float = 0.95) -> tuple[dict, dict, int]:
     """(samples, percentile intervals, failures): rows resampled with replacement
-    (``default_rng([seed, i])`` per resample), each refitted from the full-data optimum
-    (a resample moves the optimum a little, so the global screen is not rerun)."""
+    (:func:`resample_counts`), each refitted from the full-data optimum (a resample moves
+    the optimum a little, so the global screen is not rerun): all at once
+    (:func:`refits`) for a law with an analytic Jacobian, else one by one."""
     law, n = result.law, len(loss)
-    draws, failed = [], 0
-    for i in range(n_resamples):
-        idx = np.random.default_rng([seed, i]).integers(0, n, n)
-        xi = {k: v[idx] for k, v in x.items()}
-        try:
-            p, _ = search(law, xi, loss[idx], n_refine=0, extra=[result.params])
-        except ValueError:
-            failed += 1
-            continue
-        draws.append([p[k] for k in law.params])
-    arr = np.array(draws).reshape(-1, len(law.params))
+    counts = resample_counts(n, n_resamples, seed)
+    if law.jacobian is not None:
+        arr, f = refits(law, x, loss, counts, result.params)
+        failed = int(np.sum(~np.isfinite(f)))
+        arr = arr[np.isfinite(f)]
+    else:
+        draws, failed = [], 0
+        for row in counts.astype(int):
+            idx = np.repeat(np.arange(n), row)
+            try:
+                p, _ = search(law, {k: v[idx] for k, v in x.items()}, loss[idx], n_refine=0,
+                              extra=[result.params])
+            except ValueError:
+                failed += 1
+                continue
+            draws.append([p[k] for k in law.params])
+        arr = np.array(draws).reshape(-1, len(law.params))
     samples = {k: arr[:, j] for j, k in enumerate(law.params)}
     tail = 100.0 * (1.0 - level) / 2.0
     intervals = {k: tuple(float(q) for q in np.percentile(v, [tail, 100 - tail]))

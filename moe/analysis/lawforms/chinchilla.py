@@ -15,12 +15,21 @@ import moe.analysis.lawforms.allocate as allocate
 from moe.analysis import _lse, laws
 from moe.analysis._threads import single_thread_blas
 from moe.analysis.lawforms.base import LawForm
+from moe.analysis.lawforms.batch import stack_columns
 
 PUBLISHED = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 
 
 def predict(x: dict, p: dict):
     return laws.chinchilla(x["n"], x["d"], p["E"], p["A"], p["B"], p["alpha"], p["beta"])
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (E, A, B, alpha, beta), (..., n, 5)."""
+    n, d = np.asarray(x["n"], dtype=float), np.asarray(x["d"], dtype=float)
+    n_term, d_term = n ** -p["alpha"], d ** -p["beta"]
+    return stack_columns(1.0, n_term, d_term, -p["A"] * n_term * np.log(n),
+                         -p["B"] * d_term * np.log(d))
 
 
 def _params(theta) -> dict:
@@ -41,6 +50,26 @@ def solve(x: dict, loss, starts: list) -> tuple[dict, float]:
     return _params(theta), float(f)
 
 
+def boot_screen(x: dict, loss, counts) -> np.ndarray:
+    """The best start of the coarse screen that :func:`solve` runs on a bootstrap resample
+    (12 x 12 exponents, variable projection), for every resample (counts (R, n)) at once:
+    (R, 5) in the order of ``LAW.params``, NaN where no candidate is finite."""
+    log_x, log_y = np.log(np.column_stack([x["n"], x["d"]])), np.log(loss)
+    grid = _lse.exponent_grid(2, n_per_axis=12)
+    out = np.full((len(counts), 5), np.nan)
+    with single_thread_blas():
+        for s in range(0, len(counts), 16):  # 16 resamples x 144 exponents per pass
+            chunk = counts[s:s + 16]
+            thetas, values = _lse.varpro_candidates(
+                np.tile(grid, (len(chunk), 1)), log_x, log_y, np.repeat(chunk, len(grid), 0))
+            values = values.reshape(len(chunk), len(grid))
+            for i, j in enumerate(np.argmin(values, axis=1)):
+                if np.isfinite(values[i, j]):
+                    p = _params(thetas[i * len(grid) + j])
+                    out[s + i] = [p[k] for k in ("E", "A", "B", "alpha", "beta")]
+    return out
+
+
 def screen(x: dict, loss) -> list:
     return [solve(x, loss, [])[0]]
 
@@ -49,8 +78,10 @@ LAW = LawForm(
     name="chinchilla", formula="L = E + A / N^alpha + B / D^beta",
     citation="Hoffmann et al. 2022, arXiv 2203.15556, eq. 2 (fit: eq. 10)",
     variables=("n", "d"), params=("E", "A", "B", "alpha", "beta"),
-    bounds={"E": (1e-6, 1e3), "A": (1e-8, 1e30), "B": (1e-8, 1e30), "alpha": (0.0, 10.0),
+    # the bounds of its solver (_lse.refine): E, A, B > 0, exponents in [0, 10]
+    bounds={"E": (0.0, np.inf), "A": (0.0, np.inf), "B": (0.0, np.inf), "alpha": (0.0, 10.0),
             "beta": (0.0, 10.0)},
     predict=predict, screen=screen, exponents=("alpha", "beta"), log_params=("E", "A", "B"),
-    floor="E", solve=solve,
+    floor="E", solve=solve, jacobian=jacobian,
+    boot_screen=boot_screen,
     optimum=lambda p, budget: allocate.dense_optimum(predict, p, budget))

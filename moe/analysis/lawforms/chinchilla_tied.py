@@ -14,6 +14,7 @@ import numpy as np
 
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis.lawforms.base import LawForm, linear_candidates
+from moe.analysis.lawforms.batch import stack_columns
 
 PUBLISHED = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34}
 GRID = np.linspace(0.02, 2.5, 200)[:, None]
@@ -22,6 +23,14 @@ GRID = np.linspace(0.02, 2.5, 200)[:, None]
 def predict(x: dict, p: dict):
     n, d = np.asarray(x["n"], dtype=float), np.asarray(x["d"], dtype=float)
     return p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * d ** -p["alpha"]
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (E, A, B, alpha), (..., n, 4)."""
+    n, d = np.asarray(x["n"], dtype=float), np.asarray(x["d"], dtype=float)
+    n_term, d_term = n ** -p["alpha"], d ** -p["alpha"]
+    return stack_columns(1.0, n_term, d_term,
+                         -p["A"] * n_term * np.log(n) - p["B"] * d_term * np.log(d))
 
 
 def _basis(x, grid):
@@ -41,4 +50,5 @@ LAW = LawForm(
     variables=("n", "d"), params=("E", "A", "B", "alpha"),
     bounds={"E": (1e-6, 1e3), "A": (1e-8, 1e30), "B": (1e-8, 1e30), "alpha": (0.0, 10.0)},
     predict=predict, screen=screen, exponents=("alpha",), log_params=("E", "A", "B"),
-    floor="E", optimum=lambda p, budget: allocate.dense_optimum(predict, p, budget))
+    floor="E", jacobian=jacobian,
+    optimum=lambda p, budget: allocate.dense_optimum(predict, p, budget))

@@ -21,19 +21,39 @@ import numpy as np
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis import laws
 from moe.analysis.lawforms.base import LawForm, objective
+from moe.analysis.lawforms.batch import stack_columns
 from moe.errors import BadInput
 
 PUBLISHED = {"a": -0.082, "b": -0.108, "c": 0.009, "d": 1.104, "e_start": 1.847,
              "e_max": 314.478}
 GRID = [(s, m) for s, m in itertools.product(np.geomspace(1.05, 10.0, 8),
                                              np.geomspace(16.0, 3000.0, 8))]
+LN10 = np.log(10.0)
 
 
 def predict(x: dict, p: dict):
-    if not p["e_max"] > p["e_start"] > 0:
-        return np.full(np.shape(x["n"]), np.nan)
-    return laws.clark_unified(x["n"], x["e"], p["a"], p["b"], p["c"], p["d"], p["e_start"],
-                              p["e_max"])
+    """The law; NaN where E_max > E_start > 0 fails (parameters may be (R, 1) arrays)."""
+    e_start, e_max = np.asarray(p["e_start"], dtype=float), np.asarray(p["e_max"], dtype=float)
+    valid = (e_max > e_start) & (e_start > 0)
+    loss = laws.clark_unified(x["n"], x["e"], p["a"], p["b"], p["c"], p["d"],
+                              np.where(valid, e_start, 1.0), np.where(valid, e_max, 2.0))
+    return np.where(valid, loss, np.nan)
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (a, b, c, d, e_start, e_max), (..., n, 6): through 1/E_hat = h = 1/w + 1/E_max,
+    w = E - 1 + K, K = (1/E_start - 1/E_max)^-1, and d log10 E_hat = -d h / (h ln 10)."""
+    n, e = np.asarray(x["n"], dtype=float), np.asarray(x["e"], dtype=float)
+    e_start, e_max = p["e_start"], p["e_max"]
+    k = 1.0 / (1.0 / e_start - 1.0 / e_max)
+    w = e - 1.0 + k
+    h = 1.0 / w + 1.0 / e_max
+    log_n, log_e = np.log10(n), -np.log10(h)
+    loss = predict(x, p)
+    dloss_dh = -loss * (p["b"] + p["c"] * log_n) / h
+    return stack_columns(loss * LN10 * log_n, loss * LN10 * log_e, loss * LN10 * log_n * log_e,
+                         loss * LN10, dloss_dh * -(k / (w * e_start)) ** 2,
+                         dloss_dh * ((k / (w * e_max)) ** 2 - 1.0 / e_max ** 2))
 
 
 def screen(x: dict, loss) -> list:
@@ -68,4 +88,5 @@ LAW = LawForm(
     variables=("n", "e"), params=("a", "b", "c", "d", "e_start", "e_max"),
     bounds={"a": (-3.0, 3.0), "b": (-3.0, 3.0), "c": (-1.0, 1.0), "d": (-20.0, 20.0),
             "e_start": (1e-3, 1e3), "e_max": (1.0, 1e6)},
-    predict=predict, screen=screen, log_params=("e_start", "e_max"), optimum=optimum)
+    predict=predict, screen=screen, log_params=("e_start", "e_max"), optimum=optimum,
+    jacobian=jacobian)

@@ -16,6 +16,7 @@ import numpy as np
 
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis.lawforms.base import LawForm, linear_candidates
+from moe.analysis.lawforms.batch import stack_columns
 
 GRID = np.linspace(0.01, 1.25, 200)[:, None]
 
@@ -29,6 +30,16 @@ def predict(x: dict, p: dict):
     m, c = _mc(x)
     eta = p["eta"]
     return p["E"] + (p["a"] * m ** eta + p["b"] * m ** -eta) * c ** -eta
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (E, a, b, eta), (..., n, 4)."""
+    m, c = _mc(x)
+    eta = p["eta"]
+    up, down = m ** eta * c ** -eta, m ** -eta * c ** -eta
+    log_m, log_c = np.log(m), np.log(c)
+    return stack_columns(1.0, up, down, p["a"] * up * (log_m - log_c)
+                         - p["b"] * down * (log_m + log_c))
 
 
 def _basis(x, grid):
@@ -55,5 +66,5 @@ LAW = LawForm(
     variables=("n", "d"), params=("E", "a", "b", "eta"),
     bounds={"E": (1e-6, 1e3), "a": (1e-8, 1e30), "b": (1e-8, 1e30), "eta": (0.0, 5.0)},
     predict=predict, screen=screen, exponents=("eta",), log_params=("E", "a", "b"),
-    floor="E", optimum=optimum,
+    floor="E", optimum=optimum, jacobian=jacobian,
     notes="the same family as chinchilla-tied (alpha = 2 eta), so its held-out errors match")

@@ -18,6 +18,7 @@ import numpy as np
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis import _lse
 from moe.analysis.lawforms.base import LawForm
+from moe.analysis.lawforms.batch import stack_columns
 
 PUBLISHED = {"N_c": 8.8e13, "D_c": 5.4e13, "alpha_N": 0.076, "alpha_D": 0.095}
 GRID = np.array(list(itertools.product(np.geomspace(0.02, 1.5, 40),
@@ -29,6 +30,21 @@ def predict(x: dict, p: dict):
     q = p["alpha_N"] / p["alpha_D"]
     with np.errstate(over="ignore"):
         return ((p["N_c"] / n) ** q + p["D_c"] / d) ** p["alpha_D"]
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (N_c, D_c, alpha_N, alpha_D), (..., n, 4): with u = (N_c/N)^q, q = alpha_N/alpha_D,
+    s = u + D_c/D and L = s^alpha_D."""
+    n, d = np.asarray(x["n"], dtype=float), np.asarray(x["d"], dtype=float)
+    q, alpha_d = p["alpha_N"] / p["alpha_D"], p["alpha_D"]
+    log_ratio = np.log(p["N_c"] / n)
+    with np.errstate(over="ignore"):
+        u = np.exp(q * log_ratio)
+        s = u + p["D_c"] / d
+        loss = s ** alpha_d
+    return stack_columns(loss * alpha_d / s * q * u / p["N_c"], loss * alpha_d / (s * d),
+                         loss / s * u * log_ratio,
+                         loss * (np.log(s) - q / s * u * log_ratio))
 
 
 def screen(x: dict, loss) -> list:
@@ -57,5 +73,5 @@ LAW = LawForm(
     bounds={"N_c": (1e-3, 1e40), "D_c": (1e-3, 1e40), "alpha_N": (1e-4, 5.0),
             "alpha_D": (1e-4, 5.0)},
     predict=predict, screen=screen, exponents=("alpha_N", "alpha_D"),
-    log_params=("N_c", "D_c"),
+    log_params=("N_c", "D_c"), jacobian=jacobian,
     optimum=lambda p, budget: allocate.dense_optimum(predict, p, budget))

@@ -18,6 +18,7 @@ import numpy as np
 
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis.lawforms.base import LawForm, linear_candidates
+from moe.analysis.lawforms.batch import stack_columns
 from moe.errors import BadInput
 
 PUBLISHED = {"a": 18.1, "alpha": 0.115, "b": 30.8, "beta": 0.147, "g": 2.1, "gamma": 0.58,
@@ -30,6 +31,15 @@ def predict(x: dict, p: dict):
     n, d, g = (np.asarray(x[k], dtype=float) for k in ("n", "d", "g"))
     return p["c"] + (p["g"] * g ** -p["gamma"] + p["a"]) * n ** -p["alpha"] + p["b"] * d ** -p[
         "beta"]
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (a, alpha, b, beta, g, gamma, c), (..., n, 7)."""
+    n, d, g = (np.asarray(x[k], dtype=float) for k in ("n", "d", "g"))
+    n_term, d_term, g_term = n ** -p["alpha"], d ** -p["beta"], g ** -p["gamma"]
+    return stack_columns(n_term, -(p["g"] * g_term + p["a"]) * n_term * np.log(n), d_term,
+                         -p["b"] * d_term * np.log(d), g_term * n_term,
+                         -p["g"] * g_term * np.log(g) * n_term, 1.0)
 
 
 def _basis(x, grid):
@@ -61,4 +71,4 @@ LAW = LawForm(
     bounds={"a": (1e-8, 1e30), "alpha": (0.0, 10.0), "b": (1e-8, 1e30), "beta": (0.0, 10.0),
             "g": (1e-8, 1e30), "gamma": (0.0, 10.0), "c": (1e-6, 1e3)},
     predict=predict, screen=screen, exponents=("alpha", "beta", "gamma"),
-    log_params=("a", "b", "g", "c"), floor="c", optimum=optimum)
+    log_params=("a", "b", "g", "c"), floor="c", optimum=optimum, jacobian=jacobian)

@@ -22,6 +22,7 @@ import numpy as np
 
 import moe.analysis.lawforms.allocate as allocate
 from moe.analysis.lawforms.base import LawForm, linear_candidates
+from moe.analysis.lawforms.batch import stack_columns
 
 PUBLISHED = {"a": 35.91, "alpha": -0.1889, "delta": 0.2285, "gamma": -0.0098, "b": 35.98,
              "beta": -0.1775, "omega": -0.5529, "zeta": 0.0259, "c": 1.3637}
@@ -34,6 +35,17 @@ def predict(x: dict, p: dict):
     log_e = np.log(e)
     return (p["a"] * e ** p["delta"] * n ** (p["alpha"] + p["gamma"] * log_e)
             + p["b"] * e ** p["omega"] * d ** (p["beta"] + p["zeta"] * log_e) + p["c"])
+
+
+def jacobian(x: dict, p: dict):
+    """d L / d (a, alpha, delta, gamma, b, beta, omega, zeta, c), (..., n, 9)."""
+    n, d, e = (np.asarray(x[k], dtype=float) for k in ("n", "d", "e"))
+    log_n, log_d, log_e = np.log(n), np.log(d), np.log(e)
+    t1 = p["a"] * e ** p["delta"] * n ** (p["alpha"] + p["gamma"] * log_e)
+    t2 = p["b"] * e ** p["omega"] * d ** (p["beta"] + p["zeta"] * log_e)
+    return stack_columns(t1 / p["a"], t1 * log_n, t1 * log_e, t1 * log_e * log_n,
+                         t2 / p["b"], t2 * log_d, t2 * log_e, t2 * log_e * log_d,
+                         1.0)
 
 
 def _basis(x, grid):
@@ -59,4 +71,5 @@ LAW = LawForm(
             "omega": (-5.0, 5.0), "zeta": (-1.0, 1.0), "c": (1e-6, 1e3)},
     predict=predict, screen=screen, exponents=("alpha", "beta"), log_params=("a", "b", "c"),
     floor="c", optimum=lambda p, budget: allocate.expert_optimum(predict, p, budget),
+    jacobian=jacobian,
     notes="E_hat = E: the paper's expert-count transform is not applied")
