@@ -401,6 +401,7 @@ def test_eager_grouped_mm_equals_the_compilable_custom_op_bitwise():
         results.append((y.detach(), a_.grad, b_.grad))
     for eager, custom in zip(*results, strict=True):
         assert torch.equal(eager, custom)
-    loop = torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip([0, 9, 9, 30], offs.tolist(), strict=True))])
+    bounds = zip([0, 9, 9, 30], offs.tolist(), strict=True)
+    loop = torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(bounds)])
     assert torch.allclose(results[0][0], loop, atol=1e-5)  # and both are the grouped product
     assert torch.equal(results[0][2][1], torch.zeros(16, 24))
