@@ -113,7 +113,8 @@ def test_bf16_autocast_runs_every_matmul_in_bf16_but_the_router(backend):
     fp32 = [c for c in rec.calls if c[1] != {torch.bfloat16}]
     assert [c[2][-1] for c in fp32] == [n_experts] * cfg.n_layers, fp32  # the routers only
     assert all(c[1] == {torch.float32} for c in fp32)
-    expert_ops = {"loop": "mm", "torch": "torch_grouped_mm", "triton": "grouped_mm"}[backend]
+    # torch: the aten kernel (eager mode calls it without the custom op's dispatch)
+    expert_ops = {"loop": "mm", "torch": "_grouped_mm", "triton": "grouped_mm"}[backend]
     assert any(c[0] == expert_ops and c[1] == {torch.bfloat16} for c in rec.calls)
     assert out.ce_loss.dtype == torch.float32 and torch.isfinite(out.ce_loss)
 
@@ -379,3 +380,28 @@ def test_the_backends_implemented_are_the_config_s_names():
 
     implemented = {"auto", *experts._EAGER_BACKENDS, *experts._LAZY_BACKENDS}
     assert implemented == set(EXPERT_BACKENDS) and experts.BACKENDS == EXPERT_BACKENDS
+
+
+def test_eager_grouped_mm_equals_the_compilable_custom_op_bitwise():
+    """Eager mode skips the custom op's dispatch (`_EagerGroupedMM`); torch.compile traces the
+    custom op. Same kernels, same arguments: outputs and both gradients must be identical,
+    an empty group included."""
+    from moe.kernels import torch_grouped
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 16, generator=gen)
+    b = torch.randn(4, 16, 24, generator=gen)
+    offs = torch.tensor([9, 9, 30, 37], dtype=torch.int32)  # group 1 is empty
+    dy = torch.randn(37, 24, generator=gen)
+    results = []
+    for fn in (torch_grouped._EagerGroupedMM.apply, torch_grouped._torch_grouped_mm):
+        a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+        y = fn(a_, b_, offs)
+        y.backward(dy)
+        results.append((y.detach(), a_.grad, b_.grad))
+    for eager, custom in zip(*results, strict=True):
+        assert torch.equal(eager, custom)
+    bounds = zip([0, 9, 9, 30], offs.tolist(), strict=True)
+    loop = torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(bounds)])
+    assert torch.allclose(results[0][0], loop, atol=1e-5)  # and both are the grouped product
+    assert torch.equal(results[0][2][1], torch.zeros(16, 24))

@@ -22,17 +22,21 @@ LAUNCHER = textwrap.dedent("""
     import sys
     import moe.sweeps.local as local
     from moe.rundir import RunDir
-    # a worker that would run for a minute (the real one imports torch and trains)
-    local.worker_command = lambda d: [sys.executable, "-c", "import time; time.sleep(60)"]
+    if sys.argv[2] == "exec":  # a worker that would run for a minute
+        local.worker_command = lambda d: [sys.executable, "-c", "import time; time.sleep(60)"]
     local.run_local([RunDir(sys.argv[1])], max_parallel=1, progress=False)
 """)
 
 
-def test_sigterm_to_the_local_launcher_stops_its_workers(tmp_path):
+@pytest.mark.parametrize("workers", ["exec", "fork"])
+def test_sigterm_to_the_local_launcher_stops_its_workers(tmp_path, workers):
+    """exec: a sleeping stand-in worker; fork: the real job, forked from the server that
+    preloaded torch, training a run far too long to finish."""
     run = RunDir(tmp_path / "run")
     run.write_config(tiny_config("train.tokens=100000000"))
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(run.path)],
-                                stderr=subprocess.PIPE)
+    env = {**os.environ, "MOE_LOCAL_WORKERS": workers}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(run.path), workers],
+                                stderr=subprocess.PIPE, env=env)
     worker_pid = None
     try:
         deadline = time.time() + 60
@@ -40,6 +44,11 @@ def test_sigterm_to_the_local_launcher_stops_its_workers(tmp_path):
             assert time.time() < deadline and launcher.poll() is None, "no worker started"
             time.sleep(0.05)
         worker_pid = int(run.read_status()["job_ids"][-1].split(":")[2])
+        if workers == "fork":  # the worker is training: a forked child, not an exec'd one
+            while run.read_status().get("state") != "running":
+                assert time.time() < deadline and launcher.poll() is None, "never trained"
+                time.sleep(0.05)
+            assert "forkserver" in _cmdline(_parent(worker_pid))
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=30)
         assert not _alive(worker_pid), "the worker outlived its launcher"
@@ -50,6 +59,16 @@ def test_sigterm_to_the_local_launcher_stops_its_workers(tmp_path):
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         launcher.wait()
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
 
 
 def _alive(pid: int) -> bool:

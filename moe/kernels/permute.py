@@ -8,7 +8,8 @@ token t's j-th choice. `slot_order_S` lists the flat slots sorted by expert and
 are their backward passes: the gradient of the dispatch writes every slot to its
 own row of a [T*K, D] buffer and sums over K with a reshape, so no row is ever
 accumulated with `index_add` (atomics on CUDA) and two identical passes give
-bitwise-identical results.
+bitwise-identical results. Gathers are `index_select`, not advanced indexing: the same
+rows, 5-6x faster on CPU (16384 x 32 fp32 rows: 53 us against 314 us, one thread).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ class _DispatchRows(torch.autograd.Function):
     def forward(ctx, x_TD, slot_order_S, inverse_S, top_k: int):
         ctx.save_for_backward(inverse_S)
         ctx.top_k = top_k
-        return x_TD[torch.div(slot_order_S, top_k, rounding_mode="floor")]
+        return x_TD.index_select(0, torch.div(slot_order_S, top_k, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, dx_SD):
         (inverse_S,) = ctx.saved_tensors
-        dx_flat_SD = dx_SD[inverse_S]  # back to flat [T, K] slot order
+        dx_flat_SD = dx_SD.index_select(0, inverse_S)  # back to flat [T, K] slot order
         n_slots, width = dx_flat_SD.shape
         return dx_flat_SD.view(n_slots // ctx.top_k, ctx.top_k, width).sum(1), None, None, None
 
@@ -39,12 +40,12 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, order, inverse):
         ctx.save_for_backward(inverse)
-        return x[order]
+        return x.index_select(0, order)
 
     @staticmethod
     def backward(ctx, dy):
         (inverse,) = ctx.saved_tensors
-        return dy[inverse], None, None
+        return dy.index_select(0, inverse), None, None
 
 
 def dispatch_rows(x_TD: torch.Tensor, slot_order_S: torch.Tensor, inverse_S: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed
 
 from moe.config import RunConfig, TrainConfig
 from moe.params import resolve_tokens
@@ -38,10 +39,25 @@ def lr_at(step: int, tcfg: TrainConfig, n_steps: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms and biases (1-d tensors) do not."""
+    """AdamW; matrices decay, norms and biases (1-d tensors) do not.
+
+    torch's fused kernel (one pass over each tensor) where every parameter is a plain tensor:
+    on CPU its step is 7x faster than the multi-tensor (`foreach`) one, 3 ms of a 44 ms
+    pocket step at 32 experts; sharded (DTensor) parameters keep `foreach`.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
-                             foreach=True)
+    kernel = {"fused": True} if not any(_is_sharded(p) for p in decay + no_decay) else \
+        {"foreach": True}
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), **kernel)
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, expert parallelism) rather than a plain tensor."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor)
