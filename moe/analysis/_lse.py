@@ -149,11 +149,10 @@ def project(basis, y, weights, delta=HUBER_DELTA, n_irls=4):
 
     Huber-weighted IRLS on relative residuals 1 - y_hat/y (which approximate log residuals),
     exact NNLS each step (:func:`batch_nnls`); zero coefficients are raised to a tiny positive
-    value. ``weights`` (n,), or (G, n) for one weighting per problem (bootstrap counts).
-    Returns (coefficients, objectives (G,): the weighted Huber sum of log residuals).
+    value. Returns (coefficients, objectives (G,): the weighted Huber sum of log residuals).
     """
     basis = basis / y
-    omega = np.broadcast_to(weights, (len(basis), len(y))).copy()
+    omega = np.broadcast_to(weights, (len(basis), len(weights))).copy()
     for _ in range(n_irls):
         bw = basis * omega[:, None, :]
         gram = np.matmul(bw, basis.transpose(0, 2, 1))
@@ -163,8 +162,7 @@ def project(basis, y, weights, delta=HUBER_DELTA, n_irls=4):
     coef = np.maximum(coef, _TINY * y.min())
     ratio = np.einsum("gm,gmn->gn", coef, basis)  # y_hat / y
     with np.errstate(divide="ignore", invalid="ignore"):
-        loss = huber(-np.log(ratio), delta)
-        values = loss @ weights if np.ndim(weights) == 1 else np.sum(loss * weights, axis=1)
+        values = huber(-np.log(ratio), delta) @ weights
     return coef, np.where(np.isfinite(values), values, np.inf)
 
 

@@ -52,21 +52,18 @@ def solve(x: dict, loss, starts: list) -> tuple[dict, float]:
 
 def boot_screen(x: dict, loss, counts) -> np.ndarray:
     """The best start of the coarse screen that :func:`solve` runs on a bootstrap resample
-    (12 x 12 exponents, variable projection), for every resample (counts (R, n)) at once:
-    (R, 5) in the order of ``LAW.params``, NaN where no candidate is finite."""
+    (12 x 12 exponents, variable projection), for each resample (counts (R, n)): (R, 5) in
+    the order of ``LAW.params``, NaN where no candidate is finite."""
     log_x, log_y = np.log(np.column_stack([x["n"], x["d"]])), np.log(loss)
     grid = _lse.exponent_grid(2, n_per_axis=12)
     out = np.full((len(counts), 5), np.nan)
     with single_thread_blas():
-        for s in range(0, len(counts), 16):  # 16 resamples x 144 exponents per pass
-            chunk = counts[s:s + 16]
-            thetas, values = _lse.varpro_candidates(
-                np.tile(grid, (len(chunk), 1)), log_x, log_y, np.repeat(chunk, len(grid), 0))
-            values = values.reshape(len(chunk), len(grid))
-            for i, j in enumerate(np.argmin(values, axis=1)):
-                if np.isfinite(values[i, j]):
-                    p = _params(thetas[i * len(grid) + j])
-                    out[s + i] = [p[k] for k in ("E", "A", "B", "alpha", "beta")]
+        for i, weights in enumerate(counts):
+            thetas, values = _lse.varpro_candidates(grid, log_x, log_y, weights)
+            j = int(np.argmin(values))
+            if np.isfinite(values[j]):
+                p = _params(thetas[j])
+                out[i] = [p[k] for k in LAW.params]
     return out
 
 
