@@ -129,6 +129,26 @@ def test_batched_bootstrap_refits_match_scipy_one_resample_at_a_time(name):
         np.testing.assert_allclose(p_batch, [p_ref[k] for k in law.params], rtol=1e-4)
 
 
+def test_jacobian_condition_flags_parameters_the_table_cannot_separate():
+    # clark-routed on its synthetic table, then on the runs with E = 1 or 8 only: two expert
+    # counts pass the spread check (it asks for 2 values of E) but cannot fix b, c and the two
+    # constants of the saturating transform; only the Jacobian's condition says so
+    from moe.analysis.lawforms import checks
+    law = lawforms.get("clark-routed")
+    truth, x = CASES["clark-routed"]
+    two = {k: v[np.isin(x["e"], [1, 8])] for k, v in x.items()}
+    for table, separable in ((x, True), (two, False)):
+        loss = law.predict(table, truth) * np.exp(
+            np.random.default_rng(2).normal(0, 0.002, len(table["n"])))
+        result = lawfit.fit_checked(law, table, loss, n_boot=0)
+        assert "Jacobian condition" in result.checks["ran"]
+        flagged = [w for w in result.verdict.warnings if w.startswith("the data do not separate")]
+        cond, _ = checks.jacobian_condition(result, table, loss)
+        assert (cond <= checks.MAX_JACOBIAN_CONDITION) == separable, cond
+        assert bool(flagged) != separable and result.verdict.identified == separable
+    assert "b" in flagged[0] and "c" in flagged[0]
+
+
 def _gadre_split(df):
     small = ["d=96_l=8_h=4", "d=512_l=8_h=4", "d=576_l=24_h=8", "d=1024_l=24_h=8"]
     m = df["chinchilla_multiplier"]

@@ -11,10 +11,17 @@ from dataclasses import replace
 import numpy as np
 
 import moe.analysis.lawforms.base as base
+import moe.analysis.lawforms.batch as batch
 from moe.analysis import identify
 
-HESSIAN_NOT_RUN = ("not computed for the registry laws: parameter trade-offs show up as wide "
-                   "bootstrap intervals, which are checked")
+# Of the Jacobian of log L_hat w.r.t. the refinement vector, columns scaled to unit norm (the
+# Gauss-Newton Hessian's condition is its square). Measured: 30-760 on each law's synthetic
+# table with 0.2% noise (tests/test_analysis_lawforms.py), 50-3e3 for chinchilla,
+# chinchilla-tied and kaplan on the pocket-science and demo tables (1.5e16 for chinchilla on
+# the demo table, fitted with E = 2e-31 and A N^-0.008 a second constant), 4e16-1e17 when E,
+# G or S takes one value; a condition this large means some combination of parameters leaves
+# every prediction unchanged to ~1e-6.
+MAX_JACOBIAN_CONDITION = 1e6
 
 
 def _data_issues(law: base.LawForm, x: dict) -> list:
@@ -57,6 +64,31 @@ def _fit_issues(result: base.FormFit, loss: np.ndarray) -> list:
     return issues
 
 
+def jacobian_condition(result: base.FormFit, x: dict, loss: np.ndarray) -> tuple[float, list]:
+    """(condition number of the column-scaled Jacobian of the log predictions at the fitted
+    parameters, the parameters that dominate its weakest direction); inf when a column is 0
+    or the matrix is singular."""
+    law = result.law
+    z = base._to_vector(law, result.params)
+    jac = batch.law_model(law, x, np.log(loss))[1](z[None])[0]
+    norms = np.linalg.norm(jac, axis=0)
+    if not np.all(norms > 0):
+        return float("inf"), [k for k, v in zip(law.params, norms, strict=True) if not v > 0]
+    _, sv, vt = np.linalg.svd(jac / norms, full_matrices=False)
+    weak = [law.params[j] for j in np.argsort(-np.abs(vt[-1])) if abs(vt[-1][j]) > 0.3]
+    return (float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")), weak
+
+
+def _jacobian_issues(result: base.FormFit, x: dict, loss: np.ndarray) -> list:
+    cond, weak = jacobian_condition(result, x, loss)
+    if cond <= MAX_JACOBIAN_CONDITION:
+        return []
+    shown = "singular" if not np.isfinite(cond) else f"condition {cond:.3g}"
+    return [identify.Issue(message=f"the data do not separate {', '.join(weak)}: the Jacobian "
+                           f"of the predictions is ill-conditioned ({shown}), so these "
+                           "parameters trade off against each other")]
+
+
 def _boot_issues(result: base.FormFit, intervals: dict, failed: int, n_boot: int) -> list:
     issues = []
     for name, iv in intervals.items():
@@ -70,15 +102,21 @@ def _boot_issues(result: base.FormFit, intervals: dict, failed: int, n_boot: int
 def checked(result: base.FormFit, x: dict, loss: np.ndarray, *, n_boot: int, seed: int = 0,
             skip_why: str = "") -> base.FormFit:
     """The fit with its verdict and the list of checks: data spread and collinearity,
-    exponent range, irreducible loss, parameters at bounds, and (``n_boot`` >= 2) bootstrap
-    intervals; with ``n_boot`` < 2 the interval check is 'not checked' (``skip_why``)."""
+    exponent range, irreducible loss, parameters at bounds, the Jacobian condition, and
+    (``n_boot`` >= 2) bootstrap intervals; with ``n_boot`` < 2 the interval check is 'not
+    checked' (``skip_why``)."""
     issues = _data_issues(result.law, x) + _fit_issues(result, loss)
     ran = ["spread of each variable", "exponent range", "parameters at bounds"]
     if "n" in result.law.variables and "d" in result.law.variables:
         ran.append("N-D collinearity")
     if result.law.floor:
         ran.append("irreducible loss below the data")
-    not_run = {"Hessian condition": HESSIAN_NOT_RUN}
+    not_run = {}
+    if result.law.jacobian is not None:
+        issues += _jacobian_issues(result, x, loss)
+        ran.append("Jacobian condition")
+    else:
+        not_run["Jacobian condition"] = "the law has no analytic Jacobian"
     samples, intervals = {}, {}
     if n_boot >= 2:
         samples, intervals, failed = base.bootstrap(result, x, loss, n_resamples=n_boot,
