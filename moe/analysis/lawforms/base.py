@@ -28,6 +28,7 @@ from moe.errors import BadInput
 
 DELTA = _lse.HUBER_DELTA
 BASIN_TOL = 0.1  # exponents this close belong to one basin (as in _lse.global_fit)
+BATCH_ELEMENTS = 4_000_000  # of a resample group's Jacobians (R, n, P): 32 MB of float64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,9 +182,14 @@ def refits(law: LawForm, x: dict, loss: np.ndarray, counts: np.ndarray,
     """(params (R, P) in the order of ``law.params``, objectives (R,)) of every resample
     refitted from ``start`` at once (:mod:`moe.analysis.lawforms.batch`); with a
     ``boot_screen``, each resample's screened start is refined too where it lies in another
-    basin, and the better fit kept. A resample whose fit failed has objective inf."""
+    basin, and the better fit kept. A resample whose fit failed has objective inf. Resamples
+    go in groups of at most BATCH_ELEMENTS / (rows x parameters) (the Jacobians of a group
+    are held at once); groups are independent, so the grouping does not change results."""
+    size = max(16, BATCH_ELEMENTS // (counts.shape[1] * len(law.params)))
     with single_thread_blas():
-        return _refits(law, x, loss, counts, start)
+        parts = [_refits(law, x, loss, counts[s:s + size], start)
+                 for s in range(0, len(counts), size)]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
 
 
 def _refits(law: LawForm, x: dict, loss: np.ndarray, counts: np.ndarray, start: dict):
