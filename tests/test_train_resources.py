@@ -145,13 +145,17 @@ opt = build_optimizer(model, cfg.train)
 idx = torch.randint(0, 258, (16, 128))
 
 def faults_per_step():
-    for _ in range(12):  # the heap settles (6 steps were not always enough: 1 run in 5
-                         # still faulted 100 pages a step after retaining, 12 never did in 8)
+    # The median page faults of 15 steps after 6 that let the heap settle: most steps of a
+    # retained heap fault nothing; an occasional one that does (about 1 window of 5 steps
+    # in 10 faulted 50-180 pages a step) is not the per-step cost the test is about.
+    for _ in range(6):  # the heap settles
         model(idx, idx).ce_loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    faults = []
+    for _ in range(15):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(idx, idx).ce_loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(faults)[len(faults) // 2]
 
 default = faults_per_step()
 assert retain_freed_memory()
@@ -165,5 +169,5 @@ def test_retained_memory_stops_the_page_faults_of_every_step():
     out = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True,
                          check=True, timeout=300)
     default, retained = map(float, out.stdout.split())
-    assert retained < 50  # a settled step reuses the heap (default: 180-1,700 faults a step)
+    assert retained < 50  # a settled step reuses the heap (default: 100-3,000 faults a step)
     assert retained < default
