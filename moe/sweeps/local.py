@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import subprocess
@@ -161,7 +162,7 @@ def run_local(run_dirs: list[RunDir], *, max_parallel: int = 2, progress: bool =
                 while queue and len(running) < max_parallel:
                     _start(queue.pop(0), running, max_parallel)
                     display.event(f"started {running[-1].run_dir.name}")
-                time.sleep(POLL_S)
+                _wait_any(running, POLL_S)
                 for w in [w for w in running if w.proc.poll() is not None]:
                     running.remove(w)
                     final[w.run_dir.name] = _finish(w)
@@ -170,6 +171,15 @@ def run_local(run_dirs: list[RunDir], *, max_parallel: int = 2, progress: bool =
         finally:
             display.close()
     return final
+
+
+def _wait_any(running: list[_Worker], timeout_s: float) -> None:
+    """Until a worker ends or `timeout_s` passes: forked workers are waited on (their
+    sentinels), so the next run starts at once; exec'd ones are polled."""
+    if running and all(isinstance(w.proc, _Forked) for w in running):
+        multiprocessing.connection.wait([w.proc.process.sentinel for w in running], timeout_s)
+    else:
+        time.sleep(timeout_s)
 
 
 class Terminated(KeyboardInterrupt):
