@@ -10,11 +10,12 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from moe.config import load_config
+
+    cfg = load_config(args.config, args.set or [])  # torch-free: a bad config fails in 0.3 s
     from moe.train import train_run
     from moe.train.distributed import init_from_env
     from moe.train.signals import Terminated
 
-    cfg = load_config(args.config, args.set or [])
     owns_group = init_from_env(cfg.parallel.timeout_min)  # under torchrun: one rank
     try:
         result = train_run(cfg, args.out, progress=not args.quiet)
