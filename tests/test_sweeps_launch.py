@@ -302,3 +302,12 @@ def test_parallel_workers_divide_the_cores(monkeypatch):
     assert worker_env(cores + 1)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert worker_env(2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_each_workers_output_is_in_its_own_worker_log(local_sweep):
+    """Forked workers write where exec'd ones did: each run's progress lines in its own
+    worker.log, nothing of another run's."""
+    _, sweep_dir, _ = local_sweep
+    for run in SweepDir(sweep_dir).runs():
+        log = run.worker_log_path.read_text()
+        assert log.count("progress: step 1/") == 1, log  # one run's first step, once

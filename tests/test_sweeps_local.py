@@ -100,3 +100,23 @@ def test_cli_refuses_max_parallel_zero_in_one_line(tmp_path, capsys):
     assert main(["sweep", "launch", str(spec), "--dir", str(tmp_path / "d"),
                  "--max-parallel", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "d").exists()
+
+
+def test_an_unknown_worker_mode_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_LOCAL_WORKERS", "thread")
+    sweep = tmp_path / "sweep"
+    with pytest.raises(LaunchError, match="MOE_LOCAL_WORKERS='thread': use fork or exec"):
+        launch(fakeslurm.two_run_spec(), sweep, executor="local", max_parallel=1)
+    assert not sweep.exists()
+
+
+def test_runs_start_longest_first_and_unplanned_ones_last():
+    from types import SimpleNamespace
+
+    from moe.sweeps.local import longest_first
+
+    runs = [RunDir(f"/x/{name}") for name in ("a", "b", "c", "d", "e")]
+    plans = {"a": SimpleNamespace(flops=1e9), "b": SimpleNamespace(flops=5e9),
+             "d": SimpleNamespace(flops=1e9), "e": SimpleNamespace(flops=2e9)}
+    # by FLOPs, largest first; a and d tie and keep their order; c has no plan
+    assert [r.name for r in longest_first(runs, plans)] == ["b", "e", "a", "d", "c"]

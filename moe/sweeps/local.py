@@ -81,7 +81,7 @@ def _fork_context() -> multiprocessing.context.BaseContext | None:
     """The forkserver context with `PRELOAD` set, or None where workers must exec."""
     mode = os.environ.get(WORKERS_ENV, "fork")
     if mode not in ("fork", "exec"):
-        raise BadInput(f"{WORKERS_ENV}={mode!r}: use fork or exec")
+        raise LaunchError(f"{WORKERS_ENV}={mode!r}: use fork or exec")
     if mode == "exec" or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     ctx = multiprocessing.get_context("forkserver")
@@ -127,6 +127,7 @@ class LocalExecutor(Executor):
     def from_options(cls, *, max_parallel: int, progress: bool, **_options) -> LocalExecutor:
         if not (isinstance(max_parallel, int) and max_parallel >= 1):
             raise LaunchError(f"--max-parallel {max_parallel} must be at least 1")
+        _fork_context()  # a bad MOE_LOCAL_WORKERS is refused before anything is written
         return cls(max_parallel, progress)
 
     def start(self, runs: list[RunDir], sweep: SweepDir, plans: dict) -> Started:
