@@ -120,3 +120,39 @@ def test_runs_start_longest_first_and_unplanned_ones_last():
              "d": SimpleNamespace(flops=1e9), "e": SimpleNamespace(flops=2e9)}
     # by FLOPs, largest first; a and d tie and keep their order; c has no plan
     assert [r.name for r in longest_first(runs, plans)] == ["b", "e", "a", "d", "c"]
+
+
+UNGUARDED = textwrap.dedent("""
+    import sys
+    from helpers import tiny_config
+    from moe.rundir import RunDir
+    from moe.sweeps.local import run_local
+    with open(sys.argv[1] + "/top-level-ran", "a") as f:  # no __main__ guard: runs on import
+        f.write("x")
+    run = RunDir(sys.argv[1] + "/run")
+    run.write_config(tiny_config())
+    print(run_local([run], max_parallel=1, progress=False))
+""")
+
+
+@pytest.mark.parametrize("launcher", ["script", "stdin"])
+def test_forked_workers_never_rerun_the_launchers_main(tmp_path, launcher):
+    """multiprocessing's forkserver children re-import the parent's main script unless told
+    not to: a launcher read from stdin failed ("No such file '<stdin>'"), and a script
+    without an `if __name__ == "__main__":` guard ran its top level again in the worker,
+    which then failed its run ("An attempt has been made to start a new process before the
+    current process has finished its bootstrapping phase")."""
+    script = tmp_path / "launch.py"
+    script.write_text(UNGUARDED)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "MOE_LOCAL_WORKERS": "fork",
+           "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    if launcher == "script":
+        out = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    else:
+        out = subprocess.run([sys.executable, "-", str(tmp_path)], input=UNGUARDED, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "{'run': 'done'}" in out.stdout, out.stderr
+    assert (tmp_path / "top-level-ran").read_text() == "x"

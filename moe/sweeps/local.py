@@ -89,6 +89,33 @@ def _fork_context() -> multiprocessing.context.BaseContext | None:
     return ctx
 
 
+@contextlib.contextmanager
+def _without_main_import():
+    """Start processes whose child does not re-import the launcher's `__main__`.
+
+    multiprocessing's spawn and forkserver children run the parent's main script again
+    (as `__mp_main__`) so that functions defined there unpickle; our worker's function
+    lives in this module, so that is not needed, and it would break launchers that are not
+    scripts (`python - < file`: "No such file '<stdin>'") and re-run the top level of a
+    user's script that calls `launch` without an `if __name__ == "__main__":` guard, once
+    per worker. The preparation data loses its two main-module keys while we start one."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+
+    def without_main(name):
+        data = original(name)
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+        return data
+
+    spawn.get_preparation_data = without_main
+    try:
+        yield
+    finally:
+        spawn.get_preparation_data = original
+
+
 def _forked_main(run_path: str, log_path: str, env: dict[str, str]) -> None:
     """A forked worker: the environment and output of an exec'd one, then the job's main.
     Torch was imported by the server, so its default thread count is set here from the
@@ -251,7 +278,8 @@ def _start(run_dir: RunDir, running: list[_Worker], max_parallel: int) -> None:
         process = ctx.Process(target=_forked_main, name=f"moe-worker-{run_dir.name}",
                               args=(str(run_dir.path), str(run_dir.worker_log_path),
                                     worker_env(max_parallel)))
-        process.start()
+        with _without_main_import():
+            process.start()
         proc = _Forked(process)
     running.append(_Worker(run_dir=run_dir, proc=proc, log=log, started_s=time.time()))
     record_submission(run_dir, "local", local_job_id(proc.pid))
