@@ -82,7 +82,8 @@ def _fork_context() -> multiprocessing.context.BaseContext | None:
     mode = os.environ.get(WORKERS_ENV, "fork")
     if mode not in ("fork", "exec"):
         raise LaunchError(f"{WORKERS_ENV}={mode!r}: use fork or exec")
-    if mode == "exec" or "forkserver" not in multiprocessing.get_all_start_methods():
+    if mode == "exec" or "forkserver" not in multiprocessing.get_all_start_methods() \
+            or multiprocessing.current_process().daemon:  # a daemon may not have children
         return None
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (once)
