@@ -22,6 +22,7 @@ import numpy as np
 from moe.analysis import _lse, laws
 from moe.analysis._threads import set_single_thread, single_thread_blas
 from moe.analysis.fit import FitData, LawFit, theta_to_params
+from moe.analysis.resample import row_counts
 from moe.errors import BadInput
 
 _STATE: dict = {}  # per-worker inputs, set by _init_worker (fork copies them cheaply)
@@ -67,9 +68,7 @@ def _init_worker(log_x, log_y, theta0, delta, screen):
 def _fit_resample(i: int, seed: int):
     """Fit resample i; returns (i, theta) or (i, None) if the fit failed."""
     log_x, log_y = _STATE["log_x"], _STATE["log_y"]
-    n = len(log_y)
-    rng = np.random.default_rng([seed, i])
-    weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(float)
+    weights = row_counts(len(log_y), [i], seed)[0]
     try:
         theta, _ = _lse.global_fit(log_x, log_y, weights, _STATE["delta"], n_refine=1,
                                    use_epoch_grid=False, exponents=_STATE["screen"],

@@ -52,6 +52,14 @@ def count_weights(strata: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return w_BN
 
 
+def row_counts(n: int, resamples, seed: int = 0) -> np.ndarray:
+    """(len(resamples), n) how often each of n rows is drawn (with replacement) in each
+    resample i of ``resamples``, from ``default_rng([seed, i])``: resample i is the same
+    whichever worker or batch draws it (the Approach-3 and law-registry bootstraps)."""
+    return np.stack([np.bincount(np.random.default_rng([seed, i]).integers(0, n, n),
+                                 minlength=n) for i in resamples]).astype(float)
+
+
 def jackknife_weights(n: int) -> np.ndarray:
     """(n, n): row i leaves run i out."""
     return 1.0 - np.eye(n)

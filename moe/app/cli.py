@@ -11,7 +11,7 @@ from pathlib import Path
 def _train(args: argparse.Namespace) -> int:
     from moe.config import load_config
 
-    cfg = load_config(args.config, args.set or [])  # torch-free: a bad config fails in 0.3 s
+    cfg = load_config(args.config, args.set or [])  # torch-free: a bad config fails in 0.2 s
     from moe.train import train_run
     from moe.train.distributed import init_from_env
     from moe.train.signals import Terminated

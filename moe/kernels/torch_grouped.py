@@ -26,10 +26,20 @@ def grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-@torch.library.custom_op("moe_kernels::torch_grouped_mm", mutates_args=())
-def _torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """[M, K] x [E, K, N] -> [M, N]; rows of group e are [offs[e-1], offs[e])."""
     return grouped_mm_fn()(a, b, offs=offs)
+
+
+def _mm_dw(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """[M, K], [M, N] -> [E, K, N] with dw[e] = a[rows_e]^T dy[rows_e] (0 for empty groups)."""
+    return grouped_mm_fn()(a.t(), dy, offs=offs)
+
+
+@torch.library.custom_op("moe_kernels::torch_grouped_mm", mutates_args=())
+def _torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """:func:`_mm` as an op torch.compile traces."""
+    return _mm(a, b, offs)
 
 
 @_torch_grouped_mm.register_fake
@@ -40,8 +50,8 @@ def _torch_grouped_mm_fake(a, b, offs):
 @torch.library.custom_op("moe_kernels::torch_grouped_mm_dw", mutates_args=())
 def _torch_grouped_mm_dw(a: torch.Tensor, dy: torch.Tensor,
                          offs: torch.Tensor) -> torch.Tensor:
-    """[M, K], [M, N] -> [E, K, N] with dw[e] = a[rows_e]^T dy[rows_e] (0 for empty groups)."""
-    return grouped_mm_fn()(a.t(), dy, offs=offs)
+    """:func:`_mm_dw` as an op torch.compile traces."""
+    return _mm_dw(a, dy, offs)
 
 
 @_torch_grouped_mm_dw.register_fake
@@ -54,14 +64,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(a, b, offs)
 
 
-def _backward(ctx, dy):
+def _grads(ctx, dy, mm, mm_dw):
+    """(dA, dB, None): dA = dy B^T per group, dB[e] = A_e^T dy_e, each only where needed."""
     a, b, offs = ctx.saved_tensors
-    da = db = None
-    if ctx.needs_input_grad[0]:
-        da = _torch_grouped_mm(dy, b.transpose(1, 2), offs)
-    if ctx.needs_input_grad[1]:
-        db = _torch_grouped_mm_dw(a, dy, offs)
+    da = mm(dy, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    db = mm_dw(a, dy, offs) if ctx.needs_input_grad[1] else None
     return da, db, None
+
+
+def _backward(ctx, dy):
+    return _grads(ctx, dy, _torch_grouped_mm, _torch_grouped_mm_dw)
 
 
 _torch_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
@@ -73,17 +85,11 @@ class _EagerGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, offs):
         ctx.save_for_backward(a, b, offs)
-        return grouped_mm_fn()(a, b, offs=offs)
+        return _mm(a, b, offs)
 
     @staticmethod
     def backward(ctx, dy):
-        a, b, offs = ctx.saved_tensors
-        da = db = None
-        if ctx.needs_input_grad[0]:
-            da = grouped_mm_fn()(dy, b.transpose(1, 2), offs=offs)
-        if ctx.needs_input_grad[1]:
-            db = grouped_mm_fn()(a.t(), dy, offs=offs)
-        return da, db, None
+        return _grads(ctx, dy, _mm, _mm_dw)
 
 
 def torch_grouped_mm(a_MK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

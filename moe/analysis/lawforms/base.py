@@ -24,6 +24,7 @@ from scipy.optimize import least_squares
 import moe.analysis.lawforms.batch as batch
 from moe.analysis import _lse, identify
 from moe.analysis._threads import single_thread_blas
+from moe.analysis.resample import row_counts
 from moe.errors import BadInput
 
 DELTA = _lse.HUBER_DELTA
@@ -171,10 +172,9 @@ def fit(law: LawForm, x: dict, loss: np.ndarray) -> FormFit:
 
 
 def resample_counts(n: int, n_resamples: int, seed: int = 0) -> np.ndarray:
-    """(R, n) how often each row is drawn: rows resampled with replacement,
-    ``default_rng([seed, i])`` for resample i."""
-    return np.stack([np.bincount(np.random.default_rng([seed, i]).integers(0, n, n),
-                                 minlength=n) for i in range(n_resamples)]).astype(float)
+    """(R, n) how often each row is drawn in resamples 0 .. R-1
+    (:func:`moe.analysis.resample.row_counts`, the Approach-3 bootstrap's rule)."""
+    return row_counts(n, range(n_resamples), seed)
 
 
 def refits(law: LawForm, x: dict, loss: np.ndarray, counts: np.ndarray,
