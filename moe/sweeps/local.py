@@ -50,7 +50,7 @@ torch, and torch._dynamo (the first AdamW of a process imports it, about 1 s).""
 class _Worker:
     run_dir: RunDir
     proc: subprocess.Popen | _Forked
-    log: IO[bytes]
+    log: IO[bytes] | None  # an exec'd worker's output (a forked one opens its own)
     started_s: float
 
 
@@ -184,12 +184,13 @@ def run_local(run_dirs: list[RunDir], *, max_parallel: int = 2, progress: bool =
     if max_parallel < 1:
         raise BadInput(f"max_parallel={max_parallel} must be >= 1")
     queue, running, final = list(run_dirs), [], {}
+    ctx = _fork_context()
     display = Display(len(run_dirs), enabled=progress)
     with _sigterm_raises(), _stop_workers_on_error(running):
         try:
             while queue or running:
                 while queue and len(running) < max_parallel:
-                    _start(queue.pop(0), running, max_parallel)
+                    _start(queue.pop(0), running, max_parallel, ctx)
                     display.event(f"started {running[-1].run_dir.name}")
                 _wait_any(running, POLL_S)
                 for w in [w for w in running if w.proc.poll() is not None]:
@@ -241,7 +242,7 @@ def _stop_workers_on_error(running: list[_Worker]):
         for w in running:
             w.proc.terminate()
             w.proc.wait()
-            w.log.close()
+            _close_log(w)
             record_failure(w.run_dir, "launcher interrupted; relaunch to resume")
         raise
 
@@ -267,12 +268,14 @@ def worker_command(run: RunDir) -> list[str]:
     return [sys.executable, "-m", "moe.sweeps.job", str(run.path)]
 
 
-def _start(run_dir: RunDir, running: list[_Worker], max_parallel: int) -> None:
-    """Start a worker and add it to `running` before its job id is recorded, so a signal that
-    arrives once the id is visible finds the worker to stop."""
-    log = open(run_dir.worker_log_path, "ab")
-    ctx = _fork_context()
+def _start(run_dir: RunDir, running: list[_Worker], max_parallel: int,
+           ctx: multiprocessing.context.BaseContext | None) -> None:
+    """Start a worker (forked from `ctx`'s server, or exec'd without one) and add it to
+    `running` before its job id is recorded, so a signal that arrives once the id is visible
+    finds the worker to stop."""
+    log = None
     if ctx is None:
+        log = open(run_dir.worker_log_path, "ab")
         proc = subprocess.Popen(worker_command(run_dir), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=worker_env(max_parallel))
     else:
@@ -286,8 +289,13 @@ def _start(run_dir: RunDir, running: list[_Worker], max_parallel: int) -> None:
     record_submission(run_dir, "local", local_job_id(proc.pid))
 
 
+def _close_log(w: _Worker) -> None:
+    if w.log is not None:
+        w.log.close()
+
+
 def _finish(w: _Worker) -> str:
-    w.log.close()
+    _close_log(w)
     if w.run_dir.is_done():
         return "done"
     state = w.run_dir.read_status().get("state")
