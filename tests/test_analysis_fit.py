@@ -102,6 +102,46 @@ def test_bootstrap_is_deterministic_across_worker_counts(reference_data, referen
     assert not np.array_equal(one.samples["alpha"], other.samples["alpha"])
 
 
+def _one_by_one(data, point, counts, screen):
+    """Each resample fitted alone by scipy's trust-region least squares (_lse.global_fit,
+    the one-by-one procedure that the batched bootstrap replaces): (thetas, objectives)."""
+    log_x, log_y = data.log_x(), np.log(data.loss)
+    step = float(np.unique(screen[:, 0])[1] - np.unique(screen[:, 0])[0])
+    fits = [_lse.global_fit(log_x, log_y, w, point.delta, n_refine=1, exponents=screen,
+                            extra_starts=np.asarray(point.theta), basin_tol=step, n_irls=2)
+            for w in counts]
+    return np.array([t for t, _ in fits]), np.array([f for _, f in fits])
+
+
+@pytest.mark.parametrize("table", ["epoch", "narrow"])
+def test_batched_bootstrap_refits_match_one_by_one_fits(table, reference_data, reference_fit):
+    """On the public Chinchilla data (identified) every resample's batched fit is the one-by-one
+    scipy fit (same objective, same exponents); on a table spanning N by 1.5x (not identified:
+    flat directions) no batched fit is worse than the one-by-one one."""
+    from moe.analysis.bootstrap import refit_resamples
+    from moe.analysis.resample import row_counts
+
+    if table == "epoch":
+        data, point = reference_data, reference_fit
+    else:
+        df = synthetic.chinchilla_table(REFERENCE, seed=5, noise=0.02,
+                                        n_values=(1e7, 1.2e7, 1.5e7))
+        data = fit.prepare(df, loss_col="val_loss")
+        point = fit.fit_data(data)
+    log_x, log_y = data.log_x(), np.log(data.loss)
+    counts = row_counts(len(log_y), range(6), 11).astype(float)
+    screen = _lse.exponent_grid(2, n_per_axis=8)
+    thetas = refit_resamples(log_x, log_y, np.asarray(point.theta), counts, point.delta, screen)
+    objectives = np.array([_lse.objective_and_grad(t, log_x, log_y, w, point.delta)[0]
+                           for t, w in zip(thetas, counts, strict=True)])
+    want_thetas, want_objectives = _one_by_one(data, point, counts, screen)
+    assert np.all(objectives <= want_objectives * (1 + 1e-9)), (objectives, want_objectives)
+    if table == "epoch":
+        np.testing.assert_allclose(objectives, want_objectives, rtol=1e-9)
+        np.testing.assert_allclose(thetas[:, 3:], want_thetas[:, 3:], atol=1e-5)  # exponents
+        np.testing.assert_allclose(thetas[:, :3], want_thetas[:, :3], atol=1e-4)  # log E, A, B
+
+
 def test_compute_optimal_allocation_minimises_loss_at_fixed_compute(reference_fit):
     c = 1e23
     n_opt, d_opt = reference_fit.allocation(c)

@@ -209,6 +209,51 @@ def test_fused_qkv_attention_equals_separate_projections(n_kv):
     torch.testing.assert_close(attn(x, model.rope_cos, model.rope_sin), want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("hs", [8, 16])
+def test_rope_by_half_swap_equals_the_pairwise_rotation_bitwise(hs):
+    """rotate() computes [x1 cos - x2 sin, x2 cos + x1 sin] with x * C + swap(x) * S: the
+    same products and sums, so forward and gradient are bitwise those of the op-by-op form."""
+    from moe.model.lm import rope_tables, rotate
+
+    T = 16
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, hs, 2).float() / hs)
+    angles = torch.outer(torch.arange(T).float(), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    x = torch.randn(3, 5, T, hs, requires_grad=True)
+    g = torch.randn(3, 5, T, hs)
+    x1, x2 = x.chunk(2, dim=-1)
+    want = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    got = rotate(x, *rope_tables(T, hs, 10000.0))
+    (got_grad,) = torch.autograd.grad(got, x, g)
+    assert torch.equal(got, want)
+    assert torch.equal(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("hs", [4, 8, 12, 16, 32])
+def test_cpu_causal_attention_of_small_heads_equals_unpadded_attention(hs):
+    """Head sizes below 16 run zero-padded on CPU: outputs and all three gradients match
+    softmax(q k^T / sqrt(hs)) v computed from the definition in float64."""
+    from moe.model.lm import CPU_ATTENTION_MIN_HEAD, causal_attention
+
+    B, nh, T = 2, 3, 24
+    q, k, v = (torch.randn(B, nh, T, hs, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, nh, T, hs)
+    got = causal_attention(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = q64 @ k64.transpose(-1, -2) / math.sqrt(hs)
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    want = torch.softmax(scores, -1) @ v64
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), g.double())
+    assert got.shape == (B, nh, T, hs)
+    torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b.float(), **TOL[torch.float32])
+    if hs >= CPU_ATTENTION_MIN_HEAD:  # not padded: torch's own call, bit for bit
+        assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def test_checkpoints_with_separate_qkv_load_and_init_draws_are_unchanged():
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
                       seq_len=8, vocab_size=20)

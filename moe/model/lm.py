@@ -63,23 +63,51 @@ class RMSNorm(nn.Module):
 
 def rope_tables(seq_len: int, head_dim: int, theta: float,
                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, hs/2] for rotary embeddings (Su et al. 2021)."""
+    """RoPE tables [T, hs] (Su et al. 2021): cos(angles) twice, and sin(angles) with the
+    first half negated, so that rotating is `x * cos + swap_halves(x) * sin` (see rotate)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     angles_TF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    return angles_TF.cos(), angles_TF.sin()
+    cos_TF, sin_TF = angles_TF.cos(), angles_TF.sin()
+    return torch.cat([cos_TF, cos_TF], -1), torch.cat([-sin_TF, sin_TF], -1)
 
 
-def apply_rope(x_BhTs: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BhTs: torch.Tensor, cos_Ts: torch.Tensor, sin_Ts: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) by position-dependent angles."""
     T = x_BhTs.shape[-2]
-    return rotate(x_BhTs, cos_TF[:T], sin_TF[:T])
+    return rotate(x_BhTs, cos_Ts[:T], sin_Ts[:T])
 
 
 def rotate(x_BhTs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE with angle tables broadcastable to x's [..., T, hs/2] (per-row positions too)."""
-    x1, x2 = x_BhTs.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """RoPE with `rope_tables` broadcastable to x's [..., T, hs] (per-row positions too).
+
+    With x = [x1, x2] and angles a, the rotation is [x1 cos a - x2 sin a, x2 cos a + x1 sin a]
+    = x * [cos a, cos a] + [x2, x1] * [-sin a, sin a]: the same products and sums, hence the
+    same bits, as the op-by-op formula (tests/test_model.py), in 4 ops instead of 8 (and
+    fewer in the backward). Rolling the last dim by hs/2 swaps its halves.
+    """
+    xf = x_BhTs.float()
+    out = xf * cos + xf.roll(xf.shape[-1] // 2, -1) * sin
     return out.to(x_BhTs.dtype)
+
+
+CPU_ATTENTION_MIN_HEAD = 16
+"""On CPU, attention of head size below this runs zero-padded to it (training and scoring
+forwards; not KV-cached decoding). torch's CPU flash-attention kernel is faster at head
+size 16 than at 8 or 12 (forward + backward, B16 x 4 heads x T128, one thread: 7.1 ms
+against 10.0 ms at 8; benchmarks/bench_attention.py). The zero columns add exact zeros to
+q.k and give zero output columns that are cut off; the scale stays 1/sqrt(hs). A fixed
+rule, not a timed probe: a run resumed on another machine must take the same path."""
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, is_causal=True)` [B, nh, T, hs]."""
+    hs = q.shape[-1]
+    if q.device.type != "cpu" or hs >= CPU_ATTENTION_MIN_HEAD:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    pad = (0, CPU_ATTENTION_MIN_HEAD - hs)
+    y = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad),
+                                       is_causal=True, scale=hs ** -0.5)
+    return y[..., :hs]
 
 
 class KVCache:
@@ -115,7 +143,7 @@ class KVCache:
         self.v = [None if v is None else v[rows_B] for v in self.v]
 
     def step_inputs(self, T: int, cos_LF: torch.Tensor, sin_LF: torch.Tensor):
-        """RoPE tables [B, 1, T, hs/2] at each row's positions and the mask [B, 1, T, length+T].
+        """RoPE tables [B, 1, T, hs] at each row's positions and the mask [B, 1, T, length+T].
 
         A row's positions count from its first real token; a query sees its row's real keys
         up to itself, and a padding query sees itself only (its output is never used).
@@ -138,8 +166,8 @@ class _Step:
     """What one cached forward call shares across layers."""
 
     cache: KVCache
-    cos_B1TF: torch.Tensor
-    sin_B1TF: torch.Tensor
+    cos_B1Ts: torch.Tensor
+    sin_B1Ts: torch.Tensor
     mask_B1TS: torch.Tensor
 
 
@@ -172,7 +200,7 @@ class Attention(nn.Module):
             qk = apply_rope(qk, cos_TF, sin_TF)
         else:  # decoding: per-row positions, keys/values of earlier calls from the cache
             s, layer = step
-            qk = rotate(qk, s.cos_B1TF, s.sin_B1TF)
+            qk = rotate(qk, s.cos_B1Ts, s.sin_B1Ts)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
         if step is not None:
             k, v = s.cache.write(layer, k, v)
@@ -180,8 +208,10 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None)  # (B,nh,T,hs)
+        if mask is None:
+            y = causal_attention(q, k, v)  # (B,nh,T,hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -145,12 +145,13 @@ def refine(resid, jac, z0, counts, lo, hi, *, delta: float = HUBER_DELTA,
     return z, f
 
 
-def best_refine(resid, jac, z0, counts, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+def best_refine(resid, jac, z0, counts, lo, hi, *,
+                delta: float = HUBER_DELTA) -> tuple[np.ndarray, np.ndarray]:
     """:func:`refine` with each curvature from the same starts, the lower objective kept per
     problem: Huber's own curvature lands where scipy's least_squares(loss='huber') does on
     identified tables; IRLS is steadier where most residuals lie beyond delta."""
-    z, f = refine(resid, jac, z0, counts, lo, hi, curvature="huber")
-    z2, f2 = refine(resid, jac, z0, counts, lo, hi, curvature="irls")
+    z, f = refine(resid, jac, z0, counts, lo, hi, delta=delta, curvature="huber")
+    z2, f2 = refine(resid, jac, z0, counts, lo, hi, delta=delta, curvature="irls")
     better = f2 < f
     z[better], f[better] = z2[better], f2[better]
     return z, f
