@@ -405,3 +405,27 @@ def test_eager_grouped_mm_equals_the_compilable_custom_op_bitwise():
     loop = torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(bounds)])
     assert torch.allclose(results[0][0], loop, atol=1e-5)  # and both are the grouped product
     assert torch.equal(results[0][2][1], torch.zeros(16, 24))
+
+
+@pytest.mark.parametrize("rows, hidden", [(0, 8), (37, 24), (2048, 64)])
+def test_swiglu_backward_without_concatenation_is_bitwise_autograds(rows, hidden):
+    """`_SwiGLU` writes d gate and d up into one buffer instead of autograd's chunk-backward
+    concatenation: output and gradient must be bitwise those of the op-by-op form, and equal
+    the closed form d gate = d h * up * s (1 + g (1 - s)), d up = d h * g s (s = sigmoid(g))."""
+    from moe.model.experts import _SwiGLU, swiglu_reference
+
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * hidden, generator=gen)
+    dh = torch.randn(rows, hidden, generator=gen)
+    got_x = gate_up.clone().requires_grad_()
+    got = _SwiGLU.apply(got_x)
+    got.backward(dh)
+    want_x = gate_up.clone().requires_grad_()
+    want = swiglu_reference(want_x)
+    want.backward(dh)
+    assert torch.equal(got, want)
+    assert torch.equal(got_x.grad, want_x.grad)
+    g, u = gate_up.double().chunk(2, dim=-1)
+    s = torch.sigmoid(g)
+    closed = torch.cat([dh * u * s * (1 + g * (1 - s)), dh * g * s], dim=-1)
+    torch.testing.assert_close(got_x.grad.double(), closed, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,98 @@
+"""CPU attention and RoPE of pocket models: the numbers behind two rules in moe.model.lm.
+
+    python benchmarks/bench_attention.py [--threads 1] [--batch 16] [--heads 4] [--seq 128]
+
+1. Causal `F.scaled_dot_product_attention`, forward + backward (q, k, v all need grads), at
+   head sizes 4-32, and for heads below `CPU_ATTENTION_MIN_HEAD` the same call zero-padded
+   to it (`moe.model.lm.causal_attention`): the padded column is the one training uses.
+2. RoPE forward + backward on the fused q|k heads: the pairwise formula (chunk, four
+   products, cat) against `moe.model.lm.rotate` (x * cos + swap_halves(x) * sin).
+
+Times are the best of `--rounds` interleaved rounds (milliseconds), so a burst of load from
+elsewhere does not land on one variant only; compare rows of one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moe.model.lm import CPU_ATTENTION_MIN_HEAD, causal_attention, rope_tables, rotate
+
+
+def best_ms(fns: dict, rounds: int, min_time_s: float) -> dict:
+    """Best milliseconds per call of each function over interleaved rounds."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < min_time_s or n < 3:
+                fn()
+                n += 1
+            best[name] = min(best[name], (time.perf_counter() - t0) / n * 1e3)
+    return best
+
+
+def attention_calls(B: int, nh: int, T: int, hs: int) -> dict:
+    q, k, v = (torch.randn(B, nh, T, hs, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, nh, T, hs)
+
+    def plain():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+    def used():
+        causal_attention(q, k, v).backward(g)
+
+    return {"sdpa": plain, "used": used}
+
+
+def rope_calls(B: int, nh: int, T: int, hs: int) -> dict:
+    qkv = torch.randn(B, T, 3 * nh, hs, requires_grad=True)  # rotated slice: a strided view
+    g = torch.randn(B, 2 * nh, T, hs)
+    angles = torch.outer(torch.arange(T).float(),
+                         1.0 / 10000.0 ** (torch.arange(0, hs, 2).float() / hs))
+    cos, sin = angles.cos(), angles.sin()
+    cos_full, sin_full = rope_tables(T, hs, 10000.0)
+
+    def pairwise():
+        x1, x2 = qkv[:, :, : 2 * nh].transpose(1, 2).chunk(2, dim=-1)
+        torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).backward(g)
+
+    def swap():
+        rotate(qkv[:, :, : 2 * nh].transpose(1, 2), cos_full, sin_full).backward(g)
+
+    return {"pairwise": pairwise, "swap": swap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=0.3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    B, nh, T = args.batch, args.heads, args.seq
+    print(f"# torch {torch.__version__}, {args.threads} thread(s), B{B} x {nh} heads x T{T}, "
+          f"forward + backward, best of {args.rounds} rounds (ms)")
+    print(f"{'head size':>9s} {'sdpa':>8s} {'training':>9s}  (training: padded to "
+          f"{CPU_ATTENTION_MIN_HEAD} below it)")
+    for hs in (4, 8, 12, 16, 24, 32):
+        t = best_ms(attention_calls(B, nh, T, hs), args.rounds, args.min_time)
+        print(f"{hs:9d} {t['sdpa']:8.2f} {t['used']:9.2f}")
+    print(f"\n{'head size':>9s} {'pairwise':>9s} {'swap':>8s}  (RoPE of the q and k heads)")
+    for hs in (8, 16):
+        t = best_ms(rope_calls(B, nh, T, hs), args.rounds, args.min_time)
+        print(f"{hs:9d} {t['pairwise']:9.3f} {t['swap']:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
