@@ -115,21 +115,23 @@ class _SwiGLU(torch.autograd.Function):
     """:func:`swiglu_reference` with a backward that writes d gate and d up into the halves of
     one [S, 2H] buffer: autograd's backward of the chunk concatenates them (a copy of every
     row: 1.6 ms of 5.5 per forward + backward at top-8's 16384 x 64 rows, one CPU thread).
-    The same kernels on the same values, so outputs and gradients are bitwise equal
-    (tests/test_experts.py). It saves the [S, 2H] input only and recomputes silu(gate)."""
+    The same kernels on the same values and the same saved tensors (the input and
+    silu(gate)), so outputs and gradients are bitwise equal (tests/test_experts.py)."""
 
     @staticmethod
     def forward(ctx, gate_up_S2H):
-        ctx.save_for_backward(gate_up_S2H)
-        return swiglu_reference(gate_up_S2H)
+        gate_SH, up_SH = gate_up_S2H.chunk(2, dim=-1)
+        silu_SH = F.silu(gate_SH)
+        ctx.save_for_backward(gate_up_S2H, silu_SH)
+        return silu_SH * up_SH
 
     @staticmethod
     def backward(ctx, d_SH):
-        (gate_up_S2H,) = ctx.saved_tensors
+        gate_up_S2H, silu_SH = ctx.saved_tensors
         gate_SH, up_SH = gate_up_S2H.chunk(2, dim=-1)
         d_S2H = torch.empty_like(gate_up_S2H)
         d_gate_SH, d_up_SH = d_S2H.chunk(2, dim=-1)
-        torch.mul(d_SH, F.silu(gate_SH), out=d_up_SH)
+        torch.mul(d_SH, silu_SH, out=d_up_SH)
         torch.ops.aten.silu_backward.grad_input(d_SH * up_SH, gate_SH, grad_input=d_gate_SH)
         return d_S2H
 
