@@ -94,11 +94,18 @@ def test_random_parameters_recovered_inside_bootstrap_intervals(seed):
     assert boot.intervals["a"][0] <= a_true <= boot.intervals["a"][1]
 
 
-def test_bootstrap_is_deterministic_across_worker_counts(reference_data, reference_fit):
-    one = bootstrap_fit(reference_fit, reference_data, n_resamples=8, seed=3, n_workers=1)
-    two = bootstrap_fit(reference_fit, reference_data, n_resamples=8, seed=3, n_workers=2)
-    np.testing.assert_array_equal(one.samples["alpha"], two.samples["alpha"])
-    other = bootstrap_fit(reference_fit, reference_data, n_resamples=8, seed=4, n_workers=1)
+def test_bootstrap_is_deterministic_across_worker_counts(reference_data, reference_fit,
+                                                       monkeypatch):
+    from moe.analysis import bootstrap
+
+    one = bootstrap_fit(reference_fit, reference_data, n_resamples=40, seed=3, n_workers=1)
+    # groups of 16 resamples (240 rows x 5 parameters each), refined in two worker processes
+    monkeypatch.setattr(bootstrap, "BATCH_ELEMENTS", 16 * 240 * 5)
+    two = bootstrap_fit(reference_fit, reference_data, n_resamples=40, seed=3, n_workers=2)
+    assert one.n_workers == 1 and two.n_workers == 2
+    for name in ("E", "A", "B", "alpha", "beta"):
+        np.testing.assert_array_equal(one.samples[name], two.samples[name])
+    other = bootstrap_fit(reference_fit, reference_data, n_resamples=40, seed=4, n_workers=1)
     assert not np.array_equal(one.samples["alpha"], other.samples["alpha"])
 
 
