@@ -96,11 +96,11 @@ def test_random_parameters_recovered_inside_bootstrap_intervals(seed):
 
 def test_bootstrap_is_deterministic_across_worker_counts(reference_data, reference_fit,
                                                        monkeypatch):
-    from moe.analysis import bootstrap
+    from moe.analysis.lawforms import batch
 
     one = bootstrap_fit(reference_fit, reference_data, n_resamples=40, seed=3, n_workers=1)
     # groups of 16 resamples (240 rows x 5 parameters each), refined in two worker processes
-    monkeypatch.setattr(bootstrap, "BATCH_ELEMENTS", 16 * 240 * 5)
+    monkeypatch.setattr(batch, "BATCH_ELEMENTS", 16 * 240 * 5)
     two = bootstrap_fit(reference_fit, reference_data, n_resamples=40, seed=3, n_workers=2)
     assert one.n_workers == 1 and two.n_workers == 2
     for name in ("E", "A", "B", "alpha", "beta"):

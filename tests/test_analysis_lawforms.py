@@ -131,14 +131,14 @@ def test_batched_bootstrap_refits_match_scipy_one_resample_at_a_time(name):
 
 def test_bootstrap_refits_in_groups_equal_refits_all_at_once(monkeypatch):
     # large tables refit their resamples in groups (memory); the grouping changes nothing
-    from moe.analysis.lawforms import base
+    from moe.analysis.lawforms import base, batch
     law = lawforms.get("kaplan")
     truth, x = CASES["kaplan"]
     loss = law.predict(x, truth) * np.exp(np.random.default_rng(2).normal(0, 0.002, len(x["n"])))
     full = base.fit(law, x, loss)
     counts = base.resample_counts(len(loss), 40, seed=0)
     together = base.refits(law, x, loss, counts, full.params)
-    monkeypatch.setattr(base, "BATCH_ELEMENTS", 1)  # groups of 16 resamples
+    monkeypatch.setattr(batch, "BATCH_ELEMENTS", 1)  # groups of 16 resamples
     grouped = base.refits(law, x, loss, counts, full.params)
     np.testing.assert_array_equal(together[0], grouped[0])
     np.testing.assert_array_equal(together[1], grouped[1])

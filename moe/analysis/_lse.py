@@ -70,17 +70,27 @@ def objective_and_grad(theta, log_x, log_y, weights, delta=HUBER_DELTA):
     return float(weights @ huber(r, delta)), grad
 
 
+def batch_log_sum_exp(thetas, log_x, *, with_weights: bool = False):
+    """:func:`_log_sum_exp_terms` for many thetas (G, 2K+1) at once: log L_hat (G, n), and
+    with ``with_weights`` the softmax weights of its terms (G, n, K+1)."""
+    k = log_x.shape[1]
+    z = np.empty((len(thetas), log_x.shape[0], k + 1))
+    z[:, :, :k] = thetas[:, None, :k] - log_x[None] * thetas[:, None, k + 1:]
+    z[:, :, k] = thetas[:, k, None]
+    zmax = z.max(axis=2)
+    p = np.exp(z - zmax[:, :, None])
+    total = p.sum(axis=2)
+    if not with_weights:
+        return zmax + np.log(total)
+    p /= total[:, :, None]
+    return zmax + np.log(total), p
+
+
 def batch_objective(thetas, log_x, log_y, weights, delta=HUBER_DELTA, chunk=512):
     """Objective for many parameter vectors at once; thetas (G, 2K+1) -> (G,)."""
-    k = log_x.shape[1]
     out = np.empty(len(thetas))
     for s in range(0, len(thetas), chunk):
-        th = thetas[s:s + chunk]
-        z = np.empty((len(th), log_x.shape[0], k + 1))
-        z[:, :, :k] = th[:, None, :k] - log_x[None] * th[:, None, k + 1:]
-        z[:, :, k] = th[:, k, None]
-        zmax = z.max(axis=2)
-        lse = zmax + np.log(np.exp(z - zmax[:, :, None]).sum(axis=2))
+        lse = batch_log_sum_exp(thetas[s:s + chunk], log_x)
         out[s:s + chunk] = huber(log_y[None] - lse, delta) @ weights
     return out
 
@@ -144,6 +154,19 @@ def varpro_candidates(exponents, log_x, log_y, weights, delta=HUBER_DELTA, n_irl
     return thetas, values
 
 
+def best_screened(exponents, log_x, log_y, counts, delta=HUBER_DELTA, n_irls=4):
+    """The best point of the variable-projection screen over ``exponents`` for each row of
+    weights in ``counts`` (R, n) (bootstrap resamples): thetas (R, 2K+1), NaN rows where no
+    point has a finite objective."""
+    out = np.full((len(counts), 2 * log_x.shape[1] + 1), np.nan)
+    for i, weights in enumerate(counts):
+        thetas, values = varpro_candidates(exponents, log_x, log_y, weights, delta, n_irls)
+        j = int(np.argmin(values))
+        if np.isfinite(values[j]):
+            out[i] = thetas[j]
+    return out
+
+
 def project(basis, y, weights, delta=HUBER_DELTA, n_irls=4):
     """Non-negative coefficients c (G, m) of y_hat = c @ basis[g] for each of G bases (G, m, n).
 
@@ -184,6 +207,12 @@ def residuals_and_jacobian(theta, log_x, log_y):
     return log_total - log_y, jac
 
 
+def theta_bounds(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of theta = (c_1..c_K, e, g_1..g_K): coefficients free, exponents in [0, 10]."""
+    return (np.r_[np.full(k + 1, -np.inf), np.zeros(k)],
+            np.r_[np.full(k + 1, np.inf), np.full(k, 10.0)])
+
+
 def refine(theta0, log_x, log_y, weights, delta=HUBER_DELTA, max_iter=1000):
     """Local minimum of the weighted Huber objective from theta0; exponents kept in [0, 10].
 
@@ -192,10 +221,8 @@ def refine(theta0, log_x, log_y, weights, delta=HUBER_DELTA, max_iter=1000):
     this objective) and the analytic Jacobian: about ten evaluations. Other weights use
     L-BFGS-B with the analytic gradient (objective scaled by 1/delta so ftol bites).
     """
-    k = log_x.shape[1]
     w = np.asarray(weights, dtype=float)
-    lo = np.r_[np.full(k + 1, -np.inf), np.zeros(k)]
-    hi = np.r_[np.full(k + 1, np.inf), np.full(k, 10.0)]
+    lo, hi = theta_bounds(log_x.shape[1])
     theta0 = np.clip(np.asarray(theta0, dtype=float), lo, hi)
     if np.all(w == np.round(w)) and np.all(w >= 0):
         rows = np.repeat(np.arange(len(w)), w.astype(int))

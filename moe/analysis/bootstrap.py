@@ -34,10 +34,6 @@ from moe.analysis.lawforms import batch
 from moe.analysis.resample import row_counts
 from moe.errors import BadInput
 
-BATCH_ELEMENTS = 4_000_000
-"""Resamples refined together hold their Jacobians (R, n, 2K+1) at once: at most this many
-float64 (32 MB) per group; groups are independent, so the grouping does not change results."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class BootstrapResult:
@@ -70,37 +66,22 @@ def lse_model(log_x: np.ndarray, log_y: np.ndarray):
     """(resid, jac) of the LSE model for :mod:`moe.analysis.lawforms.batch`: thetas (R, 2K+1)
     -> log residuals log L_hat - log L (R, n) and their Jacobian (R, n, 2K+1), the batched
     form of :func:`moe.analysis._lse.residuals_and_jacobian`."""
-    n, k = log_x.shape
-
-    def terms(z):
-        t = np.empty((len(z), n, k + 1))
-        t[:, :, :k] = z[:, None, :k] - log_x[None] * z[:, None, k + 1:]
-        t[:, :, k] = z[:, k, None]
-        t_max = t.max(axis=2)
-        with np.errstate(over="ignore", invalid="ignore"):
-            p = np.exp(t - t_max[..., None])
-            total = p.sum(axis=2)
-            p /= total[..., None]
-            return t_max + np.log(total), p
+    k = log_x.shape[1]
 
     def resid(z):
-        r = terms(z)[0] - log_y
+        with np.errstate(over="ignore", invalid="ignore"):
+            r = _lse.batch_log_sum_exp(z, log_x) - log_y
         return np.where(np.isfinite(r), r, batch.FAILED_RESIDUAL)
 
     def jac(z, r=None):
-        p = terms(z)[1]
-        out = np.empty((len(z), n, 2 * k + 1))
+        with np.errstate(over="ignore", invalid="ignore"):
+            p = _lse.batch_log_sum_exp(z, log_x, with_weights=True)[1]
+        out = np.empty(p.shape[:2] + (2 * k + 1,))
         out[..., :k + 1] = p
         out[..., k + 1:] = -p[..., :k] * log_x
         return np.where(np.isfinite(out), out, 0.0)
 
     return resid, jac
-
-
-def _bounds(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds of theta = (c_1..c_K, e, g_1..g_K): those of ``_lse.refine`` (g in [0, 10])."""
-    return (np.r_[np.full(k + 1, -np.inf), np.zeros(k)],
-            np.r_[np.full(k + 1, np.inf), np.full(k, 10.0)])
 
 
 def refit_resamples(log_x, log_y, theta0, counts, delta, screen):
@@ -111,18 +92,13 @@ def refit_resamples(log_x, log_y, theta0, counts, delta, screen):
     refinement batched (see the module docstring).
     """
     k = log_x.shape[1]
-    lo, hi = _bounds(k)
+    lo, hi = _lse.theta_bounds(k)
     resid, jac = lse_model(log_x, log_y)
     theta0 = np.clip(np.asarray(theta0, dtype=float), lo, hi)
     z, f = batch.best_refine(resid, jac, theta0, counts, lo, hi, delta=delta)
     axis = np.unique(screen[:, 0])
     step = float(axis[1] - axis[0]) if len(axis) > 1 else 0.05
-    cand = np.full_like(z, np.nan)
-    for i, weights in enumerate(counts):
-        thetas, values = _lse.varpro_candidates(screen, log_x, log_y, weights, delta, n_irls=2)
-        j = int(np.argmin(values))
-        if np.isfinite(values[j]):
-            cand[i] = thetas[j]
+    cand = _lse.best_screened(screen, log_x, log_y, counts, delta, n_irls=2)
     far = np.max(np.abs(cand[:, k + 1:] - z[:, k + 1:]), axis=1) > step  # NaN: not far
     rows = np.flatnonzero(far)
     if rows.size:
@@ -150,7 +126,7 @@ def _run_all(n_resamples, seed, n_workers, state):
     """(thetas (K, P) with NaN rows for failures, in resample order; worker processes used)."""
     log_x, log_y, theta0, delta, screen = state
     counts = row_counts(len(log_y), range(n_resamples), seed).astype(float)
-    size = max(16, BATCH_ELEMENTS // (log_x.shape[0] * (2 * log_x.shape[1] + 1)))
+    size = batch.group_size(log_x.shape[0], 2 * log_x.shape[1] + 1)
     groups = [(log_x, log_y, theta0, counts[s:s + size], delta, screen)
               for s in range(0, n_resamples, size)]
     bar = _progress(n_resamples)

@@ -29,7 +29,6 @@ from moe.errors import BadInput
 
 DELTA = _lse.HUBER_DELTA
 BASIN_TOL = 0.1  # exponents this close belong to one basin (as in _lse.global_fit)
-BATCH_ELEMENTS = 4_000_000  # of a resample group's Jacobians (R, n, P): 32 MB of float64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,9 +182,8 @@ def refits(law: LawForm, x: dict, loss: np.ndarray, counts: np.ndarray,
     refitted from ``start`` at once (:mod:`moe.analysis.lawforms.batch`); with a
     ``boot_screen``, each resample's screened start is refined too where it lies in another
     basin, and the better fit kept. A resample whose fit failed has objective inf. Resamples
-    go in groups of at most BATCH_ELEMENTS / (rows x parameters) (the Jacobians of a group
-    are held at once); groups are independent, so the grouping does not change results."""
-    size = max(16, BATCH_ELEMENTS // (counts.shape[1] * len(law.params)))
+    go in groups of :func:`batch.group_size` (the Jacobians of a group are held at once)."""
+    size = batch.group_size(counts.shape[1], len(law.params))
     with single_thread_blas():
         parts = [_refits(law, x, loss, counts[s:s + size], start)
                  for s in range(0, len(counts), size)]

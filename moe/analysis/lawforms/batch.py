@@ -21,9 +21,17 @@ import numpy as np
 from moe.analysis._lse import HUBER_DELTA, huber
 
 FAILED_RESIDUAL = 1e3  # a row whose prediction is not finite (as in base.refine)
+BATCH_ELEMENTS = 4_000_000  # of a resample group's Jacobians (R, n, P): 32 MB of float64
 # the Gauss-Newton weight of a row outside delta, from delta/|r|: IRLS (a majoriser of Huber)
 # or Huber's own curvature (0, kept tiny so the system stays regular: scipy's choice)
 CURVATURES = {"irls": lambda ratio: ratio, "huber": lambda ratio: 1e-6 * np.ones_like(ratio)}
+
+
+def group_size(n_rows: int, n_params: int) -> int:
+    """Resamples refined together: their Jacobians (R, n, P) hold at most BATCH_ELEMENTS
+    floats (at least 16 resamples). Groups are independent, so the grouping does not change
+    results."""
+    return max(16, BATCH_ELEMENTS // (n_rows * n_params))
 
 
 def stack_columns(*columns) -> np.ndarray:

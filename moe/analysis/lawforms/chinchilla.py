@@ -55,16 +55,10 @@ def boot_screen(x: dict, loss, counts) -> np.ndarray:
     (12 x 12 exponents, variable projection), for each resample (counts (R, n)): (R, 5) in
     the order of ``LAW.params``, NaN where no candidate is finite."""
     log_x, log_y = np.log(np.column_stack([x["n"], x["d"]])), np.log(loss)
-    grid = _lse.exponent_grid(2, n_per_axis=12)
-    out = np.full((len(counts), 5), np.nan)
     with single_thread_blas():
-        for i, weights in enumerate(counts):
-            thetas, values = _lse.varpro_candidates(grid, log_x, log_y, weights)
-            j = int(np.argmin(values))
-            if np.isfinite(values[j]):
-                p = _params(thetas[j])
-                out[i] = [p[k] for k in LAW.params]
-    return out
+        thetas = _lse.best_screened(_lse.exponent_grid(2, n_per_axis=12), log_x, log_y, counts)
+    # theta = (log A, log B, log E, alpha, beta) -> LAW.params = (E, A, B, alpha, beta)
+    return np.column_stack([np.exp(thetas[:, [2, 0, 1]]), thetas[:, 3:]])
 
 
 def screen(x: dict, loss) -> list:
