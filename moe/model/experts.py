@@ -113,8 +113,9 @@ def swiglu_reference(gate_up_S2H: torch.Tensor) -> torch.Tensor:
 
 class _SwiGLU(torch.autograd.Function):
     """:func:`swiglu_reference` with a backward that writes d gate and d up into the halves of
-    one [S, 2H] buffer: autograd's backward of the chunk concatenates them (a copy of every
-    row: 1.6 ms of 5.5 per forward + backward at top-8's 16384 x 64 rows, one CPU thread).
+    one [S, 2H] buffer: autograd's backward of the chunk concatenates them, a copy of every
+    row (forward + backward, one CPU thread: 1.32 -> 0.94 ms at 4096 x 128 rows, d_model 64
+    at top-2; 2.17 -> 1.98 ms at 16384 x 64; benchmarks/results/bench_cpu_ops.txt).
     The same kernels on the same values and the same saved tensors (the input and
     silu(gate)), so outputs and gradients are bitwise equal (tests/test_experts.py)."""
 

@@ -93,10 +93,11 @@ def rotate(x_BhTs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 CPU_ATTENTION_MIN_HEAD = 16
 """On CPU, attention of head size below this runs zero-padded to it (training and scoring
 forwards; not KV-cached decoding). torch's CPU flash-attention kernel is faster at head
-size 16 than at 8 or 12 (forward + backward, B16 x 4 heads x T128, one thread: 7.1 ms
-against 10.0 ms at 8; benchmarks/bench_attention.py). The zero columns add exact zeros to
-q.k and give zero output columns that are cut off; the scale stays 1/sqrt(hs). A fixed
-rule, not a timed probe: a run resumed on another machine must take the same path."""
+size 16 than at 4, 8, 12 or 32 (forward + backward, B16 x 4 heads x T128, one thread: 5.7
+ms at head size 8, 4.6 ms padded to 16; benchmarks/results/bench_cpu_ops.txt). The zero
+columns add exact zeros to q.k and give zero output columns that are cut off; the scale
+stays 1/sqrt(hs). A fixed rule, not a timed probe: a run resumed on another machine must
+take the same path."""
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""CPU attention and RoPE of pocket models: the numbers behind two rules in moe.model.lm.
+"""CPU attention, RoPE and SwiGLU of pocket models: the numbers behind three rules in moe.model.
 
-    python benchmarks/bench_attention.py [--threads 1] [--batch 16] [--heads 4] [--seq 128]
+    python benchmarks/bench_cpu_ops.py [--threads 1] [--batch 16] [--heads 4] [--seq 128]
 
 1. Causal `F.scaled_dot_product_attention`, forward + backward (q, k, v all need grads), at
    head sizes 4-32, and for heads below `CPU_ATTENTION_MIN_HEAD` the same call zero-padded
    to it (`moe.model.lm.causal_attention`): the padded column is the one training uses.
 2. RoPE forward + backward on the fused q|k heads: the pairwise formula (chunk, four
    products, cat) against `moe.model.lm.rotate` (x * cos + swap_halves(x) * sin).
+3. SwiGLU forward + backward on the fused [gate | up] rows of B x T tokens times top-k:
+   autograd's op-by-op form (`moe.model.experts.swiglu_reference`, whose backward
+   concatenates d gate and d up) against `_SwiGLU` (one gradient buffer).
 
 Times are the best of `--rounds` interleaved rounds (milliseconds), so a burst of load from
 elsewhere does not land on one variant only; compare rows of one run, not across runs.
@@ -20,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moe.model.experts import _SwiGLU, swiglu_reference
 from moe.model.lm import CPU_ATTENTION_MIN_HEAD, causal_attention, rope_tables, rotate
 
 
@@ -69,6 +73,19 @@ def rope_calls(B: int, nh: int, T: int, hs: int) -> dict:
     return {"pairwise": pairwise, "swap": swap}
 
 
+def swiglu_calls(rows: int, hidden: int) -> dict:
+    gate_up = torch.randn(rows, 2 * hidden, requires_grad=True)
+    g = torch.randn(rows, hidden)
+
+    def autograd():
+        torch.autograd.grad(swiglu_reference(gate_up), gate_up, g)
+
+    def one_buffer():
+        torch.autograd.grad(_SwiGLU.apply(gate_up), gate_up, g)
+
+    return {"autograd": autograd, "one buffer": one_buffer}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -92,6 +109,12 @@ def main() -> None:
     for hs in (8, 16):
         t = best_ms(rope_calls(B, nh, T, hs), args.rounds, args.min_time)
         print(f"{hs:9d} {t['pairwise']:9.3f} {t['swap']:8.3f}")
+    print(f"\n{'rows':>6s} {'hidden':>6s} {'autograd':>9s} {'one buffer':>10s}  (SwiGLU; rows = "
+          f"B x T x top-k)")
+    for top_k, hidden in ((1, 64), (2, 128), (8, 64), (8, 128)):
+        rows = B * T * top_k
+        t = best_ms(swiglu_calls(rows, hidden), args.rounds, args.min_time)
+        print(f"{rows:6d} {hidden:6d} {t['autograd']:9.3f} {t['one buffer']:10.3f}")
 
 
 if __name__ == "__main__":
