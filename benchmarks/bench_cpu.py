@@ -16,6 +16,9 @@ jobs share (absolute numbers do not):
    the micro-batch's tokens x d_model times d_model x 2*d_hidden (a dense FFN's gate/up,
    the largest matmul the width makes). The goal: >= 0.6 at d_model 64.
 
+The process keeps freed memory on its heap as `moe train` does on CPU
+(`moe.train.resources.retain_freed_memory`), so the steps timed are the loop's.
+
 `--full-run` also times `moe train configs/pocket-tiny.toml` end to end (auto threads,
 start-up included), quiet and beside the busy loop: the README's first tour command.
 """
@@ -40,7 +43,7 @@ from moe.model import MoELM
 from moe.params import train_flops_per_token
 from moe.train import build_optimizer
 from moe.train.distributed import Dist
-from moe.train.resources import apply_num_threads
+from moe.train.resources import apply_num_threads, retain_freed_memory
 from moe.train.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +182,7 @@ def main() -> None:
                         help="also time `moe train configs/pocket-tiny.toml` end to end")
     parser.add_argument("-o", "--out", help="also write the numbers as JSON here")
     args = parser.parse_args()
+    retain_freed_memory()  # as the training loop does on CPU
     load = os.getloadavg()
     print(f"# torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start; 'busy' = a busy loop on one core")

@@ -9,7 +9,15 @@
    products, cat) against `moe.model.lm.rotate` (x * cos + swap_halves(x) * sin).
 3. SwiGLU forward + backward on the fused [gate | up] rows of B x T tokens times top-k:
    autograd's op-by-op form (`moe.model.experts.swiglu_reference`, whose backward
-   concatenates d gate and d up) against `_SwiGLU` (one gradient buffer).
+   concatenates d gate and d up) against `_SwiGLU` (one gradient buffer), reading the gate
+   as a half-row view and as a contiguous copy (training copies it from
+   `CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN`).
+4. The router's choice of each token's top-1 expert over B x T tokens: `torch.topk` against
+   `torch.max` (`moe.model.router.top_k_choices`).
+
+The process keeps freed memory on its heap as `moe train` does on CPU
+(`moe.train.resources.retain_freed_memory`), so no timing pays the page faults of
+memory returned to the kernel between calls.
 
 Times are the best of `--rounds` interleaved rounds (milliseconds), so a burst of load from
 elsewhere does not land on one variant only; compare rows of one run, not across runs.
@@ -23,8 +31,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import moe.model.experts as experts
 from moe.model.experts import _SwiGLU, swiglu_reference
 from moe.model.lm import CPU_ATTENTION_MIN_HEAD, causal_attention, rope_tables, rotate
+from moe.model.router import top_k_choices
+from moe.train.resources import retain_freed_memory
 
 
 def best_ms(fns: dict, rounds: int, min_time_s: float) -> dict:
@@ -80,10 +91,22 @@ def swiglu_calls(rows: int, hidden: int) -> dict:
     def autograd():
         torch.autograd.grad(swiglu_reference(gate_up), gate_up, g)
 
-    def one_buffer():
-        torch.autograd.grad(_SwiGLU.apply(gate_up), gate_up, g)
+    def one_buffer(min_hidden: int):
+        def call():
+            saved = experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN
+            experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN = min_hidden
+            try:
+                torch.autograd.grad(_SwiGLU.apply(gate_up), gate_up, g)
+            finally:
+                experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN = saved
+        return call
 
-    return {"autograd": autograd, "one buffer": one_buffer}
+    return {"autograd": autograd, "view": one_buffer(hidden + 1), "copy": one_buffer(0)}
+
+
+def router_calls(tokens: int, n_experts: int) -> dict:
+    probs = torch.softmax(torch.randn(tokens, n_experts), dim=-1)
+    return {"topk": lambda: torch.topk(probs, 1, dim=-1), "max": lambda: top_k_choices(probs, 1)}
 
 
 def main() -> None:
@@ -95,6 +118,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.3)
     args = parser.parse_args()
+    retain_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     B, nh, T = args.batch, args.heads, args.seq
@@ -109,12 +133,18 @@ def main() -> None:
     for hs in (8, 16):
         t = best_ms(rope_calls(B, nh, T, hs), args.rounds, args.min_time)
         print(f"{hs:9d} {t['pairwise']:9.3f} {t['swap']:8.3f}")
-    print(f"\n{'rows':>6s} {'hidden':>6s} {'autograd':>9s} {'one buffer':>10s}  (SwiGLU; rows = "
-          f"B x T x top-k)")
-    for top_k, hidden in ((1, 64), (2, 128), (8, 64), (8, 128)):
+    print(f"\n{'rows':>6s} {'hidden':>6s} {'autograd':>9s} {'gate view':>9s} {'gate copy':>9s} "
+          f"{'training':>8s}  (SwiGLU; rows = B x T x top-k; one gradient buffer but autograd)")
+    for top_k, hidden in ((1, 64), (1, 128), (2, 128), (8, 64), (8, 96), (8, 128)):
         rows = B * T * top_k
         t = best_ms(swiglu_calls(rows, hidden), args.rounds, args.min_time)
-        print(f"{rows:6d} {hidden:6d} {t['autograd']:9.3f} {t['one buffer']:10.3f}")
+        used = "copy" if hidden >= experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN else "view"
+        print(f"{rows:6d} {hidden:6d} {t['autograd']:9.3f} {t['view']:9.3f} {t['copy']:9.3f} "
+              f"{used:>8s}")
+    print(f"\n{'experts':>7s} {'topk':>7s} {'max':>7s}  (top-1 choice of {B * T} tokens)")
+    for n_experts in (8, 16, 32):
+        t = best_ms(router_calls(B * T, n_experts), args.rounds, args.min_time)
+        print(f"{n_experts:7d} {t['topk']:7.3f} {t['max']:7.3f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from moe.model.experts import (
     make_dispatch_plan,
     torch_experts,
 )
-from moe.model.router import TopKRouter, load_balance_loss, z_loss
+from moe.model.router import TopKRouter, load_balance_loss, top_k_choices, z_loss
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
@@ -119,6 +119,26 @@ def test_z_loss_formula_and_router_gradient():
     raw = TopKRouter(8, 4, 2, normalize=False)
     raw.weight_ED.data.copy_(router.weight_ED.data)
     assert (raw(x).weight_TK.sum(-1) < 1).all()  # OLMoE keeps raw probabilities
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_each_token_takes_its_most_probable_experts_first_index_on_ties(top_k):
+    """Against a loop over each row: the K largest probabilities, largest first, a tie going
+    to the lower expert; the weights' gradient lands on the chosen experts only."""
+    gen = torch.Generator().manual_seed(top_k)
+    probs = torch.softmax(torch.randn(64, 8, generator=gen), -1)
+    probs[::4, 5] = probs[::4, 2] = probs[::4].max(-1).values + 0.01  # planted ties for first
+    probs = probs.requires_grad_()
+    weights, experts = top_k_choices(probs, top_k)
+    for t, row in enumerate(probs.tolist()):
+        order = sorted(range(8), key=lambda e: (-row[e], e))[:top_k]
+        if top_k == 1:  # torch.max's documented tie rule; topk's order among ties is its own
+            assert experts[t].tolist() == order
+        assert sorted(experts[t].tolist(), key=lambda e: (-row[e], e)) == order
+        assert weights[t].tolist() == [row[e] for e in experts[t].tolist()]
+    weights.sum().backward()
+    chosen = torch.zeros(64, 8).scatter_(1, experts, 1.0)
+    assert torch.equal(probs.grad, chosen)
 
 
 def test_routing_stats_balance():

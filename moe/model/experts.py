@@ -111,26 +111,41 @@ def swiglu_reference(gate_up_S2H: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_SH) * up_SH
 
 
+CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN = 96
+"""On CPU, SwiGLU copies the gate half of the [gate | up] rows into a tensor of its own when
+H is at least this: torch's CPU silu and silu_backward read a half-row view (row stride 2H)
+at a fraction of their speed on contiguous rows, and the more so the wider the row (one
+thread, 16384 rows: 1.2x at H = 64, 1.8x at 96, 5x at 128), while the copy costs one pass;
+below 96 the copy costs more than it saves (benchmarks/results/bench_cpu_ops.txt)."""
+
+
+def _gate_copied(gate_up_S2H: torch.Tensor) -> bool:
+    return (gate_up_S2H.device.type == "cpu"
+            and gate_up_S2H.shape[-1] >= 2 * CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN)
+
+
 class _SwiGLU(torch.autograd.Function):
     """:func:`swiglu_reference` with a backward that writes d gate and d up into the halves of
     one [S, 2H] buffer: autograd's backward of the chunk concatenates them, a copy of every
     row (forward + backward, one CPU thread: 1.32 -> 0.94 ms at 4096 x 128 rows, d_model 64
-    at top-2; 2.17 -> 1.98 ms at 16384 x 64; benchmarks/results/bench_cpu_ops.txt).
-    The same kernels on the same values and the same saved tensors (the input and
-    silu(gate)), so outputs and gradients are bitwise equal (tests/test_experts.py)."""
+    at top-2; 2.17 -> 1.98 ms at 16384 x 64; benchmarks/results/bench_cpu_ops.txt). On CPU
+    from H = 96 the gate is copied to contiguous rows first (`CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN`).
+    The same kernels on the same values, so outputs and gradients are bitwise equal to the
+    reference's (tests/test_experts.py)."""
 
     @staticmethod
     def forward(ctx, gate_up_S2H):
         gate_SH, up_SH = gate_up_S2H.chunk(2, dim=-1)
+        if _gate_copied(gate_up_S2H):
+            gate_SH = gate_SH.contiguous()
         silu_SH = F.silu(gate_SH)
-        ctx.save_for_backward(gate_up_S2H, silu_SH)
+        ctx.save_for_backward(gate_SH, up_SH, silu_SH)
         return silu_SH * up_SH
 
     @staticmethod
     def backward(ctx, d_SH):
-        gate_up_S2H, silu_SH = ctx.saved_tensors
-        gate_SH, up_SH = gate_up_S2H.chunk(2, dim=-1)
-        d_S2H = torch.empty_like(gate_up_S2H)
+        gate_SH, up_SH, silu_SH = ctx.saved_tensors
+        d_S2H = d_SH.new_empty(d_SH.shape[0], 2 * d_SH.shape[1])
         d_gate_SH, d_up_SH = d_S2H.chunk(2, dim=-1)
         torch.mul(d_SH, silu_SH, out=d_up_SH)
         torch.ops.aten.silu_backward.grad_input(d_SH * up_SH, gate_SH, grad_input=d_gate_SH)
