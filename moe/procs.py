@@ -1,4 +1,5 @@
-"""Process identity that survives PID reuse: a PID plus the process's start time.
+"""Process identity that survives PID reuse (a PID plus the process's start time), and the
+cores a process may run on.
 
 The OS recycles PIDs, so "process 1234 is alive" says nothing about whether it
 is the process that was recorded. Linux gives every process a start time
@@ -9,6 +10,15 @@ not share; recording it beside the PID and comparing it later tells the two apar
 from __future__ import annotations
 
 import os
+
+
+def affinity_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a SLURM allocation, `taskset`),
+    or the machine's count where the platform has no affinity."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def process_start_time(pid: int) -> int | None:

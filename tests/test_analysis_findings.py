@@ -280,21 +280,68 @@ def test_findings_on_the_pocket_science_table_take_under_5_cpu_seconds():
     assert time.process_time() - start < 5.0
 
 
-def test_report_writes_findings_json_and_lists_them_first(tmp_path):
-    make_report(synthetic.findings_table(seed=1, seeds=2), tmp_path / "report.md", n_boot=50)
-    records = json.loads((tmp_path / "findings.json").read_text())
+def _without_timings(x):
+    if isinstance(x, dict):
+        return {k: _without_timings(v) for k, v in x.items() if k not in ("seconds", "n_workers")}
+    if isinstance(x, list):
+        return [_without_timings(v) for v in x]
+    return x
+
+
+def test_report_writes_findings_json_and_lists_them_first_forked_or_not(tmp_path, monkeypatch):
+    """The report's findings.json and sections. `make_report` draws half the figures and
+    compares the laws in forked processes; with one usable core it makes everything itself.
+    Both reports must be the same, byte for byte (timings aside), and the forks must have
+    happened."""
+    from moe.analysis import report
+
+    forks = []
+
+    class Counted(report.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            forks.append(fn.__name__)
+            return super().submit(fn, *args, **kwargs)
+
+    table = synthetic.findings_table(seed=1, seeds=2)
+    monkeypatch.setattr(report, "ProcessPoolExecutor", Counted)
+    monkeypatch.setattr(report, "affinity_cores", lambda: 2)
+    make_report(table, tmp_path / "forked" / "report.md", n_boot=50)
+    assert sorted(forks) == ["_which_law_part", "save_figures"]
+    monkeypatch.setattr(report, "affinity_cores", lambda: 1)
+    make_report(table, tmp_path / "inline" / "report.md", n_boot=50)
+    assert len(forks) == 2
+    forked, inline = tmp_path / "forked", tmp_path / "inline"
+    assert (forked / "report.md").read_text() == (inline / "report.md").read_text()
+    assert (forked / "findings.json").read_text() == (inline / "findings.json").read_text()
+    assert _without_timings(json.loads((forked / "report.json").read_text())) == \
+        _without_timings(json.loads((inline / "report.json").read_text()))
+    pngs = sorted(p.name for p in (inline / "figures").glob("*.png"))
+    assert len(pngs) >= 4
+    assert sorted(p.name for p in (forked / "figures").glob("*.png")) == pngs
+    for name in pngs:
+        assert (forked / "figures" / name).read_bytes() == (inline / "figures" / name).read_bytes()
+
+    records = json.loads((forked / "findings.json").read_text())
     assert [r["id"] for r in records] == IDS
     keys = {"id", "statement", "null", "estimate", "ci_low", "ci_high", "resolved",
             "agrees_with_paper", "n_runs", "reason", "preconditions", "verdict", "testable"}
     assert all(keys <= set(r) for r in records)
     assert all(r["n_boot"] == findings.MIN_BOOT for r in records)
-    text = (tmp_path / "report.md").read_text()
+    text = (forked / "report.md").read_text()
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert sections[0] == "## The paper's findings at this scale"
     assert text.count("**found**") == 4
     assert "| reasoning | 0.85" in text  # the descriptive optima, beside each other
-    assert (tmp_path / "figures" / "fig7_findings.png").is_file()
-    assert (tmp_path / "figures" / "fig8_dissociation.png").is_file()
+    assert (forked / "figures" / "fig7_findings.png").is_file()
+    assert (forked / "figures" / "fig8_dissociation.png").is_file()
+
+
+def test_a_failure_in_a_forked_report_part_reaches_the_caller():
+    from moe.analysis.report import beside
+
+    wait = beside(int, "not a number")
+    with pytest.raises(ValueError, match="not a number"):
+        wait()
 
 
 def test_findings_only_prints_and_writes_just_the_findings(tmp_path, capsys):

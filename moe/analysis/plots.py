@@ -391,15 +391,20 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str, *, dpi: int = 150) 
 
 
 def save_figures(df: pd.DataFrame, out_dir: str | Path, *, fit=None,
-                 found: list | None = None, force: bool = False) -> FigureSet:
-    """Draw and save every figure the table supports; record why the others were skipped.
-    ``fit`` (the Approach-3 fit) and ``found`` (the findings) spare figures 6-8 a refit.
-    ``out_dir`` must be new, empty or a figure directory (`claim_figure_dir`)."""
-    claim_figure_dir(out_dir, force=force)
+                 found: list | None = None, force: bool = False,
+                 names: list[str] | None = None, claimed: bool = False) -> FigureSet:
+    """Draw and save every figure the table supports (or those of ``names``); record why the
+    others were skipped. ``fit`` (the Approach-3 fit) and ``found`` (the findings) spare
+    figures 6-8 a refit. ``out_dir`` must be new, empty or a figure directory
+    (`claim_figure_dir`), unless the caller ``claimed`` it already."""
+    if not claimed:
+        claim_figure_dir(out_dir, force=force)
     paths, skipped = {}, {}
     extra = {"fig6_law_contours": {"fit": fit}, "fig7_findings": {"found": found},
              "fig8_dissociation": {"found": found}}
     for name, func in FIGURES.items():
+        if names is not None and name not in names:
+            continue
         try:
             fig = func(df, **extra.get(name, {}))
         except FigureSkipped as exc:
@@ -407,6 +412,14 @@ def save_figures(df: pd.DataFrame, out_dir: str | Path, *, fit=None,
             continue
         paths[name] = save_figure(fig, out_dir, name)
     return FigureSet(paths=paths, skipped=skipped)
+
+
+def merge_figure_sets(*sets: FigureSet) -> FigureSet:
+    """One FigureSet of several, in the order of FIGURES."""
+    paths = {k: v for s in sets for k, v in s.paths.items()}
+    skipped = {k: v for s in sets for k, v in s.skipped.items()}
+    return FigureSet(paths={k: paths[k] for k in FIGURES if k in paths},
+                     skipped={k: skipped[k] for k in FIGURES if k in skipped})
 
 
 def save_all_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from moe.errors import BadInput
+from moe.procs import affinity_cores
 from moe.rundir import RunDir
 from moe.sweepdir import SweepDir
 from moe.sweeps.executor import Executor, LaunchError, Started
@@ -253,11 +254,7 @@ def worker_env(max_parallel: int = 1) -> dict[str, str]:
     `train.num_threads = "auto"`, so parallel runs divide the cores instead of sharing them."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        env["OMP_NUM_THREADS"] = str(max(1, cores // max_parallel))
+        env["OMP_NUM_THREADS"] = str(max(1, affinity_cores() // max_parallel))
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + path if path else "")
     env[EXECUTOR_ENV] = "local"  # tells the worker its job id is its own pid

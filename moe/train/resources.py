@@ -27,6 +27,7 @@ import torch
 
 from moe.config import ConfigError, RunConfig
 from moe.params import estimate_train_memory, train_flops_per_token
+from moe.procs import affinity_cores
 
 THREADS_PER_CPU = 4
 """train.num_threads above this many per CPU core is refused (oversubscription, crashes)."""
@@ -83,11 +84,7 @@ def choose_num_threads(*, flops_per_step: float, cores: int, busy_cores: float) 
 def usable_cores() -> int:
     """This process's share of the cores: its CPU affinity, divided among the ranks of this
     node and capped by OMP_NUM_THREADS (set by a launcher or the user)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cores = affinity_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     cap = os.environ.get(CORES_ENV, "")
     if cap.isdigit() and int(cap) > 0:
         cores = min(cores, int(cap))
