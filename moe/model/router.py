@@ -87,12 +87,18 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
     experts. Perfectly uniform routing gives exactly 1.0; no real token gives 0.
     """
     n_tokens, n_experts = probs_TE.shape
-    top_k = expert_idx_TK.shape[1]
     keep_T, n_real = _token_weights(n_tokens, mask_T, probs_TE)
     counts_E = _expert_counts(expert_idx_TK, keep_T, n_experts)
-    f_E = counts_E.to(probs_TE.dtype) / (n_real * top_k)
-    p_E = (probs_TE * keep_T.unsqueeze(-1)).sum(dim=0) / n_real
-    return n_experts * torch.sum(f_E * p_E)
+    prob_sum_E = (probs_TE * keep_T.unsqueeze(-1)).sum(dim=0)
+    return _switch_loss(counts_E, prob_sum_E, n_real, expert_idx_TK.shape[1])
+
+
+def _switch_loss(counts_E: torch.Tensor, prob_sum_E: torch.Tensor, n_real: torch.Tensor,
+                 top_k: int) -> torch.Tensor:
+    """E * sum_i f_i P_i from the slot counts and the summed probabilities of real tokens."""
+    f_E = counts_E.to(prob_sum_E.dtype) / (n_real * top_k)
+    p_E = prob_sum_E / n_real
+    return counts_E.shape[0] * torch.sum(f_E * p_E)
 
 
 def _expert_counts(expert_idx_TK: torch.Tensor, keep_T: torch.Tensor,
@@ -108,7 +114,10 @@ def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch
 
     Keeps router logits small, which keeps the softmax numerically stable.
     """
-    keep_T, n_real = _token_weights(logits_TE.shape[0], mask_T, logits_TE)
+    return _z_loss(logits_TE, *_token_weights(logits_TE.shape[0], mask_T, logits_TE))
+
+
+def _z_loss(logits_TE: torch.Tensor, keep_T: torch.Tensor, n_real: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(logits_TE, dim=-1).pow(2) * keep_T).sum() / n_real
 
 
@@ -153,11 +162,14 @@ class TopKRouter(nn.Module):
             weight_TK, expert_idx_TK = top_k_choices(probs_TE, self.top_k)
             if self.normalize and self.top_k > 1:
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-            lb = load_balance_loss(probs_TE, expert_idx_TK, mask_T)
-            zl = z_loss(logits_TE, mask_T)
-            stats = routing_stats(probs_TE.detach(), expert_idx_TK, mask_T)
-            keep_T, _ = _token_weights(probs_TE.shape[0], mask_T, probs_TE)
+            # the real tokens, their slot counts and summed probabilities once, shared by
+            # both losses and the statistics (the same ops as the functions above)
+            keep_T, n_real = _token_weights(probs_TE.shape[0], mask_T, probs_TE)
+            counts_E = _expert_counts(expert_idx_TK, keep_T, self.n_experts)
             prob_sum_E = (probs_TE * keep_T.unsqueeze(-1)).sum(dim=0)
+            lb = _switch_loss(counts_E, prob_sum_E, n_real, self.top_k)
+            zl = _z_loss(logits_TE, keep_T, n_real)
+            stats = _routing_stats(probs_TE.detach(), counts_E, keep_T, n_real)
         return RouterOutput(expert_idx_TK=expert_idx_TK, weight_TK=weight_TK, lb_loss=lb,
                             z_loss=zl, stats=stats, prob_sum_E=prob_sum_E)
 
@@ -166,7 +178,12 @@ def routing_stats(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
                   mask_T: torch.Tensor | None = None) -> RoutingStats:
     n_tokens, n_experts = probs_TE.shape
     keep_T, n_real = _token_weights(n_tokens, mask_T, probs_TE)
-    counts_E = _expert_counts(expert_idx_TK, keep_T, n_experts)
+    return _routing_stats(probs_TE, _expert_counts(expert_idx_TK, keep_T, n_experts), keep_T,
+                          n_real)
+
+
+def _routing_stats(probs_TE: torch.Tensor, counts_E: torch.Tensor, keep_T: torch.Tensor,
+                   n_real: torch.Tensor) -> RoutingStats:
     entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1)
     entropy = (entropy_T * keep_T).sum() / n_real
     entropy = torch.where(keep_T.sum() > 0, entropy, torch.full_like(entropy, float("nan")))
