@@ -194,15 +194,17 @@ class Attention(nn.Module):
                 sin_TF: torch.Tensor, step: tuple[_Step, int] | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         qkv = self.wqkv(x_BTD).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-        qk = qkv[:, :, : self.n_heads + self.n_kv].transpose(1, 2)  # (B,nh+nkv,T,hs)
-        v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)  # (B,nkv,T,hs)
+        # split, not slices: autograd's backward of a split is one concatenation, of each
+        # slice a zero-filled copy of the whole qkv gradient
+        qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B,nh+nkv,T,hs), (B,nkv,T,hs)
         mask = None
         if step is None:  # q and k rotate together: one set of RoPE ops, not two
             qk = apply_rope(qk, cos_TF, sin_TF)
         else:  # decoding: per-row positions, keys/values of earlier calls from the cache
             s, layer = step
             qk = rotate(qk, s.cos_B1Ts, s.sin_B1Ts)
-        q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
+        q, k = qk.split([self.n_heads, qk.shape[1] - self.n_heads], dim=1)
         if step is not None:
             k, v = s.cache.write(layer, k, v)
             mask = s.mask_B1TS
