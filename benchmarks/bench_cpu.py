@@ -10,7 +10,9 @@ jobs share (absolute numbers do not):
    `train.num_threads = "auto"`, on the machine as it is ("quiet") and beside a busy loop
    on one core that this script starts; auto / best per row (the goal: <= 1.1).
    Thread settings are interleaved over `--rounds` rounds and each keeps its best round,
-   so a burst of load from elsewhere does not land on one setting only.
+   so a burst of load from elsewhere does not land on one setting only. "fastest?" says
+   whether auto picked the fixed setting that measured fastest: where it did, auto and that
+   setting run the same steps, and their ratio is this machine's round-to-round noise.
 2. achieved training GFLOP/s per thread (`moe.params.train_flops_per_token`) against an
    fp32 matmul of the model's width at the same thread count, timed in the same run:
    the micro-batch's tokens x d_model times d_model x 2*d_hidden (a dense FFN's gate/up,
@@ -138,8 +140,10 @@ def measure_row(trainer: Trainer, loaded: bool, rounds: int, min_time_s: float) 
         flops = train_flops_per_token(trainer.cfg.model)
         mm = {t: matmul_gflops(trainer.cfg, t) for t in (1, 2)}
     top = max(best["1"], best["2"])
+    fastest = "1" if best["1"] >= best["2"] else "2"
     return {"tokens_per_s": best, "auto_threads": sorted(auto_threads),
             "auto_over_best": top / best["auto"],
+            "auto_picked_fastest": auto_threads == {int(fastest)},
             "gflops_per_thread": {s: best[s] * flops / 1e9 / (2 if s == "2" else 1)
                                   for s in ("1", "2")},
             "matmul_gflops_per_thread": {str(t): g / t for t, g in mm.items()}}
@@ -157,11 +161,12 @@ def full_run_s(loaded: bool) -> float:
 
 def print_tables(rows: dict, full: dict) -> None:
     print(f"{'model':24s} {'load':6s} {'1 thread':>9s} {'2 threads':>9s} {'auto':>9s} "
-          f"{'auto=':>5s} {'auto/best':>9s}   (tokens/s, best of rounds)")
+          f"{'auto=':>5s} {'auto/best':>9s} {'fastest?':>8s}   (tokens/s, best of rounds)")
     for (name, load), r in rows.items():
         t = r["tokens_per_s"]
         print(f"{name:24s} {load:6s} {t['1']:9.0f} {t['2']:9.0f} {t['auto']:9.0f} "
-              f"{','.join(map(str, r['auto_threads'])):>5s} {r['auto_over_best']:9.2f}")
+              f"{','.join(map(str, r['auto_threads'])):>5s} {r['auto_over_best']:9.2f} "
+              f"{'yes' if r['auto_picked_fastest'] else 'no':>8s}")
     print()
     print(f"{'model':24s} {'load':6s} {'thr':>3s} {'GFLOP/s/thr':>11s} {'matmul/thr':>10s} "
           f"{'ratio':>6s}   (training FLOPs vs fp32 tokens x D @ D x 2H)")
