@@ -11,7 +11,7 @@
    autograd's op-by-op form (`moe.model.experts.swiglu_reference`, whose backward
    concatenates d gate and d up) against `_SwiGLU` (one gradient buffer), reading the gate
    as a half-row view and as a contiguous copy (training copies it from
-   `CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN`).
+   `CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN` and `CPU_SWIGLU_CONTIGUOUS_MIN_ELEMENTS`).
 4. The router's choice of each token's top-1 expert over B x T tokens: `torch.topk` against
    `torch.max` (`moe.model.router.top_k_choices`).
 
@@ -91,17 +91,17 @@ def swiglu_calls(rows: int, hidden: int) -> dict:
     def autograd():
         torch.autograd.grad(swiglu_reference(gate_up), gate_up, g)
 
-    def one_buffer(min_hidden: int):
+    def one_buffer(copy: bool):
         def call():
-            saved = experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN
-            experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN = min_hidden
+            saved = experts._gate_copied
+            experts._gate_copied = lambda _: copy
             try:
                 torch.autograd.grad(_SwiGLU.apply(gate_up), gate_up, g)
             finally:
-                experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN = saved
+                experts._gate_copied = saved
         return call
 
-    return {"autograd": autograd, "view": one_buffer(hidden + 1), "copy": one_buffer(0)}
+    return {"autograd": autograd, "view": one_buffer(False), "copy": one_buffer(True)}
 
 
 def router_calls(tokens: int, n_experts: int) -> dict:
@@ -138,7 +138,7 @@ def main() -> None:
     for top_k, hidden in ((1, 64), (1, 128), (2, 128), (8, 64), (8, 96), (8, 128)):
         rows = B * T * top_k
         t = best_ms(swiglu_calls(rows, hidden), args.rounds, args.min_time)
-        used = "copy" if hidden >= experts.CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN else "view"
+        used = "copy" if experts._gate_copied(torch.empty(rows, 2 * hidden)) else "view"
         print(f"{rows:6d} {hidden:6d} {t['autograd']:9.3f} {t['view']:9.3f} {t['copy']:9.3f} "
               f"{used:>8s}")
     print(f"\n{'experts':>7s} {'topk':>7s} {'max':>7s}  (top-1 choice of {B * T} tokens)")

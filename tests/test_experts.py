@@ -408,20 +408,17 @@ def test_eager_grouped_mm_equals_the_compilable_custom_op_bitwise():
 
 
 @pytest.mark.parametrize("rows, hidden", [(0, 8), (37, 24), (2048, 64), (0, 128), (300, 96),
-                                          (4096, 128)])
+                                          (2048, 128), (4096, 128), (8192, 96)])
 def test_swiglu_backward_without_concatenation_is_bitwise_autograds(rows, hidden):
     """`_SwiGLU` writes d gate and d up into one buffer instead of autograd's chunk-backward
-    concatenation (and from H = 96 on CPU reads a contiguous copy of the gate): output and
+    concatenation (and on CPU, from H = 96 and 2^20 elements, reads a contiguous copy of the
+    gate): output and
     gradient must be bitwise those of the op-by-op form, and equal the closed form
     d gate = d h * up * s (1 + g (1 - s)), d up = d h * g s (s = sigmoid(g))."""
-    from moe.model.experts import (
-        CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN,
-        _gate_copied,
-        _SwiGLU,
-        swiglu_reference,
-    )
+    from moe.model.experts import _gate_copied, _SwiGLU, swiglu_reference
 
-    assert _gate_copied(torch.empty(1, 2 * hidden)) == (hidden >= CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN)
+    copied = (rows, hidden) in {(4096, 128), (8192, 96)}  # the rule's two sides at each width
+    assert _gate_copied(torch.empty(rows, 2 * hidden)) == copied
 
     gen = torch.Generator().manual_seed(rows)
     gate_up = torch.randn(rows, 2 * hidden, generator=gen)

@@ -112,16 +112,20 @@ def swiglu_reference(gate_up_S2H: torch.Tensor) -> torch.Tensor:
 
 
 CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN = 96
+CPU_SWIGLU_CONTIGUOUS_MIN_ELEMENTS = 1 << 20
 """On CPU, SwiGLU copies the gate half of the [gate | up] rows into a tensor of its own when
-H is at least this: torch's CPU silu and silu_backward read a half-row view (row stride 2H)
-at a fraction of their speed on contiguous rows, and the more so the wider the row (one
-thread, 16384 rows: 1.2x at H = 64, 1.8x at 96, 5x at 128), while the copy costs one pass;
-below 96 the copy costs more than it saves (benchmarks/results/bench_cpu_ops.txt)."""
+H is at least 96 and the rows hold at least 2^20 elements (4 MiB in fp32): torch's CPU silu
+and silu_backward read a half-row view (row stride 2H) at a fraction of their speed on
+contiguous rows, the more so the wider and the more rows (one thread, 16384 rows: 1.2x
+slower at H = 64, 1.8x at 96, 5x at 128; 2048 x 128: 1.3x), while the copy costs one pass;
+at H = 64, or 2048 rows of 128, the copy costs more than it saves
+(benchmarks/results/bench_cpu_ops.txt)."""
 
 
 def _gate_copied(gate_up_S2H: torch.Tensor) -> bool:
     return (gate_up_S2H.device.type == "cpu"
-            and gate_up_S2H.shape[-1] >= 2 * CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN)
+            and gate_up_S2H.shape[-1] >= 2 * CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN
+            and gate_up_S2H.numel() >= CPU_SWIGLU_CONTIGUOUS_MIN_ELEMENTS)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -129,7 +133,8 @@ class _SwiGLU(torch.autograd.Function):
     one [S, 2H] buffer: autograd's backward of the chunk concatenates them, a copy of every
     row (forward + backward, one CPU thread: 1.32 -> 0.94 ms at 4096 x 128 rows, d_model 64
     at top-2; 2.17 -> 1.98 ms at 16384 x 64; benchmarks/results/bench_cpu_ops.txt). On CPU
-    from H = 96 the gate is copied to contiguous rows first (`CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN`).
+    from H = 96 and 4 MiB of rows the gate is copied to contiguous rows first
+    (`CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN`).
     The same kernels on the same values, so outputs and gradients are bitwise equal to the
     reference's (tests/test_experts.py)."""
 
