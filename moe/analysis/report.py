@@ -374,10 +374,11 @@ def beside(fn: Callable, *args, **kwargs) -> Callable[[], object]:
     """Start fn(*args, **kwargs) in a forked process beside this one; returns the wait for
     its result.
 
-    The report's sections are pure functions of the table, so an independent one (the law
-    comparison, a third of the report's time on the demo's table) runs on a second core
-    while this process fits and draws the rest: the same result, sooner. Inline where fork
-    is unavailable (not POSIX, or this is a daemonic process) or only one core is usable.
+    The report's sections and figures are pure functions of the table, so independent ones
+    (the law comparison, half of the figures: together about half of the report's time on
+    the demo's table) run on a second core while this process fits and draws the rest: the
+    same result, sooner. Inline where fork is unavailable (not POSIX, or this is a daemonic
+    process) or only one core is usable.
     """
     if (os.name != "posix" or multiprocessing.current_process().daemon
             or affinity_cores() < 2):
