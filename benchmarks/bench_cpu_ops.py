@@ -31,8 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import moe.model.experts as experts
-from moe.model.experts import _SwiGLU, swiglu_reference
+from moe.model.experts import _gate_copied, _SwiGLU, swiglu_reference
 from moe.model.lm import CPU_ATTENTION_MIN_HEAD, causal_attention, rope_tables, rotate
 from moe.model.router import top_k_choices
 from moe.train.resources import retain_freed_memory
@@ -91,15 +90,8 @@ def swiglu_calls(rows: int, hidden: int) -> dict:
     def autograd():
         torch.autograd.grad(swiglu_reference(gate_up), gate_up, g)
 
-    def one_buffer(copy: bool):
-        def call():
-            saved = experts._gate_copied
-            experts._gate_copied = lambda _: copy
-            try:
-                torch.autograd.grad(_SwiGLU.apply(gate_up), gate_up, g)
-            finally:
-                experts._gate_copied = saved
-        return call
+    def one_buffer(copy_gate: bool):
+        return lambda: torch.autograd.grad(_SwiGLU.apply(gate_up, copy_gate), gate_up, g)
 
     return {"autograd": autograd, "view": one_buffer(False), "copy": one_buffer(True)}
 
@@ -138,7 +130,7 @@ def main() -> None:
     for top_k, hidden in ((1, 64), (1, 128), (2, 128), (8, 64), (8, 96), (8, 128)):
         rows = B * T * top_k
         t = best_ms(swiglu_calls(rows, hidden), args.rounds, args.min_time)
-        used = "copy" if experts._gate_copied(torch.empty(rows, 2 * hidden)) else "view"
+        used = "copy" if _gate_copied(torch.empty(rows, 2 * hidden)) else "view"
         print(f"{rows:6d} {hidden:6d} {t['autograd']:9.3f} {t['view']:9.3f} {t['copy']:9.3f} "
               f"{used:>8s}")
     print(f"\n{'experts':>7s} {'topk':>7s} {'max':>7s}  (top-1 choice of {B * T} tokens)")

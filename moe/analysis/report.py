@@ -344,14 +344,15 @@ def make_report(table_or_sweep_dir, out_md, fig_dir=None, *, n_boot: int = 200,
     lines += findmod.findings_section(found, optima)
     rec: dict = {"sparsity_optima": [o.to_dict() for o in optima]}
     law_lines, chin = _law_section(df, n_boot, seed, rec)
-    sections = [law_lines, _isoflop_section(df, chin, n_boot, seed, rec), [],
-                _sparsity_section(df, n_boot, seed, rec)]
+    isoflop_lines = _isoflop_section(df, chin, n_boot, seed, rec)
+    sparsity_lines = _sparsity_section(df, n_boot, seed, rec)
     recipe_lines = recipes.recipe_sections(df, table_or_sweep_dir, n_boot=n_boot, seed=seed)
+    figs = _save_figures(df, fig_dir, chin, found, force)
+    which_lines, which_rec = which_law()
+    rec.update(which_rec)
+    sections = [law_lines, isoflop_lines, which_lines, sparsity_lines]
     if recipe_lines:  # only tables of recipe sweeps have them
         sections.append(recipe_lines)
-    figs = _save_figures(df, fig_dir, chin, found, force)
-    sections[2], which_rec = which_law()
-    rec.update(which_rec)
     made = [sec for sec in sections if not any(x.startswith("Skipped:") for x in sec)]
     if not made and not figs.paths:
         reasons = [next(x for x in sec if x.startswith("Skipped:")) for sec in sections]

@@ -114,34 +114,37 @@ def swiglu_reference(gate_up_S2H: torch.Tensor) -> torch.Tensor:
 CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN = 96
 CPU_SWIGLU_CONTIGUOUS_MIN_ELEMENTS = 1 << 20
 """On CPU, SwiGLU copies the gate half of the [gate | up] rows into a tensor of its own when
-H is at least 96 and the rows hold at least 2^20 elements (4 MiB in fp32): torch's CPU silu
-and silu_backward read a half-row view (row stride 2H) at a fraction of their speed on
-contiguous rows, the more so the wider and the more rows (one thread, 16384 rows: 1.2x
-slower at H = 64, 1.8x at 96, 5x at 128; 2048 x 128: 1.3x), while the copy costs one pass;
-at H = 64, or 2048 rows of 128, the copy costs more than it saves
-(benchmarks/results/bench_cpu_ops.txt)."""
+H is at least 96 (a multiple of 16) and the rows hold at least 2^20 elements (4 MiB in fp32):
+torch's CPU silu
+and silu_backward read a half-row view (row stride 2H) far slower than contiguous rows at
+top-k's row counts, while the copy costs one pass. Forward + backward, one thread
+(benchmarks/results/bench_cpu_ops.txt): 16384 rows of 128, 9.4 ms through the view against
+5.9 ms copied; 16384 of 96, 9.4 against 5.5; at 16384 of 64 and 2048 of 128 the two are
+within noise of each other (4.0 against 4.1; 0.37-0.47 ms either way over four runs).
+Only for H a multiple of 16 (every pocket width): then the vectorised loops over the copy and
+over the view compute every element the same way and the values are bitwise equal; at other
+widths (H = 100, 104, 120 measured) a row's tail takes torch's scalar path in one and the
+vector path in the other, 1-4 ulp apart, so those keep the view."""
 
 
 def _gate_copied(gate_up_S2H: torch.Tensor) -> bool:
     return (gate_up_S2H.device.type == "cpu"
             and gate_up_S2H.shape[-1] >= 2 * CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN
+            and gate_up_S2H.shape[-1] % 32 == 0
             and gate_up_S2H.numel() >= CPU_SWIGLU_CONTIGUOUS_MIN_ELEMENTS)
 
 
 class _SwiGLU(torch.autograd.Function):
     """:func:`swiglu_reference` with a backward that writes d gate and d up into the halves of
-    one [S, 2H] buffer: autograd's backward of the chunk concatenates them, a copy of every
-    row (forward + backward, one CPU thread: 1.32 -> 0.94 ms at 4096 x 128 rows, d_model 64
-    at top-2; 2.17 -> 1.98 ms at 16384 x 64; benchmarks/results/bench_cpu_ops.txt). On CPU
-    from H = 96 and 4 MiB of rows the gate is copied to contiguous rows first
-    (`CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN`).
-    The same kernels on the same values, so outputs and gradients are bitwise equal to the
-    reference's (tests/test_experts.py)."""
+    one [S, 2H] buffer (autograd's backward of the chunk concatenates them, a copy of every
+    row), reading the gate from a contiguous copy where ``copy_gate``
+    (`CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN`). The same kernels on the same values, so outputs and
+    gradients are bitwise equal to the reference's (tests/test_experts.py)."""
 
     @staticmethod
-    def forward(ctx, gate_up_S2H):
+    def forward(ctx, gate_up_S2H, copy_gate: bool):
         gate_SH, up_SH = gate_up_S2H.chunk(2, dim=-1)
-        if _gate_copied(gate_up_S2H):
+        if copy_gate:
             gate_SH = gate_SH.contiguous()
         silu_SH = F.silu(gate_SH)
         ctx.save_for_backward(gate_SH, up_SH, silu_SH)
@@ -154,7 +157,7 @@ class _SwiGLU(torch.autograd.Function):
         d_gate_SH, d_up_SH = d_S2H.chunk(2, dim=-1)
         torch.mul(d_SH, silu_SH, out=d_up_SH)
         torch.ops.aten.silu_backward.grad_input(d_SH * up_SH, gate_SH, grad_input=d_gate_SH)
-        return d_S2H
+        return d_S2H, None
 
 
 def _swiglu(gate_up_S2H: torch.Tensor) -> torch.Tensor:
@@ -162,7 +165,7 @@ def _swiglu(gate_up_S2H: torch.Tensor) -> torch.Tensor:
     torch.compile traces the op-by-op form (and fuses it itself)."""
     if torch.compiler.is_compiling() or not gate_up_S2H.requires_grad:
         return swiglu_reference(gate_up_S2H)
-    return _SwiGLU.apply(gate_up_S2H)
+    return _SwiGLU.apply(gate_up_S2H, _gate_copied(gate_up_S2H))
 
 
 def _sorted_rows(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -93,8 +93,9 @@ def rotate(x_BhTs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 CPU_ATTENTION_MIN_HEAD = 16
 """On CPU, attention of head size below this runs zero-padded to it (training and scoring
 forwards; not KV-cached decoding). torch's CPU flash-attention kernel is faster at head
-size 16 than at 4, 8, 12 or 32 (forward + backward, B16 x 4 heads x T128, one thread: 5.7
-ms at head size 8, 4.6 ms padded to 16; benchmarks/results/bench_cpu_ops.txt). The zero
+size 16 than at 4, 8, 12 or 32 (forward + backward, B16 x 4 heads x T128, one thread: 9.6
+ms at head size 8, 6.7 ms padded to 16, 5.3 ms at 16; benchmarks/results/bench_cpu_ops.txt,
+where padding wins or ties at every size below 16 in each run). The zero
 columns add exact zeros to q.k and give zero output columns that are cut off; the scale
 stays 1/sqrt(hs). A fixed rule, not a timed probe: a run resumed on another machine must
 take the same path."""
