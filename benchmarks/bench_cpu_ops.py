@@ -2,9 +2,13 @@
 
     python benchmarks/bench_cpu_ops.py [--threads 1] [--batch 16] [--heads 4] [--seq 128]
 
-1. Causal `F.scaled_dot_product_attention`, forward + backward (q, k, v all need grads), at
-   head sizes 4-32, and for heads below `CPU_ATTENTION_MIN_HEAD` the same call zero-padded
-   to it (`moe.model.lm.causal_attention`): the padded column is the one training uses.
+1. Causal attention, forward + backward (q, k, v all need grads), at head sizes 4-32 and
+   T = 64-512: `F.scaled_dot_product_attention` as it is, zero-padded to
+   `CPU_ATTENTION_MIN_HEAD` (`moe.model.lm.padded_attention`), and through its T x T
+   scores (`moe.model.lm._ScoresAttention`); `training` names the one
+   `moe.model.lm.attention_path` picks. Then one matmul of the scores path both ways round:
+   p v, whose result rows are hs wide, against (v^T p^T)^T, whose rows are T wide; and
+   the scores path with groups of 1 to all (batch, head) pairs at once.
 2. RoPE forward + backward on the fused q|k heads: the pairwise formula (chunk, four
    products, cat) against `moe.model.lm.rotate` (x * cos + swap_halves(x) * sin).
 3. SwiGLU forward + backward on the fused [gate | up] rows of B x T tokens times top-k:
@@ -31,8 +35,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+import moe.model.lm as lm
 from moe.model.experts import _gate_copied, _SwiGLU, swiglu_reference
-from moe.model.lm import CPU_ATTENTION_MIN_HEAD, causal_attention, rope_tables, rotate
+from moe.model.lm import (
+    CPU_ATTENTION_MIN_HEAD,
+    _ScoresAttention,
+    attention_path,
+    padded_attention,
+    rope_tables,
+    rotate,
+)
 from moe.model.router import top_k_choices
 from moe.train.resources import retain_freed_memory
 
@@ -59,10 +71,44 @@ def attention_calls(B: int, nh: int, T: int, hs: int) -> dict:
     def plain():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
 
-    def used():
-        causal_attention(q, k, v).backward(g)
+    def padded():
+        padded_attention(q, k, v).backward(g)
 
-    return {"sdpa": plain, "used": used}
+    def scores():
+        _ScoresAttention.apply(q, k, v).backward(g)
+
+    calls = {"sdpa": plain, "scores": scores}
+    if hs < CPU_ATTENTION_MIN_HEAD:
+        calls["padded"] = padded
+    return calls
+
+
+def group_calls(B: int, nh: int, T: int, hs: int, pairs: int) -> dict:
+    """The scores path with groups of `pairs` (batch, head) pairs."""
+    calls = attention_calls(B, nh, T, hs)
+
+    def grouped():
+        saved = lm.CPU_SCORES_ATTENTION_GROUP
+        lm.CPU_SCORES_ATTENTION_GROUP = pairs * T * T
+        try:
+            calls["scores"]()
+        finally:
+            lm.CPU_SCORES_ATTENTION_GROUP = saved
+
+    return {pairs: grouped}
+
+
+def layout_calls(pairs: int, T: int, hs: int) -> dict:
+    p = torch.softmax(torch.randn(pairs, T, T), -1)
+    v = torch.randn(pairs, T, hs)
+
+    def rows_hs_wide():
+        torch.bmm(p, v)
+
+    def rows_t_wide():
+        torch.bmm(v.transpose(1, 2), p.transpose(1, 2))
+
+    return {"p v": rows_hs_wide, "v^T p^T": rows_t_wide}
 
 
 def rope_calls(B: int, nh: int, T: int, hs: int) -> dict:
@@ -116,11 +162,27 @@ def main() -> None:
     B, nh, T = args.batch, args.heads, args.seq
     print(f"# torch {torch.__version__}, {args.threads} thread(s), B{B} x {nh} heads x T{T}, "
           f"forward + backward, best of {args.rounds} rounds (ms)")
-    print(f"{'head size':>9s} {'sdpa':>8s} {'training':>9s}  (training: padded to "
-          f"{CPU_ATTENTION_MIN_HEAD} below it)")
-    for hs in (4, 8, 12, 16, 24, 32):
-        t = best_ms(attention_calls(B, nh, T, hs), args.rounds, args.min_time)
-        print(f"{hs:9d} {t['sdpa']:8.2f} {t['used']:9.2f}")
+    print(f"{'T':>4s} {'head size':>9s} {'sdpa':>8s} {'padded':>8s} {'scores':>8s} "
+          f"{'training':>9s}  (padded to {CPU_ATTENTION_MIN_HEAD})")
+    for seq in sorted({64, 128, 256, 512, T}):
+        for hs in (4, 8, 12, 16, 24, 32):
+            t = best_ms(attention_calls(B, nh, seq, hs), args.rounds, args.min_time)
+            padded = f"{t['padded']:8.2f}" if "padded" in t else f"{'-':>8s}"
+            used = attention_path(torch.empty(B, nh, seq, hs))
+            print(f"{seq:4d} {hs:9d} {t['sdpa']:8.2f} {padded} {t['scores']:8.2f} {used:>9s}")
+    sizes = sorted({1, 2, 4, 8, 16, B * nh, lm._group_size(T)})
+    t = best_ms({k: v for n in sizes for k, v in group_calls(B, nh, T, 8, n).items()},
+                args.rounds, args.min_time)
+    print(f"\n{'pairs':>9s} {'scores':>8s}  (T{T}, head size 8, the scores path with groups of "
+          f"this many (batch, head) pairs; training: {lm._group_size(T)})")
+    for n in sizes:
+        print(f"{n:9d} {t[n]:8.2f}")
+    pairs = lm._group_size(T)
+    print(f"\n{'head size':>9s} {'p v':>8s} {'v^T p^T':>8s}  (ms; {pairs} pairs of T x T "
+          f"probabilities times T x hs values: the result's rows hs or T wide)")
+    for hs in (8, 16):
+        t = best_ms(layout_calls(pairs, T, hs), args.rounds, args.min_time)
+        print(f"{hs:9d} {t['p v']:8.3f} {t['v^T p^T']:8.3f}")
     print(f"\n{'head size':>9s} {'pairwise':>9s} {'swap':>8s}  (RoPE of the q and k heads)")
     for hs in (8, 16):
         t = best_ms(rope_calls(B, nh, T, hs), args.rounds, args.min_time)

@@ -250,28 +250,71 @@ def test_rope_by_half_swap_equals_the_pairwise_rotation_bitwise(hs):
     assert torch.equal(got_grad, want_grad)
 
 
-@pytest.mark.parametrize("hs", [4, 8, 12, 16, 32])
-def test_cpu_causal_attention_of_small_heads_equals_unpadded_attention(hs):
-    """Head sizes below 16 run zero-padded on CPU: outputs and all three gradients match
-    softmax(q k^T / sqrt(hs)) v computed from the definition in float64."""
-    from moe.model.lm import CPU_ATTENTION_MIN_HEAD, causal_attention
-
-    B, nh, T = 2, 3, 24
-    q, k, v = (torch.randn(B, nh, T, hs, requires_grad=True) for _ in range(3))
-    g = torch.randn(B, nh, T, hs)
-    got = causal_attention(q, k, v)
-    got_grads = torch.autograd.grad(got, (q, k, v), g)
+def _attention_from_the_definition(q, k, v, g):
+    """softmax(q k^T / sqrt(hs) + causal mask) v and its gradients, in float64."""
+    T, hs = q.shape[-2:]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     scores = q64 @ k64.transpose(-1, -2) / math.sqrt(hs)
     scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
     want = torch.softmax(scores, -1) @ v64
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), g.double())
+    return want, torch.autograd.grad(want, (q64, k64, v64), g.double())
+
+
+@pytest.mark.parametrize(("hs", "T", "path"), [
+    (4, 24, "scores"), (8, 24, "scores"), (12, 24, "scores"), (8, 256, "scores"),
+    (8, 257, "padded"), (4, 300, "padded"), (16, 24, "sdpa"), (32, 24, "sdpa")])
+def test_cpu_causal_attention_of_every_path_equals_the_definition(hs, T, path):
+    """On CPU, heads below 16 run through their T x T scores up to T = 256 and zero-padded
+    beyond; outputs and all three gradients match softmax(q k^T / sqrt(hs)) v computed from
+    the definition in float64. q, k and v are strided views, as the model passes them."""
+    from moe.model.lm import attention_path, causal_attention
+
+    B, nh = 2, 3
+    qkv = torch.randn(B, T, 3 * nh, hs, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split(nh, dim=2))
+    g = torch.randn(B, nh, T, hs)
+    assert attention_path(q) == path
+    got = causal_attention(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    want, want_grads = _attention_from_the_definition(q, k, v, g)
     assert got.shape == (B, nh, T, hs)
     torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b.float(), **TOL[torch.float32])
-    if hs >= CPU_ATTENTION_MIN_HEAD:  # not padded: torch's own call, bit for bit
+    if path == "sdpa":  # torch's own call, bit for bit
         assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_scores_attention_in_groups_of_pairs_equals_the_definition(monkeypatch):
+    """The scores path works through (batch, head) pairs a group at a time: with groups of
+    1 and 2 pairs (and a last group of fewer) it still equals the definition, and a forward
+    under no_grad (scoring) gives the same output."""
+    import moe.model.lm as lm
+
+    B, nh, T, hs = 3, 5, 16, 8
+    q, k, v = (torch.randn(B, nh, T, hs, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, nh, T, hs)
+    want, want_grads = _attention_from_the_definition(q, k, v, g)
+    for pairs in (1, 2, 4):
+        monkeypatch.setattr(lm, "CPU_SCORES_ATTENTION_GROUP", pairs * T * T)
+        assert lm._group_size(T) == pairs
+        got = lm.causal_attention(q, k, v)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), want_grads, strict=True):
+            torch.testing.assert_close(a, b.float(), **TOL[torch.float32])
+        torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
+        with torch.no_grad():
+            torch.testing.assert_close(lm.causal_attention(q, k, v), got)
+
+
+def test_attention_paths_follow_the_cpu_rule():
+    """The scores path only for fp32 CPU heads below 16 over at most 256 positions."""
+    from moe.model.lm import attention_path
+
+    assert attention_path(torch.empty(16, 4, 128, 8)) == "scores"
+    assert attention_path(torch.empty(16, 4, 128, 16)) == "sdpa"
+    assert attention_path(torch.empty(16, 4, 512, 8)) == "padded"
+    assert attention_path(torch.empty(16, 4, 128, 8, dtype=torch.bfloat16)) == "padded"
+    assert attention_path(torch.empty(16, 4, 128, 8, device="meta")) == "sdpa"
 
 
 def test_checkpoints_with_separate_qkv_load_and_init_draws_are_unchanged():

@@ -118,9 +118,9 @@ H is at least 96 (a multiple of 16) and the rows hold at least 2^20 elements (4 
 torch's CPU silu
 and silu_backward read a half-row view (row stride 2H) far slower than contiguous rows at
 top-k's row counts, while the copy costs one pass. Forward + backward, one thread
-(benchmarks/results/bench_cpu_ops.txt): 16384 rows of 128, 9.4 ms through the view against
-5.9 ms copied; 16384 of 96, 9.4 against 5.5; at 16384 of 64 and 2048 of 128 the two are
-within noise of each other (4.0 against 4.1; 0.37-0.47 ms either way over four runs).
+(benchmarks/results/bench_cpu_ops.txt): 16384 rows of 128, 9.2 ms through the view against
+5.9 ms copied; 16384 of 96, 5.8 against 4.3; at 16384 of 64 and 2048 of 128 neither wins
+in every run (2.5 against 2.3 ms and 0.38 against 0.42 ms in that one).
 Only for H a multiple of 16 (every pocket width): then the vectorised loops over the copy and
 over the view compute every element the same way and the values are bitwise equal; at other
 widths (H = 100, 104, 120 measured) a row's tail takes torch's scalar path in one and the

@@ -92,24 +92,126 @@ def rotate(x_BhTs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 CPU_ATTENTION_MIN_HEAD = 16
 """On CPU, attention of head size below this runs zero-padded to it (training and scoring
-forwards; not KV-cached decoding). torch's CPU flash-attention kernel is faster at head
-size 16 than at 4, 8, 12 or 32 (forward + backward, B16 x 4 heads x T128, one thread: 9.6
-ms at head size 8, 6.7 ms padded to 16, 5.3 ms at 16; benchmarks/results/bench_cpu_ops.txt,
-where padding wins or ties at every size below 16 in each run). The zero
+forwards; not KV-cached decoding) where it does not run through its scores
+(`CPU_SCORES_ATTENTION_MAX_SEQ`). torch's CPU flash-attention kernel is faster at head
+size 16 than at 4, 8, 12 or 32 (forward + backward, B16 x 4 heads x T128, one thread: 7.5
+ms at head size 8, 5.6 ms padded to 16, 4.9 ms at 16; benchmarks/results/bench_cpu_ops.txt,
+where padding wins or ties at every size below 16 and every T). The zero
 columns add exact zeros to q.k and give zero output columns that are cut off; the scale
 stays 1/sqrt(hs). A fixed rule, not a timed probe: a run resumed on another machine must
 take the same path."""
 
 
+CPU_SCORES_ATTENTION_MAX_SEQ = 256
+"""On CPU, fp32 attention of head size below `CPU_ATTENTION_MIN_HEAD` over at most this many
+positions runs through its T x T scores (`_ScoresAttention`), not the padded flash kernel.
+Forward + backward, B16 x 4 heads, one thread (benchmarks/results/bench_cpu_ops.txt): the
+scores path takes 0.5-0.8 of the padded kernel's time at T = 64 and 128, 0.6-0.85 at 256,
+and 1.1-1.3x at 512. At head sizes 16 and above it is no faster than torch's own kernel
+(0.9-1.1x), which keeps them. Like the padding, a fixed rule of the shapes, so a resumed
+run takes the same path on any machine. The probabilities are kept for the backward (two
+B x nh x T x T tensors at a time), which the memory estimate counts on CPU
+(`moe.params.estimate_train_memory`)."""
+
+CPU_SCORES_ATTENTION_GROUP = 1 << 17
+"""`_ScoresAttention` works through the (batch, head) pairs a group at a time, so that one
+group's scores (at most this many fp32 elements, 512 KiB) stay in a core's L2 cache between
+the matmul that writes them and the softmax and matmul that read them: 8 pairs at T = 128.
+There, B16 x 4 heads (benchmarks/results/bench_cpu_ops.txt), groups of 2 to 16 pairs are
+within 10% of each other, and one pair or all 64 at once take about 20% longer."""
+
+
+def attention_path(q: torch.Tensor) -> str:
+    """Which kernel `causal_attention` runs for q [B, nh, T, hs]: "scores"
+    (`_ScoresAttention`), "padded" (flash, zero-padded to `CPU_ATTENTION_MIN_HEAD`) or
+    "sdpa" (torch's own choice, always on GPU and under torch.compile)."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() \
+            or q.shape[-1] >= CPU_ATTENTION_MIN_HEAD:
+        return "sdpa"
+    if q.dtype == torch.float32 and q.shape[-2] <= CPU_SCORES_ATTENTION_MAX_SEQ:
+        return "scores"
+    return "padded"
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, is_causal=True)` [B, nh, T, hs]."""
+    """`F.scaled_dot_product_attention(q, k, v, is_causal=True)` [B, nh, T, hs], by the
+    kernel `attention_path` names."""
+    path = attention_path(q)
+    if path == "scores":
+        return _ScoresAttention.apply(q, k, v)
+    if path == "padded":
+        return padded_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention through torch's kernel with heads zero-padded to
+    `CPU_ATTENTION_MIN_HEAD` (the scale stays 1/sqrt(hs); the padded output columns are
+    cut off)."""
     hs = q.shape[-1]
-    if q.device.type != "cpu" or hs >= CPU_ATTENTION_MIN_HEAD:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    pad = (0, CPU_ATTENTION_MIN_HEAD - hs)
+    pad = (0, max(CPU_ATTENTION_MIN_HEAD - hs, 0))
     y = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad),
                                        is_causal=True, scale=hs ** -0.5)
     return y[..., :hs]
+
+
+class _ScoresAttention(torch.autograd.Function):
+    """Causal softmax attention through its T x T scores, a group of (batch, head) pairs at
+    a time (`CPU_SCORES_ATTENTION_GROUP`).
+
+    Every matmul whose result is [T, hs] computes its transpose [hs, T] instead (v^T p^T,
+    not p v): at head size 8, MKL's fp32 gemm takes about 3x as long when the result's rows
+    are hs wide as when they are T wide (8 pairs of 128 x 128 times 128 x 8, one thread;
+    the same at head size 16: benchmarks/results/bench_cpu_ops.txt). Outputs and gradients
+    are returned as transposed views.
+
+    Forward: s = scale q k^T + causal mask, p = softmax(s), y = p v. Backward, from the
+    saved p: dv = p^T dy, dp = dy v^T, ds = p * (dp - rowsum(dp * p)), dq = scale ds k,
+    dk = scale ds^T q.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, nh, T, hs = q.shape
+        scale, size = hs ** -0.5, _group_size(T)
+        q3, k3, v3 = (t.reshape(B * nh, T, hs) for t in (q, k, v))
+        mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        p = q3.new_empty(B * nh, T, T)
+        y_T = q3.new_empty(B * nh, hs, T)
+        for q_g, kT_g, vT_g, p_g, pT_g, yT_g in zip(
+                q3.split(size), k3.transpose(1, 2).split(size), v3.transpose(1, 2).split(size),
+                p.split(size), p.transpose(1, 2).split(size), y_T.split(size), strict=True):
+            torch.softmax(torch.baddbmm(mask, q_g, kT_g, alpha=scale), -1, out=p_g)
+            torch.bmm(vT_g, pT_g, out=yT_g)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q3, k3, v3, p)
+            ctx.scale = scale
+        return y_T.view(B, nh, hs, T).transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q3, k3, v3, p = ctx.saved_tensors
+        B, nh, T, hs = dy.shape
+        size = _group_size(T)
+        dy3 = dy.reshape(B * nh, T, hs)
+        dq_T, dk_T, dv_T = (q3.new_empty(B * nh, hs, T) for _ in range(3))
+        for dy_g, dyT_g, vT_g, p_g, kT_g, qT_g, dqT_g, dkT_g, dvT_g in zip(
+                dy3.split(size), dy3.transpose(1, 2).split(size),
+                v3.transpose(1, 2).split(size), p.split(size), k3.transpose(1, 2).split(size),
+                q3.transpose(1, 2).split(size), dq_T.split(size), dk_T.split(size),
+                dv_T.split(size), strict=True):
+            torch.bmm(dyT_g, p_g, out=dvT_g)
+            ds = torch._softmax_backward_data(torch.bmm(dy_g, vT_g), p_g, -1, p.dtype)
+            torch.bmm(kT_g, ds.transpose(1, 2), out=dqT_g)
+            torch.bmm(qT_g, ds, out=dkT_g)
+        dq_T.mul_(ctx.scale)
+        dk_T.mul_(ctx.scale)
+        return tuple(d.view(B, nh, hs, T).transpose(-1, -2) for d in (dq_T, dk_T, dv_T))
+
+
+def _group_size(T: int) -> int:
+    """(batch, head) pairs per group of `_ScoresAttention` (`CPU_SCORES_ATTENTION_GROUP`)."""
+    return max(1, CPU_SCORES_ATTENTION_GROUP // (T * T))
 
 
 class KVCache:

@@ -126,8 +126,8 @@ def top_k_choices(probs_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
     first, and their probabilities (differentiable).
 
     K = 1 is a max (on a tie, the lowest expert index: `torch.max`'s documented rule); CPU
-    `torch.topk` runs a partial sort per row, about ten times as long at E = 32 (0.68 ms
-    against 0.057 ms for 2048 tokens, one thread; benchmarks/results/bench_cpu_ops.txt),
+    `torch.topk` runs a partial sort per row, about eight times as long at E = 32 (0.77 ms
+    against 0.095 ms for 2048 tokens, one thread; benchmarks/results/bench_cpu_ops.txt),
     twice per step, about 4% of a d_model-32 pocket step.
     """
     if top_k == 1:
