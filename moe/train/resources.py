@@ -152,9 +152,11 @@ def retain_freed_memory() -> bool:
     """Keep memory that torch frees on the heap for the next step (glibc; False elsewhere).
 
     By default glibc maps blocks above a moving threshold straight from the kernel and
-    returns the heap's free top to it, so every training step faults its activations' pages
-    in again: 1-2k page faults per pocket step, 5-13% of its CPU time. Blocks up to 32 MiB
-    now come from the heap, which is trimmed only above 1 GiB free.
+    returns the heap's free top to it, so, depending on what the process freed before (the
+    threshold rises to the largest mapped block freed so far), every training step can
+    fault its activations' pages in again: 1-2k page faults per pocket step, 5-13% of its
+    CPU time. Blocks up to 32 MiB now come from the heap, which is trimmed only above 1 GiB
+    free.
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
