@@ -1,4 +1,4 @@
-"""CPU attention, RoPE and SwiGLU of pocket models: the numbers behind three rules in moe.model.
+"""CPU attention, RoPE, SwiGLU, top-1 and RMSNorm of pocket models: the numbers behind moe.model.
 
     python benchmarks/bench_cpu_ops.py [--threads 1] [--batch 16] [--heads 4] [--seq 128]
 
@@ -18,6 +18,9 @@
    `CPU_SWIGLU_CONTIGUOUS_MIN_HIDDEN` and `CPU_SWIGLU_CONTIGUOUS_MIN_ELEMENTS`).
 4. The router's choice of each token's top-1 expert over B x T tokens: `torch.topk` against
    `torch.max` (`moe.model.router.top_k_choices`).
+5. RMSNorm forward + backward (x and the weight need grads) of B x T rows at widths 32-64:
+   torch's `F.rms_norm`, which autograd differentiates op by op on CPU, against
+   `moe.model.lm._RMSNorm` (the backward written out), which training runs on CPU.
 
 The process keeps freed memory on its heap as `moe train` does on CPU
 (`moe.train.resources.retain_freed_memory`), so no timing pays the page faults of
@@ -39,6 +42,7 @@ import moe.model.lm as lm
 from moe.model.experts import _gate_copied, _SwiGLU, swiglu_reference
 from moe.model.lm import (
     CPU_ATTENTION_MIN_HEAD,
+    _RMSNorm,
     _ScoresAttention,
     attention_path,
     padded_attention,
@@ -147,6 +151,14 @@ def router_calls(tokens: int, n_experts: int) -> dict:
     return {"topk": lambda: torch.topk(probs, 1, dim=-1), "max": lambda: top_k_choices(probs, 1)}
 
 
+def rms_norm_calls(rows: int, width: int) -> dict:
+    x = torch.randn(rows, width, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(width)).requires_grad_()
+    g = torch.randn(rows, width)
+    return {"torch": lambda: torch.autograd.grad(F.rms_norm(x, (width,), w, 1e-5), (x, w), g),
+            "by hand": lambda: torch.autograd.grad(_RMSNorm.apply(x, w, 1e-5), (x, w), g)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -199,6 +211,11 @@ def main() -> None:
     for n_experts in (8, 16, 32):
         t = best_ms(router_calls(B * T, n_experts), args.rounds, args.min_time)
         print(f"{n_experts:7d} {t['topk']:7.3f} {t['max']:7.3f}")
+    print(f"\n{'rows':>6s} {'width':>6s} {'torch':>7s} {'by hand':>7s}  "
+          f"(RMSNorm; training: by hand)")
+    for width in (32, 48, 64):
+        t = best_ms(rms_norm_calls(B * T, width), args.rounds, args.min_time)
+        print(f"{B * T:6d} {width:6d} {t['torch']:7.3f} {t['by hand']:7.3f}")
 
 
 if __name__ == "__main__":

@@ -250,6 +250,39 @@ def test_rope_by_half_swap_equals_the_pairwise_rotation_bitwise(hs):
     assert torch.equal(got_grad, want_grad)
 
 
+@pytest.mark.parametrize("width", [32, 48, 64])
+def test_rms_norm_by_hand_equals_the_definition_and_torch_forward(width):
+    """On CPU, training's RMSNorm runs `_RMSNorm` (its backward written out): the forward is
+    bitwise torch's, dw bitwise what autograd makes of torch's formula, and x's and w's
+    gradients equal those of the float64 definition; a no-grad forward keeps torch's kernel."""
+    from moe.model.lm import RMSNorm
+
+    eps = 1e-5
+    norm = RMSNorm(width, eps)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(width))
+    w = norm.weight
+    x = (3 * torch.randn(3, 7, width)).requires_grad_()
+    g = torch.randn(3, 7, width)
+    got = norm(x)
+    assert type(got.grad_fn).__name__ == "_RMSNormBackward"
+    dx, dw = torch.autograd.grad(got, (x, w), g)
+    want = F.rms_norm(x, (width,), w, eps)
+    assert type(want.grad_fn).__name__ != "_RMSNormBackward"
+    _, dw_torch = torch.autograd.grad(want, (x, w), g)
+    assert torch.equal(got, want)
+    assert torch.equal(dw, dw_torch)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    want64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
+    dx64, dw64 = torch.autograd.grad(want64, (x64, w64), g.double())
+    torch.testing.assert_close(got.double(), want64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert norm(x).grad_fn is None
+        torch.testing.assert_close(norm(x), want, rtol=1e-6, atol=1e-6)
+
+
 def _attention_from_the_definition(q, k, v, g):
     """softmax(q k^T / sqrt(hs) + causal mask) v and its gradients, in float64."""
     T, hs = q.shape[-2:]

@@ -53,12 +53,52 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: bf16 sums of squares lose precision at large D. torch's fused
-        # kernel computes x * rsqrt(mean(x^2) + eps) * w, the same values as the op-by-op
-        # formula in fp32, in fewer ops (a pocket step is dominated by per-op overhead).
+        # Normalise in fp32: bf16 sums of squares lose precision at large D. Both paths
+        # compute x * rsqrt(mean(x^2) + eps) * w.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+            xf, w = x.float(), self.weight.float()
+            if _rms_norm_by_hand(xf, w):
+                y = _RMSNorm.apply(xf, w, self.eps)
+            else:
+                y = F.rms_norm(xf, (x.shape[-1],), w, self.eps)
         return y.to(x.dtype)
+
+
+def _rms_norm_by_hand(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """`_RMSNorm` where autograd would differentiate torch's formula op by op: on CPU, eager,
+    with a gradient to compute (no-grad forwards keep torch's kernel)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm y = x r w, r = rsqrt(mean(x^2) + eps) per row, with its backward written out:
+    with gw = g w, dx = r (gw - x r mean(gw x r)) and dw = the sum over rows of g x r.
+
+    On CPU torch differentiates `F.rms_norm` through its op-by-op formula (pow, mean, add,
+    rsqrt, two muls, and the backward of each): forward + backward of 2048 x 64 took 0.63 ms
+    that way and 0.42 ms here, 2048 x 32 0.33 and 0.23 ms, one thread
+    (benchmarks/results/bench_cpu_ops-2026-12-03.txt). The forward is the same ops as
+    torch's formula (bitwise equal), dw the same product and sum (bitwise equal); dx differs
+    from torch's by rounding (tests/test_model.py checks all three against the float64
+    definition)."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps: float):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xr = x * r
+        ctx.save_for_backward(xr, r, w)
+        return xr * w
+
+    @staticmethod
+    def backward(ctx, g):
+        xr, r, w = ctx.saved_tensors
+        width = xr.shape[-1]
+        gw = g * w
+        m = torch.linalg.vecdot(gw, xr).unsqueeze(-1)
+        dx = torch.addcmul(gw, xr, m, value=-1.0 / width).mul_(r)
+        dw = (g * xr).reshape(-1, width).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float,
