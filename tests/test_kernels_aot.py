@@ -42,6 +42,12 @@ def test_every_kernel_and_config_builds_for_sm80_and_sm90_without_spills(tmp_pat
     per_kernel = (len(tiles.AMPERE_CONFIGS) + len(tiles.HOPPER_CONFIGS)
                   + 2 * len(tiles.UNALIGNED_CONFIGS))
     assert len(builds) == len(kernels) * per_kernel
+    # builds run in forked processes where cores allow, and come back in a one-process
+    # run's order: arch, then kernel variant, then config
+    one_process_order = [(name, aot.config_name(cfg), arch) for arch in ("sm_80", "sm_90")
+                         for name, _, _, _, configs, _ in aot._variants(aot.ARCHS[arch])
+                         for cfg in configs]
+    assert [(b["kernel"], b["config"], b["arch"]) for b in builds] == one_process_order
     for b in builds:
         where = f"{b['kernel']}.{b['config']}.{b['arch']}"
         assert b["spilled_bytes"] == 0, f"{where} spills {b['spilled_bytes']} bytes"

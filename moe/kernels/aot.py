@@ -20,14 +20,17 @@ kernels cannot be compiled.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe.errors import BadInput
+from moe.procs import affinity_cores
 
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 SMEM_LIMIT_BYTES = {80: 166912, 90: 232448, 100: 232448}
@@ -183,11 +186,17 @@ def _build_one(name, fn, sig, const, cfg, arch, aligned, out_dir: Path) -> Kerne
                        tcgen05="tcgen05.mma" in ptx, ptx_path=os.fspath(path))
 
 
-def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[KernelBuild]:
+def build_all(archs: list[str], out_dir: Path, log=lambda _: None,
+              workers: int | None = None) -> list[KernelBuild]:
     """Compile every kernel x autotune config x arch; write PTX; return resource use.
 
     `<kernel>_unaligned` builds have no divisibility hints: what the JIT compiles
     for widths that are not multiples of 16 (with UNALIGNED_CONFIGS only).
+
+    Each build is independent (Triton's compiler, then `ptxas -v`, both on one core), so
+    they run in forked processes, one per usable core (`workers` caps them); inline where
+    fork is unavailable (not POSIX, or this is a daemonic process) or one core is usable.
+    Builds are returned, and logged, in the order of a one-process run.
     """
     from moe.kernels import grouped_gemm as gg
 
@@ -195,15 +204,31 @@ def build_all(archs: list[str], out_dir: Path, log=lambda _: None) -> list[Kerne
         raise BadInput("moe kernels compile needs TRITON_INTERPRET unset (interpreted "
                          "kernels cannot be compiled)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    builds = []
-    for arch in archs:
-        for name, fn, sig, const, configs, aligned in _variants(ARCHS[arch]):
-            for cfg in configs:
-                build = _build_one(name, fn, sig, const, cfg, arch, aligned, out_dir)
-                builds.append(build)
-                log(f"{name} {build.config} {arch}: {build.registers} registers, "
-                    f"{build.spilled_bytes} bytes spilled")
+    jobs = [(arch, v, c, out_dir) for arch in archs
+            for v, variant in enumerate(_variants(ARCHS[arch]))
+            for c in range(len(variant[4]))]
+    n = min(len(jobs), workers or affinity_cores())
+    pool = None
+    if n > 1 and os.name == "posix" and not multiprocessing.current_process().daemon:
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+    try:
+        results = pool.map(_build_job, jobs) if pool is not None else map(_build_job, jobs)
+        builds = []
+        for build in results:
+            builds.append(build)
+            log(f"{build.kernel} {build.config} {build.arch}: {build.registers} registers, "
+                f"{build.spilled_bytes} bytes spilled")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return builds
+
+
+def _build_job(job: tuple[str, int, int, Path]) -> KernelBuild:
+    """One build of `build_all`: (arch, variant index, config index, out_dir)."""
+    arch, v, c, out_dir = job
+    name, fn, sig, const, configs, aligned = list(_variants(ARCHS[arch]))[v]
+    return _build_one(name, fn, sig, const, configs[c], arch, aligned, out_dir)
 
 
 def to_table(builds: list[KernelBuild]) -> str:
