@@ -9,7 +9,9 @@ not share; recording it beside the PID and comparing it later tells the two apar
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 
 def affinity_cores() -> int:
@@ -19,6 +21,22 @@ def affinity_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def fork_usable() -> bool:
+    """Whether this process may fork workers: POSIX, and not itself daemonic
+    (multiprocessing forbids a daemon children)."""
+    return os.name == "posix" and not multiprocessing.current_process().daemon
+
+
+def fork_pool(workers: int) -> ProcessPoolExecutor | None:
+    """A pool of min(workers, usable cores) forked processes, or None where the work should
+    run inline (fewer than 2 of them, or `fork_usable` says no). Forked workers share what
+    this process has imported, so only the arguments and results are pickled."""
+    n = min(workers, affinity_cores())
+    if n < 2 or not fork_usable():
+        return None
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
 
 
 def process_start_time(pid: int) -> int | None:

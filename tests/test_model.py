@@ -268,7 +268,6 @@ def test_rms_norm_by_hand_equals_the_definition_and_torch_forward(width):
     assert type(got.grad_fn).__name__ == "_RMSNormBackward"
     dx, dw = torch.autograd.grad(got, (x, w), g)
     want = F.rms_norm(x, (width,), w, eps)
-    assert type(want.grad_fn).__name__ != "_RMSNormBackward"
     _, dw_torch = torch.autograd.grad(want, (x, w), g)
     assert torch.equal(got, want)
     assert torch.equal(dw, dw_torch)

@@ -131,11 +131,11 @@ def test_refusal_uses_the_gpu_memory_on_cuda():
 
 
 PAGE_FAULTS = """
-import ctypes, ctypes.util, resource, sys, torch
+import resource, sys, torch
 sys.path.insert(0, "tests")
 from helpers import tiny_config
 from moe.model import MoELM
-from moe.train.resources import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, retain_freed_memory
+from moe.train.resources import retain_freed_memory, set_heap_thresholds
 from moe.train.schedule import build_optimizer
 
 torch.set_num_threads(1)
@@ -161,8 +161,7 @@ def faults_per_step():
 # raises its mmap threshold to the largest mapped block freed so far, so whether a fresh
 # process's steps fault depends on what it happened to free before: one started inside the
 # whole test session faulted 1 page a step, the same one started alone 261-635.
-mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-assert mallopt(M_MMAP_THRESHOLD, 128 << 10) and mallopt(M_TRIM_THRESHOLD, 128 << 10)
+assert set_heap_thresholds(mmap=128 << 10, trim=128 << 10)
 default = faults_per_step()
 assert retain_freed_memory()
 print(default, faults_per_step())

@@ -25,7 +25,7 @@ from moe.analysis.tables import (
     read_table,
 )
 from moe.io import atomic_write_text, check_output_dir
-from moe.procs import affinity_cores
+from moe.procs import affinity_cores, fork_usable
 
 NOT_A_FINDING = "its numbers are not findings and are not shown (see `moe fit` for diagnostics)"
 
@@ -381,8 +381,7 @@ def beside(fn: Callable, *args, **kwargs) -> Callable[[], object]:
     same result, sooner. Inline where fork is unavailable (not POSIX, or this is a daemonic
     process) or only one core is usable.
     """
-    if (os.name != "posix" or multiprocessing.current_process().daemon
-            or affinity_cores() < 2):
+    if not fork_usable() or affinity_cores() < 2:
         result = fn(*args, **kwargs)
         return lambda: result
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))

@@ -20,17 +20,15 @@ kernels cannot be compiled.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe.errors import BadInput
-from moe.procs import affinity_cores
+from moe.procs import affinity_cores, fork_pool
 
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 SMEM_LIMIT_BYTES = {80: 166912, 90: 232448, 100: 232448}
@@ -207,10 +205,7 @@ def build_all(archs: list[str], out_dir: Path, log=lambda _: None,
     jobs = [(arch, v, c, out_dir) for arch in archs
             for v, variant in enumerate(_variants(ARCHS[arch]))
             for c in range(len(variant[4]))]
-    n = min(len(jobs), workers or affinity_cores())
-    pool = None
-    if n > 1 and os.name == "posix" and not multiprocessing.current_process().daemon:
-        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+    pool = fork_pool(min(len(jobs), workers or affinity_cores()))
     try:
         results = pool.map(_build_job, jobs) if pool is not None else map(_build_job, jobs)
         builds = []

@@ -158,11 +158,17 @@ def retain_freed_memory() -> bool:
     CPU time. Blocks up to 32 MiB now come from the heap, which is trimmed only above 1 GiB
     free.
     """
+    return set_heap_thresholds(mmap=32 << 20, trim=1 << 30)
+
+
+def set_heap_thresholds(*, mmap: int, trim: int) -> bool:
+    """glibc's mallopt(M_MMAP_THRESHOLD, mmap) and (M_TRIM_THRESHOLD, trim), which also turn
+    off its moving threshold (mallopt(3)); False where there is no glibc or it refuses."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
 
 
 def check_resources(cfg: RunConfig, device: torch.device, world: int = 1) -> None:
