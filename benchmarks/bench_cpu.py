@@ -17,6 +17,15 @@ jobs share (absolute numbers do not):
    fp32 matmul of the model's width at the same thread count, timed in the same run:
    the micro-batch's tokens x d_model times d_model x 2*d_hidden (a dense FFN's gate/up,
    the largest matmul the width makes). The goal: >= 0.6 at d_model 64.
+3. where one thread's step goes (quiet): torch's profiler over a few steps splits it into
+   the GEMM kernels (`aten::mm`, `addmm`, `bmm`, `baddbmm`, `_grouped_mm`: every matmul of
+   the model's layers, its router and head, forward and backward), the fused attention
+   kernels (`scaled_dot_product_attention` forward and backward, where the model uses them)
+   and the rest (elementwise ops, softmax, norms, optimizer, Python). "ceiling" is the
+   ratio of table 2 for a step that took only its GEMM and attention time: what cutting
+   every other op, by fusion or otherwise, could reach with the BLAS this machine has (an
+   upper bound: the profiler's own overhead is counted as rest, so the shares of GEMM and
+   attention are if anything low).
 
 The process keeps freed memory on its heap as `moe train` does on CPU
 (`moe.train.resources.retain_freed_memory`), so the steps timed are the loop's.
@@ -125,6 +134,31 @@ def matmul_gflops(cfg, threads: int, min_time_s: float = 0.3) -> float:
     return best
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
+"""The profiler's names of torch's matmul kernels (self time: `_grouped_mm` loops over its
+groups with `aten::mm`, which is counted as mm)."""
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def step_breakdown(trainer: Trainer, steps: int = 10) -> dict:
+    """Milliseconds per step (one thread) in GEMM kernels and in fused attention kernels,
+    by the self time torch's profiler gives each op over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    trainer.run(2)  # warm at this thread count
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.run(steps)
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    if not any(op in self_ms for op in GEMM_OPS):
+        raise SystemExit(f"bench_cpu: the profiler saw none of {GEMM_OPS} in a training step; "
+                         "torch renamed its matmul ops: update GEMM_OPS")
+    return {"gemm_ms": sum(self_ms.get(op, 0.0) for op in GEMM_OPS),
+            "attention_ms": sum(self_ms.get(op, 0.0) for op in ATTENTION_OPS),
+            "profiled_step_ms": sum(self_ms.values())}
+
+
 def measure_row(trainer: Trainer, loaded: bool, rounds: int, min_time_s: float) -> dict:
     """Best tokens/s of each thread setting over interleaved rounds, with or without load."""
     best = dict.fromkeys(SETTINGS, 0.0)
@@ -139,6 +173,7 @@ def measure_row(trainer: Trainer, loaded: bool, rounds: int, min_time_s: float) 
                     auto_threads.add(threads)
         flops = train_flops_per_token(trainer.cfg.model)
         mm = {t: matmul_gflops(trainer.cfg, t) for t in (1, 2)}
+        parts = None if loaded else step_breakdown(trainer)
     top = max(best["1"], best["2"])
     fastest = "1" if best["1"] >= best["2"] else "2"
     return {"tokens_per_s": best, "auto_threads": sorted(auto_threads),
@@ -146,7 +181,9 @@ def measure_row(trainer: Trainer, loaded: bool, rounds: int, min_time_s: float) 
             "auto_picked_fastest": auto_threads == {int(fastest)},
             "gflops_per_thread": {s: best[s] * flops / 1e9 / (2 if s == "2" else 1)
                                   for s in ("1", "2")},
-            "matmul_gflops_per_thread": {str(t): g / t for t, g in mm.items()}}
+            "matmul_gflops_per_thread": {str(t): g / t for t, g in mm.items()},
+            **({"step_ms_1_thread": 1e3 * trainer.tokens_per_step / best["1"], **parts}
+               if parts else {})}
 
 
 def full_run_s(loaded: bool) -> float:
@@ -174,6 +211,16 @@ def print_tables(rows: dict, full: dict) -> None:
         for s in ("1", "2"):
             g, m = r["gflops_per_thread"][s], r["matmul_gflops_per_thread"][s]
             print(f"{name:24s} {load:6s} {s:>3s} {g:11.1f} {m:10.1f} {g / m:6.2f}")
+    print()
+    print(f"{'model':24s} {'thr':>3s} {'step ms':>8s} {'GEMM':>6s} {'attn':>6s} {'rest':>6s} "
+          f"{'ratio':>6s} {'ceiling':>7s}   (quiet; shares of the profiled step)")
+    for (name, _load), r in rows.items():
+        if "gemm_ms" not in r:
+            continue
+        gemm, attn = (r[k] / r["profiled_step_ms"] for k in ("gemm_ms", "attention_ms"))
+        ratio = r["gflops_per_thread"]["1"] / r["matmul_gflops_per_thread"]["1"]
+        print(f"{name:24s} {1:3d} {r['step_ms_1_thread']:8.1f} {gemm:6.0%} {attn:6.0%} "
+              f"{1 - gemm - attn:6.0%} {ratio:6.2f} {ratio / (gemm + attn):7.2f}")
     for load, seconds in full.items():
         print(f"\nmoe train configs/pocket-tiny.toml ({load}, auto threads): {seconds:.1f} s")
 
