@@ -24,8 +24,14 @@ jobs share (absolute numbers do not):
    and the rest (elementwise ops, softmax, norms, optimizer, Python). "ceiling" is the
    ratio of table 2 for a step that took only its GEMM and attention time: what cutting
    every other op, by fusion or otherwise, could reach with the BLAS this machine has (an
-   upper bound: the profiler's own overhead is counted as rest, so the shares of GEMM and
-   attention are if anything low).
+   upper bound where the "profiled" step, the sum of every op's self time, is at least the
+   unprofiled one: the profiler's own overhead then counts as rest, so the shares of GEMM
+   and attention are if anything low).
+4. with `--compile`: torch.compile (`train.compile = true`, `moe.train.parallel.compile_blocks`)
+   against the eager step, one thread, quiet: the seconds until the compiled model's first
+   three steps are done, and both step times, the two models timed in alternation in one
+   process (best of six blocks of 15 steps). torch keeps compiled kernels in an on-disk cache,
+   so a second run compiles in about a second: the first run's compile time is the cold one.
 
 The process keeps freed memory on its heap as `moe train` does on CPU
 (`moe.train.resources.retain_freed_memory`), so the steps timed are the loop's.
@@ -159,6 +165,32 @@ def step_breakdown(trainer: Trainer, steps: int = 10) -> dict:
             "profiled_step_ms": sum(self_ms.values())}
 
 
+def compile_vs_eager(overrides: list[str], rounds: int = 6, steps: int = 15) -> dict:
+    """Compile seconds and best eager and compiled ms per step, one thread, alternating."""
+    from moe.train.parallel import compile_blocks
+
+    torch.set_num_threads(1)
+    eager = Trainer([*overrides, "train.compile=false"])
+    compiled = Trainer([*overrides, "train.compile=true"])
+    compile_blocks(compiled.model)
+    t0 = time.perf_counter()
+    try:
+        compiled.run(3)
+    except Exception as e:  # inductor on CPU builds C++: no compiler, no compiled step
+        raise SystemExit(f"bench_cpu --compile: torch.compile failed on CPU (it needs a C++ "
+                         f"compiler): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         ) from None
+    compile_s = time.perf_counter() - t0
+    eager.run(3)
+    best = {"eager_ms": float("inf"), "compiled_ms": float("inf")}
+    for _ in range(rounds):
+        for key, trainer in (("eager_ms", eager), ("compiled_ms", compiled)):
+            t0 = time.perf_counter()
+            trainer.run(steps)
+            best[key] = min(best[key], 1e3 * (time.perf_counter() - t0) / steps)
+    return {"compile_s": compile_s, **best}
+
+
 def measure_row(trainer: Trainer, loaded: bool, rounds: int, min_time_s: float) -> dict:
     """Best tokens/s of each thread setting over interleaved rounds, with or without load."""
     best = dict.fromkeys(SETTINGS, 0.0)
@@ -176,14 +208,15 @@ def measure_row(trainer: Trainer, loaded: bool, rounds: int, min_time_s: float) 
         parts = None if loaded else step_breakdown(trainer)
     top = max(best["1"], best["2"])
     fastest = "1" if best["1"] >= best["2"] else "2"
-    return {"tokens_per_s": best, "auto_threads": sorted(auto_threads),
-            "auto_over_best": top / best["auto"],
-            "auto_picked_fastest": auto_threads == {int(fastest)},
-            "gflops_per_thread": {s: best[s] * flops / 1e9 / (2 if s == "2" else 1)
-                                  for s in ("1", "2")},
-            "matmul_gflops_per_thread": {str(t): g / t for t, g in mm.items()},
-            **({"step_ms_1_thread": 1e3 * trainer.tokens_per_step / best["1"], **parts}
-               if parts else {})}
+    row = {"tokens_per_s": best, "auto_threads": sorted(auto_threads),
+           "auto_over_best": top / best["auto"],
+           "auto_picked_fastest": auto_threads == {int(fastest)},
+           "gflops_per_thread": {s: best[s] * flops / 1e9 / (2 if s == "2" else 1)
+                                 for s in ("1", "2")},
+           "matmul_gflops_per_thread": {str(t): g / t for t, g in mm.items()}}
+    if parts:
+        row.update(parts, step_ms_1_thread=1e3 * trainer.tokens_per_step / best["1"])
+    return row
 
 
 def full_run_s(loaded: bool) -> float:
@@ -196,7 +229,7 @@ def full_run_s(loaded: bool) -> float:
         return time.perf_counter() - t0
 
 
-def print_tables(rows: dict, full: dict) -> None:
+def print_tables(rows: dict, full: dict, compiled: dict) -> None:
     print(f"{'model':24s} {'load':6s} {'1 thread':>9s} {'2 threads':>9s} {'auto':>9s} "
           f"{'auto=':>5s} {'auto/best':>9s} {'fastest?':>8s}   (tokens/s, best of rounds)")
     for (name, load), r in rows.items():
@@ -212,15 +245,23 @@ def print_tables(rows: dict, full: dict) -> None:
             g, m = r["gflops_per_thread"][s], r["matmul_gflops_per_thread"][s]
             print(f"{name:24s} {load:6s} {s:>3s} {g:11.1f} {m:10.1f} {g / m:6.2f}")
     print()
-    print(f"{'model':24s} {'thr':>3s} {'step ms':>8s} {'GEMM':>6s} {'attn':>6s} {'rest':>6s} "
-          f"{'ratio':>6s} {'ceiling':>7s}   (quiet; shares of the profiled step)")
+    print(f"{'model':24s} {'thr':>3s} {'step ms':>8s} {'profiled':>8s} {'GEMM':>6s} "
+          f"{'attn':>6s} {'rest':>6s} {'ratio':>6s} {'ceiling':>7s}   (quiet; shares of the "
+          "profiled step)")
     for (name, _load), r in rows.items():
         if "gemm_ms" not in r:
             continue
         gemm, attn = (r[k] / r["profiled_step_ms"] for k in ("gemm_ms", "attention_ms"))
         ratio = r["gflops_per_thread"]["1"] / r["matmul_gflops_per_thread"]["1"]
-        print(f"{name:24s} {1:3d} {r['step_ms_1_thread']:8.1f} {gemm:6.0%} {attn:6.0%} "
-              f"{1 - gemm - attn:6.0%} {ratio:6.2f} {ratio / (gemm + attn):7.2f}")
+        print(f"{name:24s} {1:3d} {r['step_ms_1_thread']:8.1f} {r['profiled_step_ms']:8.1f} "
+              f"{gemm:6.0%} {attn:6.0%} {1 - gemm - attn:6.0%} {ratio:6.2f} "
+              f"{ratio / (gemm + attn):7.2f}")
+    if compiled:
+        print(f"\n{'model':24s} {'compile s':>9s} {'eager ms':>9s} {'compiled':>9s} "
+              f"{'ratio':>6s}   (one thread, quiet; compile s: until 3 compiled steps are done)")
+    for name, c in compiled.items():
+        print(f"{name:24s} {c['compile_s']:9.1f} {c['eager_ms']:9.1f} {c['compiled_ms']:9.1f} "
+              f"{c['compiled_ms'] / c['eager_ms']:6.2f}")
     for load, seconds in full.items():
         print(f"\nmoe train configs/pocket-tiny.toml ({load}, auto threads): {seconds:.1f} s")
 
@@ -232,6 +273,8 @@ def main() -> None:
                         help="seconds of steps per measurement")
     parser.add_argument("--full-run", action="store_true",
                         help="also time `moe train configs/pocket-tiny.toml` end to end")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile against the eager step (table 4)")
     parser.add_argument("-o", "--out", help="also write the numbers as JSON here")
     args = parser.parse_args()
     retain_freed_memory()  # as the training loop does on CPU
@@ -246,11 +289,13 @@ def main() -> None:
                 trainer, loaded, args.rounds, args.min_time)
     full = {("busy" if loaded else "quiet"): full_run_s(loaded)
             for loaded in (False, True)} if args.full_run else {}
-    print_tables(rows, full)
+    compiled = {name: compile_vs_eager(overrides)
+                for name, overrides in MODELS.items()} if args.compile else {}
+    print_tables(rows, full, compiled)
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"rows": [{"model": n, "load": lo, **r} for (n, lo), r in rows.items()],
-             "full_run_s": full}, indent=1))
+             "full_run_s": full, "compile": compiled}, indent=1))
 
 
 if __name__ == "__main__":
